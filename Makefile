@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make serve` and `make test` (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-installs when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/echo4o serve
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install
+	bash scripts/ensure-test-deps.sh
+	$(BIN)/python -m pytest

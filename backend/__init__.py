@@ -1,0 +1,1 @@
+"""FastAPI gateway: HTTP API over the job queue. Never imports torch or the engine."""

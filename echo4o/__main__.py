@@ -1,0 +1,3 @@
+from echo4o.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""The ``echo4o`` command line. Each command group lives in its own module of this package and
+registers itself on :data:`app`; heavy imports (torch, the engine, FastAPI) stay inside the command
+functions so that ``echo4o --help`` starts fast on any machine."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from pydantic import ValidationError
+
+app = typer.Typer(
+    name="echo4o",
+    help="Serve, try out, fine-tune and benchmark the Echo-4o image-generation model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that register commands on `app`, in the order they appear in --help.
+COMMAND_MODULES = (
+    "echo4o.cli.core",
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name)
+
+
+def format_settings_error(err: ValidationError) -> str:
+    """One line per bad setting, naming the environment variable and what it accepts."""
+    lines = []
+    for e in err.errors():
+        loc = "_".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+        var = f"ECHO4O_{loc.upper()}" if loc else "settings"
+        got = e.get("input")
+        got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        lines.append(f"error: {var}: {e.get('msg', 'invalid value')}{got_txt}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    try:
+        app()
+    except ValidationError as err:
+        if err.title == "Settings":
+            typer.echo(format_settings_error(err), err=True)
+            sys.exit(2)
+        raise

@@ -1,0 +1,50 @@
+"""Structured logging: one line per event, JSON or key=value text, chosen by ECHO4O_LOG_FORMAT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.kind = fmt
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+        base = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        if self.kind == "json":
+            return json.dumps({**base, **fields}, default=str)
+        extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        return f"{base['ts']} {base['level']:<7} {base['logger']}: {base['event']}" + (f" {extra}" if extra else "")
+
+
+def _text(v: object) -> str:
+    s = str(v)
+    return json.dumps(s) if (" " in s or not s) else s
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger once per process (idempotent)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt))
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """Loggers take structured fields through ``extra``: ``log.info("job done", extra={"job_id": id})``."""
+    return logging.getLogger(name)

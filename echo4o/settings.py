@@ -1,0 +1,163 @@
+"""The one home of configuration: environment variables prefixed ``ECHO4O_`` (or a ``.env`` file).
+
+Every component reads :func:`get_settings`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Yejy53/Echo-4o"
+
+Device = str  # "auto", "cpu", "cuda" or "cuda:N"
+
+
+class Settings(BaseSettings):
+    """Effective settings of one process. Field names map to ``ECHO4O_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ECHO4O_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("data"), description="Results, uploads, reports, logs and the embedded broker live here."
+    )
+    weights_dir: Path = Field(
+        Path("model_weights"), description="Local model versions: <weights_dir>/<name>/<version>/ + manifest.json."
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the job/key records. Empty: SQLite at <data_dir>/echo4o.db."
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="A local folder in BAGEL's checkpoint layout or a Hugging Face Hub id.",
+    )
+    model_version: str = Field("", description="Name reported for the served model; empty: derived from `model`.")
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated or private repos.")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    attention: Literal["auto", "sdpa", "xformers", "flash_attn"] = Field(
+        "auto", description="auto: xformers, then flash_attn, then sdpa on CUDA; sdpa on CPU."
+    )
+
+    # --- queue ---------------------------------------------------------------------------------
+    broker_url: str = Field(
+        "", description="Celery broker, e.g. redis://localhost:6379/0. Empty: embedded broker (no server needed)."
+    )
+    result_backend_url: str = Field("", description="Celery result backend. Empty: same Redis as the broker, "
+                                                    "or the embedded one.")
+    job_timeout_s: int = Field(3600, ge=10, le=7 * 24 * 3600, description="Longest a single job may run.")
+
+    # --- gateway -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gateway binds.")
+    port: int = Field(8000, ge=1, le=65535)
+    public_url: str = Field("", description="Base URL used in links returned to clients; empty: from the request.")
+    auth: Literal["keys", "off"] = Field(
+        "keys", description="keys: every request needs an API key. off: open, allowed on loopback binds only."
+    )
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # --- limits --------------------------------------------------------------------------------
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000)
+    max_references: int = Field(6, ge=1, le=16)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Refused before decoding (bomb guard).")
+    rate_limit_per_minute: int = Field(60, ge=1, description="Jobs one key may submit per minute.")
+    max_queued_jobs_per_key: int = Field(16, ge=1, description="Queued + running jobs one key may have.")
+    wait_max_s: float = Field(600.0, ge=0, description="Upper bound of ?wait=SECONDS.")
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in {"auto", "cpu", "cuda", "mps"}:
+            return v
+        if v.startswith("cuda:") and v[5:].isdigit():
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.weights_dir = self.weights_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'echo4o.db'}"
+        if not self.model_version:
+            self.model_version = Path(self.model.rstrip("/")).name or self.model
+        return self
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    def check_bind(self, host: str | None = None) -> None:
+        """Refuse open mode on an address other hosts can reach."""
+        host = host or self.host
+        if self.auth == "off" and not is_loopback(host):
+            raise ValueError(
+                f"ECHO4O_AUTH=off is only allowed on a loopback address, not {host!r}: "
+                "bind 127.0.0.1, or create keys with `echo4o keys create` and set ECHO4O_AUTH=keys"
+            )
+
+    def masked(self) -> dict[str, object]:
+        """Effective settings with secrets and URL passwords masked, for printing."""
+        out: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********" if value.get_secret_value() else ""
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url_password(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def is_loopback(host: str) -> bool:
+    if host in {"localhost", "ip6-localhost"}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def mask_url_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:****@{hostpart}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once. Tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Gradio demo: a client of the gateway's HTTP API."""
