@@ -1,0 +1,57 @@
+"""`echo4o` runs as users run it: a real subprocess of the installed console script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import echo4o
+
+ECHO4O = [sys.executable, "-m", "echo4o"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO4O_")} | (env or {})
+    return subprocess.run([*ECHO4O, *args], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_help_lists_commands() -> None:
+    out = run("--help")
+    assert out.returncode == 0, out.stderr
+    assert "version" in out.stdout and "config" in out.stdout
+
+
+def test_every_command_has_help() -> None:
+    import typer.main
+
+    from echo4o.cli import app
+
+    group = typer.main.get_command(app)
+    for name in group.commands:
+        out = run(name, "--help")
+        assert out.returncode == 0, f"{name} --help: {out.stderr}"
+        assert "Usage" in out.stdout
+
+
+def test_version() -> None:
+    out = run("version")
+    assert out.returncode == 0
+    assert f"echo4o {echo4o.__version__}" in out.stdout
+
+
+def test_config_json_masks_secrets(tmp_path: Path) -> None:
+    out = run("config", "--json", env={"ECHO4O_DATA_DIR": str(tmp_path), "ECHO4O_HF_TOKEN": "hf_abc"})
+    assert out.returncode == 0, out.stderr
+    values = json.loads(out.stdout)
+    assert values["data_dir"] == str(tmp_path)
+    assert values["hf_token"] == "********"
+
+
+def test_bad_setting_is_one_clear_line() -> None:
+    out = run("config", env={"ECHO4O_DTYPE": "float7"})
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ECHO4O_DTYPE:") and "float7" in lines[0]
