@@ -1,0 +1,241 @@
+"""Job payloads shared by the gateway (validation on submit) and the worker (re-validation before running).
+
+Torch-free: importing this module costs pydantic only. Every field is bounded; limits that are settings
+(prompt length, number of references) are read from :func:`echo4o.settings.get_settings` at validation time,
+so the gateway and the worker each apply their own configuration.
+
+A payload is stored, as ``model_dump(mode="json")``, in the job row's ``params``; the seed is drawn on
+submission when the client gave none, so the stored params always say which seed was used.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from echo4o.settings import get_settings
+
+#: Aspect-ratio presets as (height, width) in pixels; the engine imports them from here.
+ASPECT_PRESETS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "4:3": (768, 1024),
+    "3:4": (1024, 768),
+    "16:9": (576, 1024),
+    "9:16": (1024, 576),
+}
+
+AspectRatio = Literal["1:1", "4:3", "3:4", "16:9", "9:16"]
+RenormType = Literal["global", "channel", "text_channel"]
+JobKind = Literal["generate", "multiref", "finetune", "benchmark"]
+
+SEED_MAX = 2**32 - 1
+MAX_SIDE = 1024
+SIDE_MULTIPLE = 16
+MAX_SCALE = 30.0
+MAX_SHIFT = 20.0
+
+
+def draw_seed() -> int:
+    """A fresh seed in [0, 2**32 - 1], drawn from the OS's randomness."""
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+class _ImageJob(BaseModel):
+    """Fields common to every image-producing job. ``None`` means "the mode's default" (see the engine)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_strip_whitespace=False)
+
+    kind: ClassVar[str]
+
+    prompt: str = Field(..., min_length=1, description="What to draw (or the edit instruction).")
+    height: int | None = Field(
+        None, ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE, description="Output height in pixels."
+    )
+    width: int | None = Field(
+        None,
+        ge=SIDE_MULTIPLE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        validate_default=True,
+        description="Output width in pixels.",
+    )
+    aspect_ratio: AspectRatio | None = Field(
+        None, description="A preset size instead of height/width (see ASPECT_PRESETS)."
+    )
+    num_steps: int = Field(50, ge=1, le=100, description="Denoising steps.")
+    cfg_text_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Text guidance scale.")
+    cfg_img_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Image guidance scale.")
+    cfg_interval: tuple[float, float] | None = Field(
+        None, description="[low, high] in [0, 1]: guidance applies while the timestep is in it."
+    )
+    timestep_shift: float = Field(3.0, gt=0.0, le=MAX_SHIFT, description="Timestep shift of the schedule.")
+    cfg_renorm_type: RenormType | None = Field(None, description="Guidance renormalisation.")
+    cfg_renorm_min: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the renormalisation factor.")
+    seed: int = Field(
+        default_factory=draw_seed, ge=0, le=SEED_MAX, description="Random seed; drawn and recorded when absent."
+    )
+    num_images: int = Field(1, ge=1, le=4, description="Images to draw (seeds seed, seed+1, ...).")
+    priority: int = Field(5, ge=0, le=9, description="Queue priority: 9 runs first, 0 last.")
+    model_version: str | None = Field(
+        None, min_length=1, max_length=200, description="Served model version to use; None: the worker's."
+    )
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _draw_missing_seed(cls, v: object) -> object:
+        return draw_seed() if v is None else v
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain text, not only whitespace")
+        if "\x00" in v:
+            raise ValueError("prompt must not contain NUL characters")
+        limit = get_settings().max_prompt_chars
+        if len(v) > limit:
+            raise ValueError(f"prompt is {len(v)} characters; at most {limit} are allowed (ECHO4O_MAX_PROMPT_CHARS)")
+        return v
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _check_interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
+        low, high = v
+        if not (math.isfinite(low) and math.isfinite(high)) or not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
+            raise ValueError(f"cfg_interval values must lie in [0, 1], got {list(v)}")
+        if low > high:
+            raise ValueError(f"cfg_interval must be [low, high] with low <= high, got {list(v)}")
+        return v
+
+    @field_validator("width")
+    @classmethod
+    def _check_pair(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if "height" not in info.data:  # height itself failed; its error says why
+            return v
+        height = info.data["height"]
+        if height is None and v is not None:
+            raise ValueError("height is missing: give both height and width, or neither (the default size)")
+        if height is not None and v is None:
+            raise ValueError("width is missing: give both height and width, or neither (the default size)")
+        return v
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _check_preset(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        preset = ASPECT_PRESETS[v]
+        given = (info.data.get("height"), info.data.get("width"))
+        if given != (None, None) and given != preset:
+            raise ValueError(
+                f"aspect_ratio {v!r} means height={preset[0]}, width={preset[1]}; "
+                "give either aspect_ratio or height and width, not both"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _resolve_size(self) -> _ImageJob:
+        if self.aspect_ratio is not None:
+            self.height, self.width = ASPECT_PRESETS[self.aspect_ratio]
+        return self
+
+    def _common_kwargs(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "height": self.height,
+            "width": self.width,
+            "num_steps": self.num_steps,
+            "cfg_text_scale": self.cfg_text_scale,
+            "cfg_img_scale": self.cfg_img_scale,
+            "cfg_interval": self.cfg_interval,
+            "timestep_shift": self.timestep_shift,
+            "cfg_renorm_type": self.cfg_renorm_type,
+            "cfg_renorm_min": self.cfg_renorm_min,
+            "seed": self.seed,
+            "num_images": self.num_images,
+        }
+
+
+class GenerateJob(_ImageJob):
+    """Text-to-image: a prompt, a size (or the 1024x1024 default) and sampling parameters."""
+
+    kind: ClassVar[str] = "generate"
+
+    def to_pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Echo4oPipeline.__call__`` (``callback`` and output options excluded)."""
+        return self._common_kwargs()
+
+
+class MultirefJob(_ImageJob):
+    """Multi-reference generation: 1..max_references stored reference images plus an instruction.
+
+    ``references`` are paths relative to the data dir (the gateway stores uploads under
+    ``uploads/<job_id>/<n>.png``); without a size the output follows the last reference.
+    """
+
+    kind: ClassVar[str] = "multiref"
+
+    references: list[str] = Field(..., min_length=1, description="Stored reference images, relative to data_dir.")
+
+    @field_validator("references")
+    @classmethod
+    def _check_references(cls, v: list[str]) -> list[str]:
+        limit = get_settings().max_references
+        if len(v) > limit:
+            raise ValueError(f"{len(v)} reference images given; at most {limit} are allowed (ECHO4O_MAX_REFERENCES)")
+        for i, ref in enumerate(v):
+            path = PurePosixPath(ref)
+            if not ref or "\\" in ref or "\x00" in ref or path.is_absolute() or ".." in path.parts:
+                raise ValueError(f"references.{i} must be a relative path inside the data dir, got {ref!r}")
+        return v
+
+    def reference_paths(self, data_dir: Path | None = None) -> list[Path]:
+        """Absolute paths of the references under ``data_dir`` (default: the configured one)."""
+        root = Path(data_dir) if data_dir is not None else get_settings().data_dir
+        return [root / ref for ref in self.references]
+
+    def to_pipeline_kwargs(self, data_dir: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Echo4oPipeline.__call__``, with the references opened as RGB PIL images.
+
+        Raises ``ValueError`` naming ``references.<i>`` when a stored reference is missing or unreadable.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        images = []
+        for i, path in enumerate(self.reference_paths(data_dir)):
+            try:
+                with Image.open(path) as img:
+                    images.append(img.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise ValueError(f"references.{i}: cannot read stored reference {path}: {exc}") from exc
+        return {**self._common_kwargs(), "images": images}
+
+
+#: Payload model of each image job kind.
+JOB_MODELS: dict[str, type[_ImageJob]] = {"generate": GenerateJob, "multiref": MultirefJob}
+
+
+def parse_job(kind: str, params: dict[str, Any]) -> GenerateJob | MultirefJob:
+    """Validate stored params for ``kind``; raises ``ValueError`` for an unknown kind and pydantic's
+    ``ValidationError`` (a ``ValueError``) for bad params."""
+    try:
+        model = JOB_MODELS[kind]
+    except KeyError:
+        raise ValueError(f"kind must be one of {sorted(JOB_MODELS)}, got {kind!r}") from None
+    return model.model_validate(params)  # type: ignore[return-value]
+
+
+def describe_validation_error(err: Any) -> str:
+    """One line per problem of a pydantic ``ValidationError``, each starting with the dotted field path."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
