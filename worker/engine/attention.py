@@ -1,0 +1,303 @@
+"""Attention over packed variable-length sequences, with three interchangeable backends.
+
+The engine packs several sequences (text segments, images, CFG branches) into one ``(total, heads, dim)``
+tensor, the layout of ``flash_attn_varlen_func``. The two functions below are the whole interface the model
+uses (a contract with ``worker/engine/models``):
+
+``resolve_backend(requested, device, dtype=None) -> str``
+    Turns ``auto | sdpa | xformers | flash_attn`` into the backend that will run. ``auto`` picks xformers,
+    then flash_attn, then sdpa on CUDA, and sdpa elsewhere. Asking explicitly for a backend that is not
+    installed, or that has no kernel for the device (or dtype), raises ``ValueError`` naming the fix. The
+    choice is logged.
+
+``packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, backend)``
+    ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hkv, D)`` with ``Hq`` a multiple of ``Hkv``
+    (grouped-query attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). ``cu_seqlens_*`` are int32
+    cumulative lengths ``[0, l0, l0 + l1, ...]`` with one entry more than there are sequences. Query token
+    ``i`` of sequence ``b`` attends to the keys of sequence ``b`` only; with ``causal`` it sees keys up to
+    ``i + len_k[b] - len_q[b]`` (causal mask aligned to the bottom-right corner, as flash-attn >= 2.1 and
+    xformers' ``BlockDiagonalCausalFromBottomRightMask``). A query that sees no key gets zeros. Scale is
+    ``1 / sqrt(D)``. Returns ``(total_q, Hq, D)`` in ``q``'s dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from echo4o.logging import get_logger
+
+log = get_logger(__name__)
+
+BACKENDS = ("sdpa", "xformers", "flash_attn")
+CHOICES = ("auto", *BACKENDS)
+AUTO_ORDER_CUDA = ("xformers", "flash_attn", "sdpa")
+
+# Above this many (query x key) mask cells, the sdpa backend runs sequence by sequence instead of one call
+# with a block-diagonal mask (which spends compute and memory on the cells it masks out).
+_SDPA_BLOCK_MASK_MAX_CELLS = 64 * 1024 * 1024
+
+_INSTALL_HINT = {
+    "xformers": "pip install 'echo4o-server[gpu]' (xformers built for your torch and CUDA)",
+    "flash_attn": "pip install flash-attn --no-build-isolation (needs CUDA, an Ampere or newer GPU)",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# backend selection
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run for ``requested`` (``auto`` or a backend name) on ``device``.
+
+    ``dtype`` (optional) is the compute dtype; flash-attn has no float32 kernel, so ``auto`` skips it for
+    float32 and an explicit ``flash_attn`` with float32 is an error.
+    """
+    device = torch.device(device)
+    requested = (requested or "auto").strip().lower()
+    if requested not in CHOICES:
+        raise ValueError(f"attention backend {requested!r} is not one of {', '.join(CHOICES)}")
+    if requested == "auto":
+        names = AUTO_ORDER_CUDA if device.type == "cuda" else ("sdpa",)
+    else:
+        names = (requested,)
+    availability: dict[str, tuple[bool, str]] = {}
+    for name in names:  # probe in preference order; stop at the first usable one
+        availability[name] = backend_availability(name, device, dtype)
+        if availability[name][0]:
+            break
+    chosen = select_backend(requested, device.type, availability)
+    log.info(
+        "attention backend chosen",
+        extra={
+            "requested": requested,
+            "attention": chosen,
+            "device": str(device),
+            "unavailable": {k: why for k, (ok, why) in availability.items() if not ok} or None,
+        },
+    )
+    return chosen
+
+
+def select_backend(requested: str, device_type: str, availability: dict[str, tuple[bool, str]]) -> str:
+    """The pure selection rule: ``availability`` maps a backend name to ``(usable, reason_if_not)``."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return "sdpa"
+        for name in AUTO_ORDER_CUDA:
+            if availability.get(name, (False, ""))[0]:
+                return name
+        return "sdpa"
+    if requested == "sdpa":
+        return "sdpa"
+    ok, why = availability.get(requested, (False, "not checked"))
+    if not ok:
+        raise ValueError(
+            f"attention backend {requested!r} cannot run here: {why}. "
+            f"Use --attention sdpa (or auto), or {_INSTALL_HINT[requested]}."
+        )
+    return requested
+
+
+def backend_availability(name: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """``(True, "")`` when ``name`` can run on ``device`` (and ``dtype``), else ``(False, reason)``."""
+    if name == "sdpa":
+        return True, ""
+    if device.type != "cuda":
+        return False, f"{name} has no kernel for device {device.type!r} (it needs CUDA)"
+    if name == "flash_attn" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False, f"flash_attn has no {dtype} kernel (it needs float16 or bfloat16)"
+    index = device.index if device.index is not None else (torch.cuda.current_device() if
+                                                           torch.cuda.is_available() else 0)
+    return _probe(name, index, dtype)
+
+
+@functools.cache
+def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[bool, str]:
+    """Import the library and run one tiny packed attention on the device: the only sure kernel check."""
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available in this process"
+    try:
+        if name == "xformers":
+            import xformers.ops  # noqa: F401
+        elif name == "flash_attn":
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+        else:  # pragma: no cover - guarded by callers
+            return False, f"unknown backend {name!r}"
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not installed properly"
+        return False, f"{name} is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    probe_dtype = dtype or torch.bfloat16
+    if name == "flash_attn" and probe_dtype not in (torch.float16, torch.bfloat16):
+        probe_dtype = torch.bfloat16
+    try:
+        dev = torch.device("cuda", device_index)
+        q = torch.zeros(3, 2, 64, device=dev, dtype=probe_dtype)
+        kv = torch.zeros(4, 1, 64, device=dev, dtype=probe_dtype)
+        cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
+        out = packed_attention(q, kv, kv, cu_q, cu_k, 2, 2, True, name)
+        torch.cuda.synchronize(dev)
+        if out.shape != q.shape:
+            return False, f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
+    except Exception as exc:  # noqa: BLE001 - no kernel for this GPU/dtype/build
+        return False, f"{name} has no working kernel here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# packed attention
+# ---------------------------------------------------------------------------------------------------
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Attention of each packed query sequence over its own packed key sequence (see the module doc)."""
+    _check_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
+    if backend == "xformers":
+        return _xformers(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}; call resolve_backend()")
+
+
+def _check_shapes(q, k, v, cu_q, cu_k) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be (tokens, heads, dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if cu_q.numel() != cu_k.numel() or cu_q.numel() < 2:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k need the same length >= 2; got {cu_q.numel()} and "
+                         f"{cu_k.numel()}")
+
+
+def block_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean ``(total_q, total_k)`` mask, True where a query may attend a key (block diagonal; with
+    ``causal``, lower-triangular inside each block, aligned to the block's bottom-right corner)."""
+    device = cu_seqlens_q.device
+    cu_q = cu_seqlens_q.to(torch.long)
+    cu_k = cu_seqlens_k.to(torch.long)
+    len_q = cu_q[1:] - cu_q[:-1]
+    len_k = cu_k[1:] - cu_k[:-1]
+    nseq = len_q.numel()
+    seq_of_q = torch.repeat_interleave(torch.arange(nseq, device=device), len_q)
+    seq_of_k = torch.repeat_interleave(torch.arange(nseq, device=device), len_k)
+    mask = seq_of_q[:, None] == seq_of_k[None, :]
+    if causal:
+        pos_q = torch.arange(seq_of_q.numel(), device=device) - cu_q[:-1][seq_of_q]
+        pos_k = torch.arange(seq_of_k.numel(), device=device) - cu_k[:-1][seq_of_k]
+        limit = pos_q + (len_k - len_q)[seq_of_q]  # last key index each query may see
+        mask &= pos_k[None, :] <= limit[:, None]
+    return mask
+
+
+def _sdpa_one(q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
+    """q ``(Tq, Hq, D)``, k/v ``(Tk, Hkv, D)`` -> ``(Tq, Hq, D)`` via one SDPA call over all heads."""
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # enable_gqa: query head h reads KV head h // (Hq // Hkv) without materialising repeated K/V
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal,
+                                         scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)
+
+
+def _sdpa(q, k, v, cu_q, cu_k, causal: bool) -> torch.Tensor:
+    bounds_q = cu_q.tolist()
+    bounds_k = cu_k.tolist()
+    lens = [(bounds_q[i + 1] - bounds_q[i], bounds_k[i + 1] - bounds_k[i]) for i in range(len(bounds_q) - 1)]
+    total_q, total_k = bounds_q[-1], bounds_k[-1]
+    if total_q != q.shape[0] or total_k != k.shape[0]:
+        raise ValueError(f"cu_seqlens end at ({total_q}, {total_k}) but q/k hold ({q.shape[0]}, {k.shape[0]}) tokens")
+
+    def one(i: int) -> torch.Tensor:
+        lq, lk = lens[i]
+        qi = q[bounds_q[i]:bounds_q[i + 1]]
+        ki, vi = k[bounds_k[i]:bounds_k[i + 1]], v[bounds_k[i]:bounds_k[i + 1]]
+        if lq == 0:
+            return qi
+        if lk == 0 or (causal and lk < lq):
+            # some queries see no key at all: SDPA would give NaN there, flash-attn gives zeros
+            mask = block_mask(torch.tensor([0, lq]), torch.tensor([0, lk]), True).to(q.device)
+            if lk == 0:
+                return torch.zeros_like(qi)
+            out = _sdpa_one(qi, ki, vi, attn_mask=mask)
+            return out.masked_fill(~mask.any(dim=1)[:, None, None], 0.0)
+        if not causal or lq == 1:  # a single query sees every key of its sequence when bottom-right aligned
+            return _sdpa_one(qi, ki, vi)
+        if lq == lk:
+            return _sdpa_one(qi, ki, vi, is_causal=True)
+        mask = block_mask(torch.tensor([0, lq]), torch.tensor([0, lk]), True).to(q.device)
+        return _sdpa_one(qi, ki, vi, attn_mask=mask)
+
+    if len(lens) == 1:
+        return one(0)
+    if total_q * total_k <= _SDPA_BLOCK_MASK_MAX_CELLS:
+        # many short sequences: one call with a block-diagonal mask beats a Python loop
+        mask = block_mask(cu_q, cu_k, causal)
+        out = _sdpa_one(q, k, v, attn_mask=mask)
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out
+    return torch.cat([one(i) for i in range(len(lens))], dim=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _xformers_bias(lens_q: tuple[int, ...], lens_k: tuple[int, ...], causal: bool, device: torch.device):
+    from xformers.ops.fmha import attn_bias
+
+    cls = attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else attn_bias.BlockDiagonalMask
+    return cls.from_seqlens(q_seqlen=list(lens_q), kv_seqlen=list(lens_k), device=device)
+
+
+def xformers_bias(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool):
+    """The xformers attention bias for packed sequences (cached by lengths: denoising steps reuse it)."""
+    lens_q = tuple((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist())
+    lens_k = tuple((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
+    return _xformers_bias(lens_q, lens_k, causal, cu_seqlens_q.device)
+
+
+def _xformers(q, k, v, cu_q, cu_k, causal: bool) -> torch.Tensor:
+    import xformers.ops as xops
+
+    bias = xformers_bias(cu_q, cu_k, causal)
+    total_q, hq, d = q.shape
+    total_k, hkv, _ = k.shape
+    groups = hq // hkv
+    # BMGHK layout: G = KV heads, H = query heads per KV head; K/V are broadcast over H without a copy.
+    q5 = q.reshape(1, total_q, hkv, groups, d)
+    k5 = k.reshape(1, total_k, hkv, 1, d).expand(1, total_k, hkv, groups, d)
+    v5 = v.reshape(1, total_k, hkv, 1, d).expand(1, total_k, hkv, groups, d)
+    out = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=1.0 / math.sqrt(d))
+    return out.reshape(total_q, hq, d)
+
+
+def _flash_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attn has no {q.dtype} kernel: use --dtype bfloat16, or --attention sdpa/xformers")
+    return flash_attn_varlen_func(
+        q, k, v,
+        cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
+        max_seqlen_q=int(max_q), max_seqlen_k=int(max_k),
+        softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal,
+    )
