@@ -1,0 +1,376 @@
+"""Record operations. Keyword-only, no HTTP types; each write commits. State changes are single
+conditional UPDATEs, so two processes (gateway cancelling, worker finishing) never overwrite each other:
+a call that finds the row in a state where the change does not apply returns False instead."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from echo4o.db.models import (
+    ACTIVE_STATUSES,
+    ANONYMOUS,
+    JOB_KINDS,
+    JOB_STATUSES,
+    QUEUE_OF_KIND,
+    ApiKey,
+    Job,
+    Worker,
+    new_id,
+    utcnow,
+)
+
+KEY_PREFIX = "e4o_"
+
+# --- jobs ----------------------------------------------------------------------------------------------
+
+
+def create_job(
+    *,
+    session: Session,
+    kind: str,
+    params: dict[str, Any],
+    model_version: str,
+    owner: str = ANONYMOUS,
+    priority: int = 5,
+    job_id: str | None = None,
+) -> Job:
+    """Insert a queued job. ``params`` is the validated payload (``model_dump(mode="json")``)."""
+    if kind not in JOB_KINDS:
+        raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
+    if not 0 <= priority <= 9:
+        raise ValueError(f"priority must be in 0..9, got {priority}")
+    now = utcnow()
+    job = Job(
+        id=job_id or new_id(),
+        kind=kind,
+        owner=owner,
+        params=params,
+        model_version=model_version,
+        priority=priority,
+        status="queued",
+        progress_stage="queued",
+        progress_step=0,
+        cancel_requested=False,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def get_job(*, session: Session, job_id: str) -> Job | None:
+    job = session.get(Job, job_id, populate_existing=True)
+    return job
+
+
+def list_jobs(
+    *,
+    session: Session,
+    owner: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Job], int]:
+    """Jobs newest first and the total matching ``owner`` (None: everyone's) and ``status``."""
+    if status is not None and status not in JOB_STATUSES:
+        raise ValueError(f"status must be one of {JOB_STATUSES}, got {status!r}")
+    if limit < 1 or offset < 0:
+        raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, offset={offset}")
+    conds = []
+    if owner is not None:
+        conds.append(Job.owner == owner)
+    if status is not None:
+        conds.append(Job.status == status)
+    count = session.scalar(sa.select(sa.func.count()).select_from(Job).where(*conds)) or 0
+    rows = session.scalars(
+        sa.select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), count
+
+
+def queue_position(*, session: Session, job_id: str) -> int | None:
+    """Queued jobs that run before this one on its queue (0: next); None when the job is not queued.
+
+    Order: higher priority first, then older first, the order the broker delivers them in.
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != "queued":
+        return None
+    same_queue = [k for k, q in QUEUE_OF_KIND.items() if q == QUEUE_OF_KIND.get(job.kind, "gpu")]
+    ahead = sa.or_(
+        Job.priority > job.priority,
+        sa.and_(Job.priority == job.priority, Job.created_at < job.created_at),
+    )
+    return session.scalar(
+        sa.select(sa.func.count())
+        .select_from(Job)
+        .where(Job.status == "queued", Job.kind.in_(same_queue), Job.id != job.id, ahead)
+    ) or 0
+
+
+def count_jobs_by_status(*, session: Session) -> dict[str, int]:
+    rows = session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all()
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    counts.update({status: n for status, n in rows})
+    return counts
+
+
+def count_recent_jobs(*, session: Session, owner: str, seconds: float) -> int:
+    """Jobs ``owner`` submitted in the last ``seconds`` (for the per-key rate limit)."""
+    since = utcnow() - timedelta(seconds=seconds)
+    return session.scalar(
+        sa.select(sa.func.count()).select_from(Job).where(Job.owner == owner, Job.created_at >= since)
+    ) or 0
+
+
+def count_active_jobs(*, session: Session, owner: str) -> int:
+    """Queued plus running jobs of ``owner`` (for the per-key queued-job limit)."""
+    return session.scalar(
+        sa.select(sa.func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATUSES))
+    ) or 0
+
+
+def _update(session: Session, job_id: str, where: list[Any], **values: Any) -> bool:
+    values.setdefault("updated_at", utcnow())
+    res = session.execute(
+        sa.update(Job).where(Job.id == job_id, *where).values(**values).execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1
+
+
+def mark_running(*, session: Session, job_id: str, worker: str, gpu: str | None) -> bool:
+    """Claim the job for an attempt. False when it is finished, cancelled or has a cancel request.
+
+    A job already ``running`` may be claimed again: that is a redelivery after its worker died.
+    """
+    now = utcnow()
+    return _update(
+        session,
+        job_id,
+        [Job.status.in_(ACTIVE_STATUSES), Job.cancel_requested.is_(False)],
+        status="running",
+        worker=worker,
+        gpu=gpu,
+        attempts=Job.attempts + 1,
+        started_at=now,
+        updated_at=now,
+        progress_stage="starting",
+        progress_step=0,
+        progress_total=None,
+        preview=None,
+    )
+
+
+def update_progress(
+    *,
+    session: Session,
+    job_id: str,
+    step: int,
+    total: int | None,
+    stage: str = "sampling",
+    preview: bytes | None = None,
+) -> bool:
+    """Record progress of a running job; returns True when a cancel was requested (the caller stops)."""
+    values: dict[str, Any] = {"progress_stage": stage, "progress_step": step, "progress_total": total}
+    if preview is not None:
+        values["preview"] = preview
+    _update(session, job_id, [Job.status == "running"], **values)
+    return bool(session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def mark_succeeded(*, session: Session, job_id: str, result: dict[str, Any]) -> bool:
+    now = utcnow()
+    return _update(
+        session,
+        job_id,
+        [Job.status == "running"],
+        status="succeeded",
+        result=result,
+        progress_stage="done",
+        finished_at=now,
+        updated_at=now,
+    )
+
+
+def mark_failed(*, session: Session, job_id: str, code: str, message: str) -> bool:
+    now = utcnow()
+    return _update(
+        session,
+        job_id,
+        [Job.status.in_(ACTIVE_STATUSES)],
+        status="failed",
+        error_code=code,
+        error_message=message[:4000],
+        progress_stage="failed",
+        finished_at=now,
+        updated_at=now,
+    )
+
+
+def mark_cancelled(*, session: Session, job_id: str) -> bool:
+    now = utcnow()
+    return _update(
+        session,
+        job_id,
+        [Job.status.in_(ACTIVE_STATUSES)],
+        status="cancelled",
+        cancel_requested=True,
+        progress_stage="cancelled",
+        finished_at=now,
+        updated_at=now,
+    )
+
+
+def request_cancel(*, session: Session, job_id: str) -> Job | None:
+    """Cancel a job: a queued one is cancelled at once (it will never run); a running one gets
+    ``cancel_requested`` and stops at its next step. Finished jobs are left as they are."""
+    now = utcnow()
+    if not _update(
+        session,
+        job_id,
+        [Job.status == "queued"],
+        status="cancelled",
+        cancel_requested=True,
+        progress_stage="cancelled",
+        finished_at=now,
+        updated_at=now,
+    ):
+        _update(session, job_id, [Job.status == "running"], cancel_requested=True)
+    return get_job(session=session, job_id=job_id)
+
+
+def requeue_job(*, session: Session, job_id: str) -> bool:
+    """Put a ``running`` job back to ``queued`` (its worker died and the broker cannot redeliver)."""
+    return _update(
+        session, job_id, [Job.status == "running"], status="queued", progress_stage="queued", progress_step=0
+    )
+
+
+def stale_running_jobs(*, session: Session, max_age_s: float) -> list[Job]:
+    """Running jobs whose worker row is missing, stopped or has not beaten for ``max_age_s`` seconds."""
+    since = utcnow() - timedelta(seconds=max_age_s)
+    alive = sa.select(Worker.id).where(Worker.status != "stopped", Worker.heartbeat_at >= since)
+    return list(
+        session.scalars(
+            sa.select(Job).where(Job.status == "running", sa.or_(Job.worker.is_(None), Job.worker.not_in(alive)))
+        ).all()
+    )
+
+
+# --- API keys ------------------------------------------------------------------------------------------
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_api_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
+    """Store a new key (hashed) and return it with the plaintext key, which is shown this once only."""
+    if not name or len(name) > 200:
+        raise ValueError("name must be 1..200 characters")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        id=new_id(), name=name, key_hash=hash_key(key), prefix=key[:8], is_admin=is_admin, created_at=utcnow()
+    )
+    session.add(row)
+    session.commit()
+    return row, key
+
+
+def verify_api_key(*, session: Session, key: str) -> ApiKey | None:
+    """The active key row matching ``key``; None for an unknown or revoked key."""
+    if not key:
+        return None
+    row = session.scalar(sa.select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def revoke_api_key(*, session: Session, key_id: str) -> bool:
+    """Revoke by id (or by the displayed prefix when it matches exactly one key)."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        matches = session.scalars(sa.select(ApiKey).where(ApiKey.prefix == key_id)).all()
+        row = matches[0] if len(matches) == 1 else None
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    session.commit()
+    return True
+
+
+def list_api_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey]:
+    stmt = sa.select(ApiKey).order_by(ApiKey.created_at)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt).all())
+
+
+# --- workers -------------------------------------------------------------------------------------------
+
+
+def upsert_worker(
+    *,
+    session: Session,
+    worker_id: str,
+    hostname: str,
+    queues: list[str] | str,
+    status: str = "loading",
+    model_version: str | None = None,
+    device: str | None = None,
+    attention: str | None = None,
+) -> Worker:
+    now = utcnow()
+    queues_txt = ",".join(queues) if not isinstance(queues, str) else queues
+    row = session.get(Worker, worker_id)
+    if row is None:
+        row = Worker(id=worker_id, started_at=now)
+        session.add(row)
+    row.hostname = hostname
+    row.queues = queues_txt
+    row.status = status
+    row.model_version = model_version
+    row.device = device
+    row.attention = attention
+    row.heartbeat_at = now
+    session.commit()
+    return row
+
+
+def worker_heartbeat(*, session: Session, worker_id: str, status: str | None = None, **fields: Any) -> bool:
+    """Refresh a worker's heartbeat (and optionally its status and other columns)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow(), **fields}
+    if status is not None:
+        values["status"] = status
+    res = session.execute(
+        sa.update(Worker).where(Worker.id == worker_id).values(**values).execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1
+
+
+def list_workers(*, session: Session) -> list[Worker]:
+    return list(session.scalars(sa.select(Worker).order_by(Worker.started_at)).all())
+
+
+def list_ready_workers(*, session: Session, max_age_s: float = 30.0, queue: str | None = None) -> list[Worker]:
+    """Workers with the model loaded (``ready`` or ``busy``) whose heartbeat is newer than ``max_age_s``."""
+    since = utcnow() - timedelta(seconds=max_age_s)
+    rows = session.scalars(
+        sa.select(Worker)
+        .where(Worker.status.in_(("ready", "busy")), Worker.heartbeat_at >= since)
+        .order_by(Worker.started_at)
+    ).all()
+    if queue is not None:
+        rows = [w for w in rows if queue in w.queues.split(",")]
+    return list(rows)

@@ -1,0 +1,134 @@
+"""SQL records: jobs, API keys and workers (see docs/contracts.md, "Records").
+
+Timestamps are timezone-aware UTC in Python on every backend (SQLite stores them as naive UTC).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_KINDS = ("generate", "multiref", "finetune", "benchmark")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+WORKER_STATUSES = ("loading", "ready", "busy", "stopped")
+#: Which Celery queue each job kind runs on; queue positions are counted within one queue.
+QUEUE_OF_KIND = {"generate": "gpu", "multiref": "gpu", "benchmark": "gpu", "finetune": "train"}
+ANONYMOUS = "anonymous"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A 32-hex-character random id."""
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Aware UTC datetimes in Python; naive UTC in SQLite, ``timestamptz`` in PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware UTC datetime (echo4o.db.models.utcnow())")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: sa.JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    owner: Mapped[str] = mapped_column(sa.String(64), default=ANONYMOUS)
+    params: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    model_version: Mapped[str] = mapped_column(sa.String(200))
+    priority: Mapped[int] = mapped_column(sa.Integer, default=5)
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    progress_stage: Mapped[str | None] = mapped_column(sa.String(32))
+    progress_step: Mapped[int] = mapped_column(sa.Integer, default=0)
+    progress_total: Mapped[int | None] = mapped_column(sa.Integer)
+    preview: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    result: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(sa.String(255))
+    gpu: Mapped[str | None] = mapped_column(sa.String(255))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        sa.Index("ix_jobs_owner_created", "owner", "created_at"),
+        sa.Index("ix_jobs_status_priority_created", "status", "priority", "created_at"),
+    )
+
+    @property
+    def queue(self) -> str:
+        return QUEUE_OF_KIND.get(self.kind, "gpu")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, kind={self.kind!r}, status={self.status!r}, owner={self.owner!r})"
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(8))
+    is_admin: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, name={self.name!r}, prefix={self.prefix!r}, admin={self.is_admin})"
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)  # hostname:pid
+    hostname: Mapped[str] = mapped_column(sa.String(255))
+    queues: Mapped[str] = mapped_column(sa.String(255))  # comma-separated
+    model_version: Mapped[str | None] = mapped_column(sa.String(200))
+    device: Mapped[str | None] = mapped_column(sa.String(255))
+    attention: Mapped[str | None] = mapped_column(sa.String(32))
+    status: Mapped[str] = mapped_column(sa.String(16), default="loading")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Worker(id={self.id!r}, status={self.status!r}, model={self.model_version!r})"
