@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     result_backend_url: str = Field("", description="Celery result backend. Empty: same Redis as the broker, "
                                                     "or the embedded one.")
     job_timeout_s: int = Field(3600, ge=10, le=7 * 24 * 3600, description="Longest a single job may run.")
+    broker_visibility_timeout_s: int = Field(
+        0,
+        ge=0,
+        description="Seconds after which Redis hands an unacknowledged job (its worker died) to another "
+        "worker; must exceed job_timeout_s. 0: job_timeout_s + 10 % + 60.",
+    )
+    worker_heartbeat_s: float = Field(5.0, gt=0, le=60, description="Seconds between a worker's heartbeats.")
+    preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
 
     # --- gateway -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
@@ -108,6 +116,14 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'echo4o.db'}"
         if not self.model_version:
             self.model_version = Path(self.model.rstrip("/")).name or self.model
+        if not self.broker_visibility_timeout_s:
+            self.broker_visibility_timeout_s = int(self.job_timeout_s * 1.1) + 60
+        elif self.broker_visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError(
+                f"broker_visibility_timeout_s ({self.broker_visibility_timeout_s}) must exceed job_timeout_s "
+                f"({self.job_timeout_s}), else a long job is handed to a second worker while the first still "
+                "runs it: raise ECHO4O_BROKER_VISIBILITY_TIMEOUT_S or set it to 0 (automatic)"
+            )
         return self
 
     # --- derived ---------------------------------------------------------------------------------
