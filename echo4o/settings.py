@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     max_queued_jobs_per_key: int = Field(16, ge=1, description="Queued + running jobs one key may have.")
     wait_max_s: float = Field(600.0, ge=0, description="Upper bound of ?wait=SECONDS.")
 
+    # --- demo UI (echo4o ui) ----------------------------------------------------------------------
+    ui_api_url: str = Field("http://127.0.0.1:8000", description="The gateway the demo UI calls.")
+    ui_api_key: SecretStr | None = Field(
+        None, description="API key the UI uses for sessions that enter none (an admin key shows the admin tab)."
+    )
+    ui_host: str = Field("127.0.0.1", description="Address the demo UI binds.")
+    ui_port: int = Field(7860, ge=1, le=65535)
+    ui_concurrency: int = Field(16, ge=1, le=1024, description="Jobs the UI follows at once (Gradio concurrency).")
+    ui_max_queue: int = Field(64, ge=1, description="Requests waiting in the UI's Gradio queue before refusing.")
+
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
