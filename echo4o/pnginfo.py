@@ -1,0 +1,131 @@
+"""Generation parameters in PNG text chunks (torch-free, Pillow only).
+
+Every PNG the worker or the CLI writes carries:
+
+- ``echo4o.params``: JSON of all parameters (``out.params`` of the pipeline), compressed (zTXt / iTXt);
+- one chunk per field, named after it (``prompt``, ``seed``, ``num_steps``, ...), strings as they are and
+  everything else as JSON, so that any PNG viewer shows them;
+- ``Software``: ``echo4o <version>``.
+
+``params_from_png`` reads them back (the gateway, tests, ``echo4o generate --from PNG`` style tools):
+the JSON chunk when present, else the per-field chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from echo4o import __version__
+
+PARAMS_KEY = "echo4o.params"
+_RESERVED_KEYS = {PARAMS_KEY, "Software"}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _keyword(name: str) -> str | None:
+    """A valid PNG keyword (1-79 Latin-1 printable characters, no leading/trailing/double spaces) or None."""
+    key = " ".join(str(name).split())[:79]
+    try:
+        key.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    return key or None
+
+
+def params_to_pnginfo(params: dict[str, Any]) -> PngInfo:
+    """Text chunks for ``params`` (see the module doc), ready for ``image.save(f, "PNG", pnginfo=...)``."""
+    info = PngInfo()
+    info.add_text("Software", f"echo4o {__version__}")
+    info.add_text(PARAMS_KEY, json.dumps(params, default=_json_default, ensure_ascii=False), zip=True)
+    for name, value in params.items():
+        key = _keyword(name)
+        if key is None or key in _RESERVED_KEYS:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=_json_default, ensure_ascii=False)
+        info.add_text(key, text)  # Pillow switches to UTF-8 iTXt when the text is not Latin-1
+    return info
+
+
+def png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
+    """The PNG encoding of ``image`` with ``params`` in its text chunks (deterministic for the same input)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=params_to_pnginfo(params))
+    return buf.getvalue()
+
+
+def write_png(image: Image.Image, path: str | Path, params: dict[str, Any]) -> Path:
+    """Write ``image`` with ``params`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = png_bytes(image, params)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def params_from_png(source: str | Path | bytes | IO[bytes] | Image.Image) -> dict[str, Any]:
+    """The parameters stored by :func:`params_to_pnginfo` in a PNG (a path, bytes, a file or an open image).
+
+    Raises ``ValueError`` when the file is not a PNG or carries no echo4o parameters.
+    """
+    if isinstance(source, Image.Image):
+        return _params_from_image(source, "the image")
+    if isinstance(source, bytes | bytearray):
+        source = io.BytesIO(source)
+    where = str(source) if isinstance(source, str | Path) else "the data"
+    try:
+        with Image.open(source) as img:
+            return _params_from_image(img, where)
+    except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
+        raise ValueError(f"cannot read {where} as an image ({exc})") from exc
+
+
+def _params_from_image(img: Image.Image, where: str) -> dict[str, Any]:
+    if img.format not in (None, "PNG"):
+        raise ValueError(f"{where} is a {img.format}, not a PNG: generation parameters are only kept in PNGs")
+    text: dict[str, str] = dict(getattr(img, "text", {}) or {})
+    if PARAMS_KEY in text:
+        try:
+            params = json.loads(text[PARAMS_KEY])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: the {PARAMS_KEY} chunk is not valid JSON ({exc})") from exc
+        if not isinstance(params, dict):
+            raise ValueError(f"{where}: the {PARAMS_KEY} chunk is not a JSON object")
+        return params
+    fields = {k: v for k, v in text.items() if k not in _RESERVED_KEYS}
+    if not fields or "Software" not in text or not text["Software"].startswith("echo4o"):
+        raise ValueError(f"{where} carries no echo4o generation parameters (no {PARAMS_KEY} text chunk)")
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

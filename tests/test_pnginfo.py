@@ -1,0 +1,93 @@
+"""Generation parameters round-trip through PNG text chunks."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from echo4o.pnginfo import PARAMS_KEY, params_from_png, params_to_pnginfo, png_bytes, write_png
+
+PARAMS = {
+    "prompt": "一只在床上睡觉的小熊猫, a red panda sleeping on a bed",
+    "seed": 42,
+    "num_steps": 50,
+    "height": 1024,
+    "width": 768,
+    "cfg_text_scale": 4.0,
+    "cfg_img_scale": 1.0,
+    "cfg_interval": [0.4, 1.0],
+    "timestep_shift": 3.0,
+    "cfg_renorm_type": "global",
+    "cfg_renorm_min": 0.0,
+    "references": None,
+    "attention": "sdpa",
+}
+
+
+def image() -> Image.Image:
+    return Image.new("RGB", (8, 4), (200, 30, 60))
+
+
+def test_round_trip_through_a_file(tmp_path: Path):
+    path = write_png(image(), tmp_path / "sub" / "0.png", PARAMS)
+    assert path.exists() and not list(path.parent.glob(".*.tmp"))
+    assert params_from_png(path) == PARAMS
+    assert params_from_png(str(path)) == PARAMS
+    assert params_from_png(path.read_bytes()) == PARAMS
+    with Image.open(path) as img:
+        assert params_from_png(img) == PARAMS
+        assert img.getpixel((0, 0)) == (200, 30, 60)
+
+
+def test_one_chunk_per_field_readable_by_any_viewer():
+    with Image.open(io.BytesIO(png_bytes(image(), PARAMS))) as img:
+        text = img.text
+    assert text["prompt"] == PARAMS["prompt"]  # strings as they are (UTF-8 iTXt for non-Latin-1)
+    assert text["seed"] == "42"
+    assert text["cfg_interval"] == "[0.4, 1.0]"
+    assert text["references"] == "null"
+    assert text["Software"].startswith("echo4o ")
+    assert PARAMS_KEY in text
+
+
+def test_tuples_and_paths_become_json():
+    params = {"cfg_interval": (0.0, 1.0), "ref": Path("uploads/a.png")}
+    data = png_bytes(image(), params)
+    assert params_from_png(data) == {"cfg_interval": [0.0, 1.0], "ref": "uploads/a.png"}
+
+
+def test_same_input_same_bytes():
+    assert png_bytes(image(), PARAMS) == png_bytes(image(), PARAMS)
+    assert png_bytes(image(), PARAMS) != png_bytes(image(), {**PARAMS, "seed": 43})
+
+
+def test_per_field_chunks_are_the_fallback():
+    info = params_to_pnginfo(PARAMS)
+    info.chunks = [c for c in info.chunks if not c[1].startswith(PARAMS_KEY.encode())]
+    buf = io.BytesIO()
+    image().save(buf, format="PNG", pnginfo=info)
+    assert params_from_png(buf.getvalue()) == PARAMS
+
+
+def test_png_without_params_and_non_png_are_clear_errors(tmp_path: Path):
+    plain = tmp_path / "plain.png"
+    image().save(plain)
+    with pytest.raises(ValueError, match="no echo4o generation parameters"):
+        params_from_png(plain)
+    jpeg = tmp_path / "x.jpg"
+    image().save(jpeg)
+    with pytest.raises(ValueError, match="not a PNG"):
+        params_from_png(jpeg)
+    with pytest.raises(ValueError, match="cannot read"):
+        params_from_png(b"not an image")
+
+
+def test_module_is_torch_free():
+    code = "import sys, echo4o.pnginfo; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
