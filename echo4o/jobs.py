@@ -78,7 +78,7 @@ class _ImageJob(BaseModel):
     seed: int = Field(
         default_factory=draw_seed, ge=0, le=SEED_MAX, description="Random seed; drawn and recorded when absent."
     )
-    num_images: int = Field(1, ge=1, le=4, description="Images to draw (seeds seed, seed+1, ...).")
+    num_images: int = Field(1, ge=1, le=4, description="Images to draw from this seed in one batch.")
     priority: int = Field(5, ge=0, le=9, description="Queue priority: 9 runs first, 0 last.")
     model_version: str | None = Field(
         None, min_length=1, max_length=200, description="Served model version to use; None: the worker's."

@@ -21,7 +21,7 @@ from typing import Any
 
 import kombu.transport
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.transport import sqlalchemy as kombu_sqla
 
 from echo4o.settings import Settings, get_settings
@@ -97,7 +97,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
         transport_options = {}
         backend_options = {}
     app.conf.update(
-        task_queues=[Queue(name, routing_key=name, queue_arguments={"x-max-priority": 10}) for name in QUEUES],
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments={"x-max-priority": 10})
+            for name in QUEUES
+        ],
         task_default_queue="gpu",
         task_routes={TASK_IMAGE: {"queue": "gpu"}, TASK_TRAIN: {"queue": "train"}},
         task_default_priority=broker_priority(5),

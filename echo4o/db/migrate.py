@@ -5,6 +5,7 @@ an advisory lock on PostgreSQL), so processes starting together do not race on t
 from __future__ import annotations
 
 import fcntl
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 def upgrade_to_head(url: str | None = None) -> str:
     """Create or upgrade the schema at ``url`` (default: ``settings.database_url``); returns the revision."""
     url = resolve_url(url)
+    if not log.isEnabledFor(logging.DEBUG):  # alembic narrates every step at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     engine = get_engine(url)
     db_file = sqlite_path(url)
     lock = _file_lock(db_file.with_name(db_file.name + ".migrate.lock")) if db_file else _nullcontext()

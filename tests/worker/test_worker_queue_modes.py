@@ -1,0 +1,38 @@
+"""A real `echo4o worker` subprocess on the train queue (no model needed): both broker modes deliver,
+the task records its outcome, and the worker reports its lifecycle in `workers`."""
+
+from __future__ import annotations
+
+import pytest
+
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.settings import get_settings
+from tests.support.worker_proc import WorkerProcess, wait_for_job
+from worker import queue
+
+
+def _finetune_job() -> str:
+    upgrade_to_head()
+    with session_scope() as s:
+        return crud.create_job(session=s, kind="finetune", params={}, model_version="none").id
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_train_queue_round_trip_and_lifecycle(broker: str, request: pytest.FixtureRequest, monkeypatch) -> None:
+    if broker == "redis":
+        monkeypatch.setenv("ECHO4O_BROKER_URL", request.getfixturevalue("redis_url"))
+        get_settings.cache_clear()
+    assert get_settings().embedded_broker is (broker == "embedded")
+    queue.ping_broker()
+    with WorkerProcess(queues="train") as worker:
+        job_id = _finetune_job()
+        assert queue.submit(job_id, "finetune", priority=5) == job_id
+        job = wait_for_job(job_id, worker=worker)
+        assert (job.status, job.error_code) == ("failed", "not_supported")
+        assert "queue train" in job.error_message
+        with session_scope() as s:
+            ready = crud.list_ready_workers(session=s, queue="train")
+        assert [w.id for w in ready] == [worker.worker_id]
+        assert worker.alive()
+    assert worker.status() == "stopped"
+    assert "worker stopped" in worker.logs()

@@ -1,0 +1,273 @@
+"""One worker process: the model loaded once, warmed up, and a heartbeat row in ``workers``.
+
+Lifecycle of ``echo4o worker``: migrate the records, register as ``loading``, load the pipeline, warm it up,
+(embedded broker) recover jobs orphaned by a dead worker, then serve Celery on the solo pool (one job at a
+time, in this process, so the model is never copied) and report ``ready``; ``busy`` while a job runs;
+``stopped`` at shutdown. A thread refreshes the heartbeat every ``worker_heartbeat_s`` seconds, also while a
+job runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.db.models import Job
+from echo4o.logging import get_logger
+from echo4o.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+WARMUP_SIZE = 64
+
+
+class WorkerRuntime:
+    """The state of this worker process: its identity, its pipeline and its status row."""
+
+    def __init__(self, *, settings: Settings | None = None, queues: list[str] | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.queues = list(queues or ["gpu"])
+        self.hostname = socket.gethostname()
+        self.worker_id = f"{self.hostname}:{os.getpid()}"
+        self.model_version = self.settings.model_version
+        self.pipeline: Any = None
+        self.device: str | None = None
+        self.gpu_name: str | None = None
+        self.attention: str | None = None
+        self.status = "loading"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Create the schema if needed and write this worker's row (status ``loading``)."""
+        upgrade_to_head(self.settings.database_url)
+        with session_scope(self.settings.database_url) as s:
+            crud.upsert_worker(
+                session=s,
+                worker_id=self.worker_id,
+                hostname=self.hostname,
+                queues=self.queues,
+                status="loading",
+                model_version=self.model_version,
+                device=self.settings.device,
+            )
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="echo4o-heartbeat", daemon=True)
+        self._beat.start()
+
+    def load(self) -> None:
+        """Load the configured model once (``settings.model`` on ``settings.device``)."""
+        from worker.engine import Echo4oPipeline
+
+        s = self.settings
+        t0 = time.perf_counter()
+        log.info("loading model", extra={"model": s.model, "device": s.device, "dtype": s.dtype})
+        if s.hf_token and s.hf_token.get_secret_value():
+            os.environ.setdefault("HF_TOKEN", s.hf_token.get_secret_value())  # read by huggingface_hub
+        self.pipeline = Echo4oPipeline.from_pretrained(s.model, device=s.device, dtype=s.dtype, attention=s.attention)
+        self.device = str(self.pipeline.device)
+        self.attention = str(getattr(self.pipeline, "attention_backend", "") or "") or None
+        self.gpu_name = _device_name(self.device)
+        self._write(device=self.device, attention=self.attention)
+        log.info(
+            "model loaded",
+            extra={
+                "model_version": self.model_version,
+                "device": self.device,
+                "gpu": self.gpu_name,
+                "attention": self.attention,
+                "load_s": round(time.perf_counter() - t0, 3),
+            },
+        )
+
+    def warm_up(self) -> None:
+        """One small generation so that the first job does not pay for kernel selection and allocation."""
+        t0 = time.perf_counter()
+        self.pipeline("warm-up", height=WARMUP_SIZE, width=WARMUP_SIZE, num_steps=1, seed=0)
+        log.info("warm-up done", extra={"warmup_s": round(time.perf_counter() - t0, 3)})
+
+    def set_status(self, status: str) -> None:
+        with self._lock:
+            self.status = status
+        self._write(status=status)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self._write(status="stopped")
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("could not mark worker stopped", extra={"error": str(exc)})
+        log.info("worker stopped", extra={"worker": self.worker_id})
+
+    # --- heartbeat ---------------------------------------------------------------------------------
+    def _write(self, **fields: Any) -> None:
+        with session_scope(self.settings.database_url) as s:
+            crud.worker_heartbeat(session=s, worker_id=self.worker_id, **fields)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_s):
+            try:
+                with self._lock:
+                    status = self.status
+                self._write(status=status)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is logged, the next one retries
+                log.warning("heartbeat failed", extra={"worker": self.worker_id, "error": str(exc)})
+
+    # --- recovery ----------------------------------------------------------------------------------
+    def recover_orphans(self) -> list[str]:
+        """Requeue jobs left ``running`` by a worker that is gone (embedded broker only: Redis redelivers
+        them by itself after the visibility timeout). A worker is gone when it is this host's and its
+        process no longer exists, or when its heartbeat is older than six beats (at least 30 s)."""
+        from worker.queue import submit
+
+        max_age = max(30.0, 6 * self.settings.worker_heartbeat_s)
+        requeued: list[str] = []
+        with session_scope(self.settings.database_url) as s:
+            stale = {j.id: j for j in crud.stale_running_jobs(session=s, max_age_s=max_age)}
+            for job in s.query(Job).filter(Job.status == "running").all():
+                if job.id not in stale and _is_dead_local_worker(job.worker, self.hostname):
+                    stale[job.id] = job
+            for job in stale.values():
+                if crud.requeue_job(session=s, job_id=job.id):
+                    submit(job.id, job.kind, job.priority)
+                    requeued.append(job.id)
+                    log.warning(
+                        "requeued a job whose worker is gone",
+                        extra={"job_id": job.id, "dead_worker": job.worker, "attempts": job.attempts},
+                    )
+        return requeued
+
+
+def _is_dead_local_worker(worker: str | None, hostname: str) -> bool:
+    if not worker:
+        return True
+    host, _, pid = worker.rpartition(":")
+    if host != hostname or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _device_name(device: str) -> str:
+    """A label for the ``gpu`` column: the CUDA device's name, or the device itself."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+            return f"{device} ({torch.cuda.get_device_name(index)})"
+        except Exception:  # noqa: BLE001 - the label is informational
+            return device
+    return device
+
+
+def preview_png(image: Any, max_side: int = 128) -> bytes:
+    """A small PNG of a PIL preview image, for the job row."""
+    img = image.copy()
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def set_runtime(runtime: WorkerRuntime | None) -> None:
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime; created and loaded on first use when the process was not started by
+    ``echo4o worker`` (for example a Celery worker started by hand)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            rt = WorkerRuntime()
+            rt.register()
+            rt.load()
+            rt.set_status("ready")
+            _runtime = rt
+        return _runtime
+
+
+def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
+    """Run ``echo4o worker`` in this process until it is stopped; returns the exit code."""
+    from celery import signals
+
+    from worker.celery_app import QUEUES, get_app
+
+    settings = get_settings()
+    bad = [q for q in queues if q not in QUEUES]
+    if bad or not queues:
+        raise ValueError(f"--queues must be a comma-separated subset of {','.join(QUEUES)}, got {queues}")
+
+    runtime = WorkerRuntime(settings=settings, queues=queues)
+    runtime.register()
+    set_runtime(runtime)
+    try:
+        if "gpu" in queues:
+            runtime.load()
+            runtime.warm_up()
+        if settings.embedded_broker:
+            runtime.recover_orphans()
+
+        app = get_app()
+
+        def _ready(**_: Any) -> None:
+            runtime.set_status("ready")
+            log.info(
+                "worker ready",
+                extra={"worker": runtime.worker_id, "queues": ",".join(queues), "broker": _broker(app)},
+            )
+
+        signals.worker_ready.connect(_ready, weak=False)
+        argv = [
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--hostname",
+            f"echo4o-{os.getpid()}@{runtime.hostname}",
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        try:
+            app.worker_main(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+    except BaseException:
+        log.exception("worker failed", extra={"worker": runtime.worker_id})
+        raise
+    finally:
+        runtime.stop()
+
+
+def _broker(app: Any) -> str:
+    from echo4o.settings import mask_url_password
+
+    return mask_url_password(str(app.conf.broker_url))
