@@ -1,0 +1,71 @@
+"""Dependencies every route declares as parameters: settings, a DB session, the calling key.
+
+Authentication errors are raised here, so a route that takes ``CurrentKey`` is protected by declaring it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from backend.auth import Principal, authenticate, key_from_headers, require_admin
+from backend.metrics import Metrics
+from echo4o.db import get_sessionmaker
+from echo4o.settings import Settings
+
+# Declared as security schemes so the OpenAPI spec (and clients generated from it) know both ways in.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+_x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_current_key(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+    x_api_key: Annotated[str | None, Security(_x_api_key)] = None,
+) -> Principal:
+    # HTTPBearer returns None for a non-Bearer scheme; read the raw header so that case gets a clear 401.
+    key = key_from_headers(request.headers.get("authorization"), x_api_key)
+    principal = authenticate(session, settings, key)
+    request.state.principal = principal
+    return principal
+
+
+CurrentKey = Annotated[Principal, Depends(get_current_key)]
+
+
+def get_admin_key(principal: CurrentKey) -> Principal:
+    return require_admin(principal)
+
+
+AdminKey = Annotated[Principal, Depends(get_admin_key)]

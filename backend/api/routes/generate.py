@@ -1,0 +1,36 @@
+"""``POST /generate``: text-to-image jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from backend import service
+from backend.api.deps import CurrentKey, MetricsDep, SessionDep, SettingsDep
+from backend.schemas import JobCreated, JobPublic, error_responses
+from echo4o.jobs import GenerateJob
+
+router = APIRouter(tags=["jobs"])
+
+WaitQuery = Annotated[
+    float | None,
+    Query(ge=0, allow_inf_nan=False, description="Answer with the finished job (200) if it ends within this "
+                                                 "many seconds (at most ECHO4O_WAIT_MAX_S); else 202 as usual."),
+]
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobCreated | JobPublic,
+    responses={200: {"model": JobPublic, "description": "Finished within ?wait"}, **error_responses(401, 422, 429)},
+)
+async def generate(
+    payload: GenerateJob, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+    principal: CurrentKey, metrics: MetricsDep, wait: WaitQuery = None,
+) -> JobCreated | JobPublic:
+    """Queue a text-to-image job. Every field is optional but `prompt`; the seed is drawn when absent."""
+    timeout = service.check_wait(settings, wait)
+    job = await service.run_sync(service.submit_job, session, settings, metrics, principal, payload)
+    return await service.created_or_finished(request, response, settings, job, timeout)

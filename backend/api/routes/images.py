@@ -1,0 +1,40 @@
+"""``GET /jobs/{id}/images/{n}``: a result image, PNG with its generation parameters, or WebP / JPEG."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse, Response
+
+from backend import service
+from backend.api.deps import CurrentKey, SessionDep, SettingsDep
+from backend.api.routes.jobs import JobId
+from backend.schemas import error_responses
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get(
+    "/{job_id}/images/{n}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+                     "description": "The image; the PNG's text chunks carry every generation parameter."},
+               **error_responses(401, 403, 404, 409, 422)},
+)
+def get_image(
+    job_id: JobId,
+    n: Annotated[int, Path(ge=0, le=1000, description="Image index, 0-based.")],
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: CurrentKey,
+    format: Annotated[Literal["png", "webp", "jpeg"], Query(description="Convert from the stored PNG.")] = "png",  # noqa: A002
+) -> Response:
+    job = service.load_job(session, principal, job_id)
+    path = service.result_path(settings, job, n)
+    media_type = service.IMAGE_FORMATS[format][1]
+    filename = f"{job.id}-{n}.{format}"
+    if format == "png":
+        return FileResponse(path, media_type=media_type, filename=filename, content_disposition_type="inline")
+    return Response(service.encode_image(path, format), media_type=media_type,
+                    headers={"Content-Disposition": f'inline; filename="{filename}"'})

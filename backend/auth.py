@@ -1,0 +1,100 @@
+"""API keys and per-key limits.
+
+Keys come as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; only their SHA-256 is stored
+(:func:`echo4o.db.crud.verify_api_key`). With ``ECHO4O_AUTH=off`` (loopback binds only) every caller is the
+``anonymous`` owner with admin rights: a local demo has one user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from backend.errors import ApiError
+from echo4o.db import crud
+from echo4o.db.models import ANONYMOUS, Job
+from echo4o.settings import Settings
+
+RATE_WINDOW_S = 60.0
+QUEUED_LIMIT_RETRY_S = 5  # a slot frees when one of the key's jobs ends; ask again soon
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's id owns the jobs it submits."""
+
+    id: str
+    name: str
+    is_admin: bool
+
+    @property
+    def owner(self) -> str:
+        return self.id
+
+
+OPEN_MODE = Principal(id=ANONYMOUS, name="anonymous (ECHO4O_AUTH=off)", is_admin=True)
+
+
+def key_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key.strip() or None
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "Authorization header must be `Bearer <API key>`", code="invalid_authorization",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return token.strip()
+    return None
+
+
+def authenticate(session: Session, settings: Settings, key: str | None) -> Principal:
+    if settings.auth == "off":
+        return OPEN_MODE
+    if not key:
+        raise ApiError(
+            401,
+            "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
+            "(an admin makes keys with `echo4o keys create`)",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    row = crud.verify_api_key(session=session, key=key)
+    if row is None:
+        raise ApiError(401, "unknown or revoked API key", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+
+
+def require_admin(principal: Principal) -> Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "this needs an admin key (`echo4o keys create --admin`)", code="admin_required")
+    return principal
+
+
+def check_owner(principal: Principal, job: Job) -> None:
+    """403 when ``job`` belongs to another key (admins see every job)."""
+    if not principal.is_admin and job.owner != principal.owner:
+        raise ApiError(403, f"job {job.id!r} belongs to another API key", code="forbidden", param="job_id")
+
+
+def check_submit_limits(session: Session, settings: Settings, principal: Principal, *, new_jobs: int = 1) -> None:
+    """429 with Retry-After when ``principal`` is past its per-minute rate or its queued-job limit."""
+    recent = crud.count_recent_jobs(session=session, owner=principal.owner, seconds=RATE_WINDOW_S)
+    if recent + new_jobs > settings.rate_limit_per_minute:
+        raise ApiError(
+            429,
+            f"rate limit: {recent} jobs in the last minute, {settings.rate_limit_per_minute} allowed "
+            "(ECHO4O_RATE_LIMIT_PER_MINUTE); retry after the time in Retry-After",
+            code="rate_limited",
+            headers={"Retry-After": str(int(RATE_WINDOW_S))},
+        )
+    active = crud.count_active_jobs(session=session, owner=principal.owner)
+    if active + new_jobs > settings.max_queued_jobs_per_key:
+        raise ApiError(
+            429,
+            f"queued-job limit: {active} jobs queued or running, {settings.max_queued_jobs_per_key} allowed "
+            "(ECHO4O_MAX_QUEUED_JOBS_PER_KEY); wait for some to finish or cancel them",
+            code="too_many_active_jobs",
+            headers={"Retry-After": str(QUEUED_LIMIT_RETRY_S)},
+        )
