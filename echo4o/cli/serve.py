@@ -1,0 +1,181 @@
+"""``echo4o serve`` (the HTTP gateway) and ``echo4o keys create|list|revoke`` (API keys)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import typer
+
+from echo4o.cli import app
+
+keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in the job database).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
+def _settings_with(**overrides: object):  # noqa: ANN202 - Settings, imported lazily
+    """Flags override the environment; children (the embedded worker) inherit them the same way."""
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[f"ECHO4O_{name.upper()}"] = str(value)
+    from echo4o.settings import get_settings
+
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Option(
+        None, "--model", help="Model folder (BAGEL layout, or one made by `echo4o make-tiny`) or Hub id."
+    ),
+    host: str | None = typer.Option(None, "--host", help="Address to bind (default ECHO4O_HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Port (default ECHO4O_PORT, 8000)."),
+) -> None:
+    """Run the HTTP gateway. With no ECHO4O_BROKER_URL it also starts one worker process next to it
+    (embedded broker on SQLite: nothing else to install); with a broker it only enqueues, and
+    `echo4o worker` processes run the jobs."""
+    settings = _settings_with(model=model, host=host, port=port)
+    from echo4o.logging import get_logger, setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    log = get_logger("echo4o.serve")
+    try:
+        settings.check_bind(settings.host)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+    from echo4o.db import crud, session_scope, upgrade_to_head
+
+    upgrade_to_head(settings.database_url)
+    if settings.auth == "keys":
+        with session_scope(settings.database_url) as s:
+            if not crud.list_api_keys(session=s):
+                log.warning("no API keys exist yet: every request will get 401. Create one with "
+                            "`echo4o keys create --admin`, or run a local demo with ECHO4O_AUTH=off")
+
+    worker = None
+    if settings.embedded_broker:
+        # the child must see the same data dir (embedded broker and SQLite live there) whatever its cwd
+        os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
+        worker = _start_embedded_worker(log)
+
+    import uvicorn
+
+    from backend.app import create_app
+
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                    access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=5)
+    finally:
+        if worker is not None:
+            _stop_worker(worker, log)
+
+
+def _start_embedded_worker(log) -> subprocess.Popen[bytes]:  # noqa: ANN001 - a logging.Logger
+    args = [sys.executable, "-m", "echo4o", "worker", "--queues", "gpu"]
+    proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+    log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
+
+    def watch() -> None:
+        code = proc.wait()
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("embedded worker exited; jobs will stay queued until a worker runs. Its log is above; "
+                      "start one with `echo4o worker --queues gpu`", extra={"pid": proc.pid, "exit_code": code})
+
+    threading.Thread(target=watch, name="embedded-worker-watch", daemon=True).start()
+    return proc
+
+
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM if the gateway dies without stopping it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop_worker(proc: subprocess.Popen[bytes], log) -> None:  # noqa: ANN001 - a logging.Logger
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # warm shutdown: a running job finishes first
+        try:
+            proc.wait(timeout=WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("embedded worker did not stop in time; killing it", extra={"pid": proc.pid})
+            proc.kill()
+            proc.wait()
+    log.info("embedded worker stopped", extra={"pid": proc.pid, "exit_code": proc.returncode})
+
+
+# --- keys ------------------------------------------------------------------------------------------------
+@keys_app.command("create")
+def keys_create(
+    admin: bool = typer.Option(False, "--admin", help="May see every key's jobs, workers and the queue."),
+    name: str = typer.Option("default", "--name", help="A label to recognise the key by (1..200 characters)."),
+) -> None:
+    """Make a key and print it on stdout (only this once: it is stored hashed)."""
+    settings = _settings_with()
+    from echo4o.db import crud, session_scope, upgrade_to_head
+
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        try:
+            row, key = crud.create_api_key(session=s, name=name, is_admin=admin)
+        except ValueError as exc:
+            typer.echo(f"error: --name: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    typer.echo(key)
+    typer.echo(f"created {'admin' if admin else 'user'} key {row.id} ({name!r}); store it now, it is not shown again",
+               err=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    include_revoked: bool = typer.Option(False, "--all", help="Include revoked keys."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array."),
+) -> None:
+    """Show keys (id, name, prefix, role, dates); never the keys themselves."""
+    settings = _settings_with()
+    from echo4o.db import crud, session_scope, upgrade_to_head
+
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        rows = crud.list_api_keys(session=s, include_revoked=include_revoked)
+        items = [
+            {"id": r.id, "name": r.name, "prefix": r.prefix, "admin": r.is_admin,
+             "created_at": r.created_at.isoformat(), "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
+            for r in rows
+        ]
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        typer.echo("no keys; create one with `echo4o keys create [--admin]`")
+        return
+    for it in items:
+        role = "admin" if it["admin"] else "user"
+        revoked = f"  revoked {it['revoked_at'][:19]}" if it["revoked_at"] else ""
+        typer.echo(f"{it['id']}  {it['prefix']}...  {role:<5}  {it['created_at'][:19]}  {it['name']}{revoked}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (or its displayed prefix).")) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    settings = _settings_with()
+    from echo4o.db import crud, session_scope, upgrade_to_head
+
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        if not crud.revoke_api_key(session=s, key_id=key_id):
+            typer.echo(f"error: no active key with id or prefix {key_id!r}; see `echo4o keys list`", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
