@@ -66,7 +66,9 @@ class _ImageJob(BaseModel):
     aspect_ratio: AspectRatio | None = Field(
         None, description="A preset size instead of height/width (see ASPECT_PRESETS)."
     )
-    num_steps: int = Field(50, ge=1, le=100, description="Denoising steps.")
+    num_steps: int = Field(
+        50, ge=2, le=100, description="Schedule points, as the reference counts them: num_steps - 1 denoising steps."
+    )
     cfg_text_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Text guidance scale.")
     cfg_img_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Image guidance scale.")
     cfg_interval: tuple[float, float] | None = Field(
@@ -146,7 +148,8 @@ class _ImageJob(BaseModel):
         return self
 
     def _common_kwargs(self) -> dict[str, Any]:
-        return {
+        """The sampling arguments; ``None`` ones are left out so the pipeline applies the mode's default."""
+        kwargs = {
             "prompt": self.prompt,
             "height": self.height,
             "width": self.width,
@@ -160,6 +163,7 @@ class _ImageJob(BaseModel):
             "seed": self.seed,
             "num_images": self.num_images,
         }
+        return {k: v for k, v in kwargs.items() if v is not None}
 
 
 class GenerateJob(_ImageJob):

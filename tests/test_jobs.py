@@ -44,7 +44,7 @@ def test_defaults_and_seed_drawn_and_recorded() -> None:
         ({"height": 32, "width": 1040}, "width"),
         ({"height": 0, "width": 32}, "height"),
         ({"height": 32}, "width"),
-        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": 1}, "num_steps"),
         ({"num_steps": 101}, "num_steps"),
         ({"cfg_text_scale": float("nan")}, "cfg_text_scale"),
         ({"cfg_img_scale": float("inf")}, "cfg_img_scale"),
@@ -99,6 +99,9 @@ def test_generate_pipeline_kwargs() -> None:
     assert kw["height"] == 64 and kw["width"] == 32 and kw["num_steps"] == 3 and kw["seed"] == 7
     assert kw["cfg_interval"] == (0.1, 0.9)
     assert "priority" not in kw and "model_version" not in kw and "aspect_ratio" not in kw
+    # unset options are left to the pipeline's per-mode defaults
+    assert "cfg_text_scale" not in kw and "cfg_img_scale" not in kw and "cfg_renorm_type" not in kw
+    assert "height" not in GenerateJob(prompt="p").to_pipeline_kwargs()
 
 
 def test_multiref_references(data_dir, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,7 +89,7 @@ class WorkerRuntime:
     def warm_up(self) -> None:
         """One small generation so that the first job does not pay for kernel selection and allocation."""
         t0 = time.perf_counter()
-        self.pipeline("warm-up", height=WARMUP_SIZE, width=WARMUP_SIZE, num_steps=1, seed=0)
+        self.pipeline("warm-up", height=WARMUP_SIZE, width=WARMUP_SIZE, num_steps=2, seed=0)
         log.info("warm-up done", extra={"warmup_s": round(time.perf_counter() - t0, 3)})
 
     def set_status(self, status: str) -> None:

@@ -8,9 +8,6 @@ Torch-free at import time (the engine is imported by :mod:`worker.runtime` when 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +120,10 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
     db = settings.database_url
     deadline = time.monotonic() + settings.job_timeout_s
 
+    last = {"step": 0, "total": None}
+
     def on_step(step: int, total: int, preview: Any = None) -> None:
+        last.update(step=step, total=total)
         png = None
         if preview is not None:
             from worker.runtime import preview_png
@@ -139,7 +139,7 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
     try:
         kwargs = payload.to_pipeline_kwargs(settings.data_dir) if kind == "multiref" else payload.to_pipeline_kwargs()
         with session_scope(db) as s:
-            crud.update_progress(session=s, job_id=job_id, step=0, total=payload.num_steps, stage="sampling")
+            crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling")
         t0 = time.perf_counter()
         out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
         sampling_s = time.perf_counter() - t0
@@ -159,8 +159,7 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
 
     try:
         with session_scope(db) as s:
-            crud.update_progress(session=s, job_id=job_id, step=payload.num_steps, total=payload.num_steps,
-                                 stage="encoding")
+            crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding")
         t1 = time.perf_counter()
         params = dict(out.params)
         params.setdefault("model_version", runtime.model_version)
@@ -209,35 +208,10 @@ def write_images(job_id: str, images: list[Any], params: dict[str, Any], data_di
     """Write ``<data_dir>/results/<job_id>/<n>.png`` atomically (temp file + rename) with the generation
     parameters in the PNG text chunks; returns the paths relative to ``data_dir``. A rerun of the same job
     overwrites the same files, so a redelivered job is harmless."""
-    out_dir = data_dir / "results" / job_id
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from echo4o.pnginfo import write_png
+
     rel: list[str] = []
     for n, image in enumerate(images):
-        info = _pnginfo({**params, "image_index": n})
-        target = out_dir / f"{n}.png"
-        fd, tmp = tempfile.mkstemp(prefix=f".{n}.", suffix=".png.tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                image.save(fh, format="PNG", pnginfo=info)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_png(image, data_dir / "results" / job_id / f"{n}.png", {**params, "image_index": n})
         rel.append(f"results/{job_id}/{n}.png")
     return rel
-
-
-def _pnginfo(params: dict[str, Any]) -> Any:
-    try:
-        from echo4o.pnginfo import params_to_pnginfo
-    except ImportError:  # until echo4o.pnginfo lands: the same layout, written here
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        info.add_text("echo4o.params", json.dumps(params, default=str, sort_keys=True))
-        for key, value in params.items():
-            info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
-        return info
-    return params_to_pnginfo(params)
