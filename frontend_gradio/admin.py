@@ -43,38 +43,46 @@ def _note(err: ApiError) -> str:
     return f"⚠️ {err.readable()}"
 
 
+def _empty(columns: list[str]) -> list[list[str]]:
+    return [["" for _ in columns]]
+
+
 def _build_overview(ctx: AdminContext) -> SectionHandle:
     note = gr.Markdown("", elem_id="admin-note")
-    with gr.Row():
-        with gr.Column(scale=3):
-            workers = gr.Dataframe(headers=views.WORKER_COLUMNS, label="Workers", interactive=False,
-                                   elem_id="admin-workers", wrap=True)
-        with gr.Column(scale=2):
-            queue = gr.JSON(label="Queue", elem_id="admin-queue")
-    models = gr.JSON(label="Served models", elem_id="admin-models")
+    workers = gr.Dataframe(headers=views.WORKER_COLUMNS, label="Workers", interactive=False,
+                           elem_id="admin-workers", wrap=True)
+    queue = gr.Dataframe(headers=views.ADMIN_JOB_COLUMNS, label="Queue (running, then next to run first)",
+                         interactive=False, elem_id="admin-queue", wrap=True)
+    models = gr.Dataframe(headers=views.MODEL_COLUMNS, label="Served models", interactive=False,
+                          elem_id="admin-models")
 
     def refresh(key: str | None) -> list[Any]:
-        problems = []
-        rows: list[list[Any]] = []
-        queue_body: Any = None
-        models_body: Any = None
+        lines: list[str] = []
+        workers_rows: list[list[Any]] = []
+        queue_rows: list[list[Any]] = []
+        model_rows: list[list[Any]] = []
         try:
-            rows = [views.worker_row(w) for w in views.listing(ctx.client.admin_workers(key=key))]
+            workers_rows = [views.worker_row(w) for w in views.listing(ctx.client.admin_workers(key=key))]
+            ready = sum(r[1] in ("ready", "busy") for r in workers_rows)
+            lines.append(f"**Workers:** {len(workers_rows)} registered, {ready} ready or busy"
+                         + ("" if workers_rows else " (start one: `echo4o worker`)"))
         except ApiError as err:
-            problems.append(_note(err))
+            lines.append(_note(err))
         try:
-            queue_body = ctx.client.admin_queue(key=key)
+            body = ctx.client.admin_queue(key=key)
+            jobs = views.listing(body)
+            jobs.sort(key=lambda j: (j.get("status") != "running", j.get("queue_position") or 0))
+            queue_rows = [views.admin_job_row(j) for j in jobs]
+            if isinstance(body, dict):
+                lines.append(f"**Queue:** {body.get('running', '?')} running, {body.get('queued', '?')} queued")
         except ApiError as err:
-            problems.append(_note(err))
+            lines.append(_note(err))
         try:
-            models_body = ctx.client.models(key=key)
+            model_rows = [views.model_row(m) for m in views.listing(ctx.client.models(key=key))]
         except ApiError as err:
-            problems.append(_note(err))
-        summary = f"{len(rows)} worker(s): " + (
-            ", ".join(f"{r[0]} {r[1]}" for r in rows) if rows else "none registered (start one: `echo4o worker`)"
-        )
-        return ["\n\n".join([summary, *problems]), rows or [["" for _ in views.WORKER_COLUMNS]], queue_body,
-                models_body]
+            lines.append(_note(err))
+        return ["  \n".join(lines), workers_rows or _empty(views.WORKER_COLUMNS),
+                queue_rows or _empty(views.ADMIN_JOB_COLUMNS), model_rows or _empty(views.MODEL_COLUMNS)]
 
     return SectionHandle([note, workers, queue, models], refresh)
 
@@ -91,9 +99,9 @@ def _build_all_jobs(ctx: AdminContext) -> SectionHandle:
                                         limit=100)
         except ApiError as err:
             gr.Warning(err.readable())
-            return [[["" for _ in views.ADMIN_JOB_COLUMNS]]]
+            return [_empty(views.ADMIN_JOB_COLUMNS)]
         rows = [views.admin_job_row(j) for j in views.listing(body)]
-        return [rows or [["" for _ in views.ADMIN_JOB_COLUMNS]]]
+        return [rows or _empty(views.ADMIN_JOB_COLUMNS)]
 
     status.change(fetch, [ctx.key_state, status], [table])
     return SectionHandle([table], lambda key: fetch(key))

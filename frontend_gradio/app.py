@@ -22,6 +22,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from echo4o.jobs import ASPECT_PRESETS
 from echo4o.logging import get_logger
 from frontend_gradio import views
 from frontend_gradio.admin import AdminContext, build_admin_tab
@@ -30,7 +31,7 @@ from frontend_gradio.examples import MULTIREF_INSTRUCTIONS, TEXT_EXAMPLES, write
 
 log = get_logger(__name__)
 
-ASPECTS = ["1:1", "4:3", "3:4", "16:9", "9:16"]
+ASPECTS = list(ASPECT_PRESETS)
 CUSTOM = "custom"
 FOLLOW_REF = "follow reference"
 RENORM_TYPES = ["global", "channel", "text_channel"]
@@ -107,7 +108,8 @@ class Controls:
 def build_controls(mode: str, prefix: str) -> Controls:
     d = {**COMMON_DEFAULTS, **DEFAULTS[mode]}
     c = Controls()
-    aspects = ([FOLLOW_REF] if mode == "multiref" else []) + ASPECTS + [CUSTOM]
+    aspects = ([FOLLOW_REF] if mode == "multiref" else []) + [
+        (f"{a}  ({h}×{w})", a) for a, (h, w) in ASPECT_PRESETS.items()] + [CUSTOM]
     c.add("aspect", gr.Radio(aspects, value=d["aspect"], label="Aspect ratio", elem_id=f"{prefix}-aspect"))
     with gr.Row(visible=False) as size_row:
         c.add("height", gr.Slider(16, 1024, value=1024, step=16, label="Height", elem_id=f"{prefix}-height"))
@@ -277,7 +279,7 @@ class DemoApp:
             for event in self.client.events(job, key=key):
                 if event.name == "queued":
                     pos = event.data.get("position")
-                    text = "Queued" if pos is None else f"Queued: {pos} job(s) ahead"
+                    text = "Queued" if pos is None else f"Queued: position {pos}"
                     yield views.status_html("queued", text, job_id=job_id), skip, skip, skip, skip, skip, skip
                 elif event.name == "progress":
                     step, total = event.data.get("step") or 0, event.data.get("total") or 0
@@ -398,10 +400,10 @@ class DemoApp:
                 gr.Markdown("# Echo-4o\nText-to-image and multi-reference generation with Echo-4o (BAGEL-7B-MoT).")
             conn = gr.HTML("Connecting…", elem_classes="e4o-conn", elem_id="connection")
             with gr.Accordion("Connection", open=False, elem_id="connection-box"):
-                with gr.Row(equal_height=True):
+                with gr.Row():
                     key_box = gr.Textbox(label="API key", type="password", scale=4, elem_id="api-key",
                                          placeholder="Leave empty to use the key the UI was started with")
-                    key_btn = gr.Button("Use this key", scale=1, elem_id="api-key-apply")
+                    key_btn = gr.Button("Use this key", scale=1, elem_id="api-key-apply", size="md")
 
             with gr.Tabs(elem_id="tabs") as tabs:
                 with gr.Tab("Text to image", id="t2i", elem_id="tab-t2i"):
@@ -460,7 +462,7 @@ class DemoApp:
         gallery = gr.Gallery(label="Result", columns=2, height=520, object_fit="contain", format="png",
                              elem_id=f"{prefix}-gallery", buttons=["download", "fullscreen"])
         files = gr.File(label="Download PNG (generation parameters in its metadata)", file_count="multiple",
-                        interactive=False, elem_id=f"{prefix}-files")
+                        interactive=False, elem_id=f"{prefix}-files", height=120)
         with gr.Accordion("Parameters used", open=False):
             params = gr.JSON(label="Parameters", elem_id=f"{prefix}-params")
         return {"status": status, "preview": preview, "gallery": gallery, "files": files, "params": params}
@@ -524,12 +526,14 @@ class DemoApp:
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="mr-cancel")
                 refs_str = [str(p) for p in self.example_refs]
                 gr.Examples([[refs_str, MULTIREF_INSTRUCTIONS[0]], [refs_str[::-1], MULTIREF_INSTRUCTIONS[1]]],
-                            inputs=[refs, prompt], label="Examples (references drawn by the UI)")
+                            inputs=[refs, prompt], label="Examples (references drawn by the UI)",
+                            example_labels=["Red ball + blue cube: the ball on the cube, on a beach",
+                                            "Blue cube + red ball: side by side in a living room"])
                 controls = build_controls("multiref", "mr")
             with gr.Column(scale=3, min_width=360):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=160):
-                        ref_gallery = gr.Gallery(label="References, in order", columns=1, height=520,
+                        ref_gallery = gr.Gallery(label="References", columns=1, height=520,
                                                  object_fit="contain", elem_id="mr-ref-gallery",
                                                  interactive=False)
                     with gr.Column(scale=3):
@@ -552,10 +556,10 @@ class DemoApp:
     def _build_history_tab(self, key_state) -> dict[str, Any]:
         jobs = gr.State([])
         selected = gr.State(None)
-        with gr.Row(equal_height=True):
+        with gr.Row():
             status = gr.Dropdown(["any", "queued", "running", "succeeded", "failed", "cancelled"], value="any",
                                  label="Status", scale=0, min_width=180)
-            refresh = gr.Button("Refresh", scale=0, min_width=120, elem_id="history-refresh")
+            refresh = gr.Button("Refresh", scale=0, min_width=120, elem_id="history-refresh", size="md")
             gr.Markdown("Your jobs, newest first. Click a row to see it.", elem_classes="e4o-hint")
         table = gr.Dataframe(headers=views.JOB_COLUMNS, interactive=False, elem_id="history-table", wrap=True)
         with gr.Row():
@@ -565,7 +569,7 @@ class DemoApp:
             with gr.Column(scale=2):
                 reuse = gr.Button("Reuse parameters", variant="primary", elem_id="history-reuse")
                 files = gr.File(label="Download PNG (with metadata)", file_count="multiple", interactive=False,
-                                elem_id="history-files")
+                                elem_id="history-files", height=120)
                 info = gr.JSON(label="Job", elem_id="history-job")
         for trigger in (refresh.click, status.change):
             trigger(self.history, [key_state, status], [table, jobs])

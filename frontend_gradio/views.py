@@ -59,11 +59,11 @@ def when(ts: Any) -> str:
 def size_of(params: dict[str, Any]) -> str:
     if params.get("height") and params.get("width"):
         return f"{params['height']}x{params['width']}"
-    return str(params.get("aspect_ratio") or "")
+    return str(params.get("aspect_ratio") or ("ref" if params.get("references") else ""))
 
 
 JOB_COLUMNS = ["created", "id", "kind", "status", "prompt", "size", "steps", "seed", "images"]
-ADMIN_JOB_COLUMNS = ["created", "id", "owner", "kind", "status", "progress", "prompt", "worker"]
+ADMIN_JOB_COLUMNS = ["created", "id", "kind", "status", "queue", "progress", "prompt", "worker"]
 
 
 def job_seed(job: dict[str, Any]) -> Any:
@@ -99,13 +99,20 @@ def admin_job_row(job: dict[str, Any]) -> list[Any]:
     return [
         when(job.get("created_at")),
         str(job.get("id", ""))[:12],
-        job.get("owner", ""),
         job.get("kind", ""),
         job.get("status", ""),
+        job.get("queue_position") or "",
         progress_text(job),
         short(params.get("prompt"), 50),
         job.get("worker") or "",
     ]
+
+
+MODEL_COLUMNS = ["id", "source", "workers ready"]
+
+
+def model_row(m: dict[str, Any]) -> list[Any]:
+    return [m.get("id", ""), m.get("source", ""), m.get("workers_ready", "")]
 
 
 WORKER_COLUMNS = ["id", "status", "queues", "model", "device", "attention", "heartbeat"]
