@@ -1,0 +1,475 @@
+"""``Echo4oPipeline``: text-to-image and multi-reference generation with BAGEL / Echo-4o.
+
+``__call__`` reads as the algorithm: check inputs, build the three contexts (full, text-dropped,
+image-dropped) into KV caches once, prepare the initial latent from one CPU generator, compute the timesteps,
+denoise (guidance, callback, cancel), decode, return a :class:`Echo4oPipelineOutput`. Random draws happen in
+the reference's order, so the same seed gives the same image on any device: each reference image's VAE
+posterior sample, then the initial noise of each output image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from echo4o.logging import get_logger
+from worker.engine import sampler
+from worker.engine.attention import resolve_backend
+from worker.engine.config import BagelConfig
+from worker.engine.image_processing import PreparedReference, prepare_reference
+from worker.engine.loading import (
+    CheckpointError,
+    auto_device_map,
+    load_bagel,
+    load_vae,
+    read_config,
+    resolve_checkpoint,
+)
+from worker.engine.models.bagel import Bagel, DenoiseLayout, SpecialTokens
+from worker.engine.models.qwen2_mot import KVCache
+from worker.engine.models.vae import FluxVAE
+
+log = get_logger(__name__)
+
+DEFAULT_MODEL = "Yejy53/Echo-4o"
+TEXT_TO_IMAGE = "text-to-image"
+MULTI_REFERENCE = "multi-reference"
+# Guidance defaults per mode: (cfg_img_scale, cfg_interval, cfg_renorm_type); cfg_text_scale is 4.0 in both.
+MODE_DEFAULTS: dict[str, tuple[float, tuple[float, float], str]] = {
+    TEXT_TO_IMAGE: (1.0, (0.4, 1.0), "global"),
+    MULTI_REFERENCE: (2.0, (0.0, 1.0), "text_channel"),
+}
+DEFAULT_SIZE = (1024, 1024)
+MAX_NUM_IMAGES = 16
+PREVIEW_SIZE = 256
+# Placement across devices is used when the weights need more than this share of the card's free memory.
+_FIT_FRACTION = 0.85
+
+Callback = Callable[[int, int, "Image.Image | None"], Any]
+
+
+@dataclass
+class Echo4oPipelineOutput:
+    """What one call produced.
+
+    ``images``: PIL images, or with ``output_type="latent"`` the final packed latent tokens, each a float32
+    CPU tensor ``(h * w, p * p * C)`` (token ``i * w + j`` is grid cell ``(i, j)``, features in ``(p, q, c)``
+    order). ``params``: every parameter actually used, defaults resolved. ``timings``: seconds per stage.
+    """
+
+    images: list
+    params: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Contexts:
+    """The KV caches the latent query attends to: full, text-dropped and image-dropped."""
+
+    full: KVCache
+    text_dropped: KVCache
+    image_dropped: KVCache
+    layouts: dict[tuple[int, ...], DenoiseLayout] = field(default_factory=dict)
+
+    def release(self) -> None:
+        self.layouts.clear()
+        for cache in (self.full, self.text_dropped, self.image_dropped):
+            cache.keys = [None] * len(cache.keys)
+            cache.values = [None] * len(cache.values)
+
+
+class Echo4oPipeline:
+    def __init__(self, model: Bagel, vae: FluxVAE, tokenizer: Any, special: SpecialTokens, *,
+                 attention_backend: str, source: str = "", device: torch.device | None = None):
+        self.model = model
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.special = special
+        self.attention_backend = attention_backend
+        self.source = source
+        self.device = device or model.device
+        self.dtype = model.dtype
+
+    @property
+    def config(self) -> BagelConfig:
+        return self.model.config
+
+    # ================================================================================ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        attention: str = "auto",
+        device_map: str | dict | None = "auto",
+        token: str | None = None,
+        cache_dir: str | None = None,
+    ) -> Echo4oPipeline:
+        """Load a checkpoint in the released layout from a local folder or a Hugging Face Hub id.
+
+        ``device``: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype``:
+        ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. ``attention``:
+        ``auto``, ``sdpa``, ``xformers`` or ``flash_attn``. ``device_map``: ``auto`` spreads the model over
+        the visible GPUs (then the CPU) with accelerate only when it does not fit the chosen card; ``None``
+        never does; a dict is an accelerate device map.
+        """
+        t0 = time.perf_counter()
+        path = resolve_checkpoint(path_or_hub_id, token=token, cache_dir=cache_dir)
+        config = read_config(path)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        backend = resolve_backend(attention, device, dtype)
+        if device_map == "auto":
+            device_map = _placement(config, device, dtype)
+        elif device_map is not None and not isinstance(device_map, dict):
+            raise ValueError(f"device_map must be 'auto', None or a dict; got {device_map!r}")
+        model = load_bagel(path, config, device, dtype, device_map=device_map)
+        vae = load_vae(path, config, device, dtype)
+        tokenizer, special = _load_tokenizer(path, config)
+        pipe = cls(model, vae, tokenizer, special, attention_backend=backend, source=str(path_or_hub_id),
+                   device=device)
+        log.info("model loaded", extra={"model": str(path_or_hub_id), "path": str(path), "device": str(device),
+                                        "dtype": str(dtype).removeprefix("torch."), "attention": backend,
+                                        "placement": "accelerate" if device_map else "single-device",
+                                        "load_s": round(time.perf_counter() - t0, 2)})
+        return pipe
+
+    # ================================================================================ generation
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str,
+        images: Sequence[Image.Image] | Image.Image | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_steps: int = 50,
+        cfg_text_scale: float = 4.0,
+        cfg_img_scale: float | None = None,
+        cfg_interval: Sequence[float] | None = None,
+        timestep_shift: float = 3.0,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float = 0.0,
+        seed: int = 0,
+        num_images: int = 1,
+        output_type: str = "pil",
+        callback: Callback | None = None,
+        preview_every: int = 0,
+    ) -> Echo4oPipelineOutput:
+        """Generate ``num_images`` images for ``prompt``, conditioned on ``images`` (references) if given.
+
+        ``num_steps`` is the number of schedule points (the reference's ``num_timesteps``): the sampler takes
+        ``num_steps - 1`` Euler steps and ``callback(step, num_steps - 1, preview)`` runs after each one
+        (``step`` from 1). An exception raised in the callback stops sampling and propagates.
+        """
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # 1. check inputs, resolve the mode's defaults
+        references = _as_image_list(images)
+        params = self.check_inputs(prompt, references, height, width, num_steps, cfg_text_scale, cfg_img_scale,
+                                   cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images,
+                                   output_type, callback, preview_every)
+        prepared = [prepare_reference(img) for img in references]
+        if params["height"] is None:
+            params["height"], params["width"] = prepared[-1].size_hw if prepared else DEFAULT_SIZE
+            self._check_size(params["height"], params["width"], from_reference=bool(prepared))
+        generator = torch.Generator(device="cpu").manual_seed(params["seed"])
+
+        # 2. encode the contexts into KV caches (draws each reference's VAE posterior sample)
+        contexts = self.encode_contexts(prompt, prepared, generator)
+        timings["prefill_s"] = time.perf_counter() - t0
+        try:
+            grid = (params["height"] // self.config.latent_downsample, params["width"] // self.config.latent_downsample)
+            # 3. initial latents: one noise draw per image, after the references' draws
+            latents = [self.prepare_latents(grid, generator) for _ in range(num_images)]
+            # 4. timesteps
+            schedule = sampler.timesteps(params["num_steps"], params["timestep_shift"])
+            # 5. denoise
+            t1 = time.perf_counter()
+            outputs = []
+            for index, x in enumerate(latents):
+                x = self.denoise(x, grid, contexts, schedule, params, callback, preview_every, index, num_images)
+                outputs.append(x)
+            timings["denoise_s"] = time.perf_counter() - t1
+        finally:
+            contexts.release()
+        # 6. decode
+        t2 = time.perf_counter()
+        if output_type == "latent":
+            results = [x.float().cpu() for x in outputs]
+        else:
+            results = [self.decode_latents(x, grid) for x in outputs]
+        timings["decode_s"] = time.perf_counter() - t2
+        steps = (params["num_steps"] - 1) * num_images
+        timings["step_s"] = timings["denoise_s"] / steps if steps else 0.0
+        timings["total_s"] = time.perf_counter() - t0
+        return Echo4oPipelineOutput(images=results, params=params, timings={k: round(v, 4) for k, v in
+                                                                             timings.items()})
+
+    # -------------------------------------------------------------------------------- 1. inputs
+    def check_inputs(self, prompt, references, height, width, num_steps, cfg_text_scale, cfg_img_scale,
+                     cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images, output_type,
+                     callback, preview_every) -> dict[str, Any]:
+        """Validate every argument (``ValueError`` naming it) and return the parameters with defaults resolved."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string; got {prompt!r:.80}")
+        mode = MULTI_REFERENCE if references else TEXT_TO_IMAGE
+        default_img, default_interval, default_renorm = MODE_DEFAULTS[mode]
+        if (height is None) != (width is None):
+            raise ValueError("height and width must be given together (or neither, for the mode's default size)")
+        if height is not None:
+            self._check_size(height, width)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= 1000:
+            raise ValueError(f"num_steps must be an integer in 2..1000 (schedule points; num_steps - 1 denoising "
+                             f"steps); got {num_steps!r}")
+        cfg_text_scale = _finite("cfg_text_scale", cfg_text_scale, low=0.0)
+        cfg_img_scale = _finite("cfg_img_scale", default_img if cfg_img_scale is None else cfg_img_scale, low=0.0)
+        interval = default_interval if cfg_interval is None else cfg_interval
+        try:
+            lo, hi = (float(v) for v in interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"cfg_interval must be two numbers (low, high); got {interval!r}") from None
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1; got {interval!r}")
+        timestep_shift = _finite("timestep_shift", timestep_shift)
+        if timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0; got {timestep_shift}")
+        renorm_type = default_renorm if cfg_renorm_type is None else cfg_renorm_type
+        if renorm_type not in sampler.RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {', '.join(sampler.RENORM_TYPES)}; got {renorm_type!r}")
+        cfg_renorm_min = _finite("cfg_renorm_min", cfg_renorm_min, low=0.0)
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an integer in 0..2**63-1; got {seed!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_NUM_IMAGES:
+            raise ValueError(f"num_images must be an integer in 1..{MAX_NUM_IMAGES}; got {num_images!r}")
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent'; got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError("callback must be callable as callback(step, total, preview)")
+        if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
+            raise ValueError(f"preview_every must be an integer >= 0; got {preview_every!r}")
+        return {
+            "mode": mode, "prompt": prompt, "num_references": len(references), "height": height, "width": width,
+            "num_steps": num_steps, "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale,
+            "cfg_interval": [lo, hi], "timestep_shift": timestep_shift, "cfg_renorm_type": renorm_type,
+            "cfg_renorm_min": cfg_renorm_min, "seed": int(seed), "num_images": num_images,
+            "output_type": output_type, "attention": self.attention_backend,
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device), "model": self.source,
+        }
+
+    def _check_size(self, height: Any, width: Any, from_reference: bool = False) -> None:
+        step, largest = self.config.latent_downsample, self.config.max_image_size
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or not (
+                    step <= value <= largest and value % step == 0):
+                where = " (from the last reference image)" if from_reference else ""
+                raise ValueError(f"{name} must be a multiple of {step} in {step}..{largest}; got {value!r}{where}")
+
+    # -------------------------------------------------------------------------------- 2. contexts
+    def encode_contexts(self, prompt: str, references: list[PreparedReference],
+                        generator: torch.Generator) -> _Contexts:
+        """Prefill the KV caches: each reference as VAE tokens then ViT tokens, then the instruction (full);
+        the references alone (text-dropped); the instruction alone (image-dropped)."""
+        model, special, backend = self.model, self.special, self.attention_backend
+        ids = self.encode_prompt(prompt)
+        full = model.new_cache()
+        for ref in references:
+            image = ref.vae[None].to(self.device, self.vae_dtype)
+            latent = self.vae.encode(image, generator)[0]
+            model.prefill_vae_image(full, latent, special, backend)
+            model.prefill_vit_image(full, ref.vit, special, backend)
+        text_dropped = full.snapshot()
+        model.prefill_text(full, ids, special, backend)
+        if references:
+            image_dropped = model.new_cache()
+            model.prefill_text(image_dropped, ids, special, backend)
+        else:
+            image_dropped = full  # without images, dropping them changes nothing
+        return _Contexts(full=full, text_dropped=text_dropped, image_dropped=image_dropped)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        encoded = self.tokenizer.encode(prompt)
+        ids = list(getattr(encoded, "ids", encoded))
+        vocab = self.config.llm.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"prompt encodes to token ids outside the model's vocabulary ({vocab}); the tokenizer "
+                             f"files do not belong to this model")
+        return ids
+
+    # -------------------------------------------------------------------------------- 3. latents
+    def prepare_latents(self, grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+        """Initial noise ``(h * w, p * p * C)``, float32, drawn on the CPU (same numbers on any device)."""
+        h, w = grid
+        noise = torch.randn(h * w, self.config.patch_latent_dim, generator=generator, dtype=torch.float32)
+        return noise.to(self.device)
+
+    # -------------------------------------------------------------------------------- 5. denoise
+    def denoise(self, x: torch.Tensor, grid: tuple[int, int], contexts: _Contexts, schedule: torch.Tensor,
+                params: dict[str, Any], callback: Callback | None, preview_every: int, index: int,
+                num_images: int) -> torch.Tensor:
+        """Euler steps over the schedule with three-branch guidance inside the cfg interval."""
+        model = self.model
+        times, dts = sampler.step_sizes(schedule)
+        total = len(times)
+        position_ids = model.latent_position_ids(grid)
+        frame = (model.embed_ids([self.special.start_of_image]), model.embed_ids([self.special.end_of_image]))
+        caches = (contexts.full, contexts.text_dropped, contexts.image_dropped)
+        for i in range(total):
+            t, dt = times[i], dts[i]
+            if sampler.in_cfg_interval(t, params["cfg_interval"]):
+                text_scale, img_scale = params["cfg_text_scale"], params["cfg_img_scale"]
+            else:
+                text_scale, img_scale = 1.0, 1.0
+            use_text, use_img = sampler.needed_branches(text_scale, img_scale)
+            branches = (0, *((1,) if use_text else ()), *((2,) if use_img else ()))
+            layout = contexts.layouts.get(branches)
+            if layout is None:
+                layout = model.denoise_layout([caches[b] for b in branches], grid[0] * grid[1],
+                                              self.attention_backend)
+                contexts.layouts[branches] = layout
+            v_all = model.velocity(x, t, layout, frame, position_ids).float()
+            v = sampler.cfg_combine(
+                v_all[0],
+                v_all[branches.index(1)] if use_text else None,
+                v_all[branches.index(2)] if use_img else None,
+                text_scale=text_scale, img_scale=img_scale,
+                renorm_type=params["cfg_renorm_type"], renorm_min=params["cfg_renorm_min"],
+            )
+            x = x - v * dt.to(x.device)
+            if callback is not None:
+                preview = None
+                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+                    preview = self.preview(x, grid)
+                step = index * total + i + 1 if num_images > 1 else i + 1
+                callback(step, total * num_images, preview)
+        return x
+
+    # -------------------------------------------------------------------------------- 6. decode
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def decode_latents(self, tokens: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
+        latent = self.model.unpack_latent(tokens, grid).to(self.device, self.vae_dtype)
+        image = self.vae.decode(latent)
+        pixels = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
+        return Image.fromarray(pixels.cpu().numpy())
+
+    def preview(self, tokens: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
+        """A small decoded image of the current latent."""
+        image = self.decode_latents(tokens, grid)
+        image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+        return image
+
+
+# ================================================================================== helpers
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here: use device='cpu' "
+                             f"(or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+    return _DTYPES[name]
+
+
+def _placement(config: BagelConfig, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """An accelerate device map when the weights do not fit the chosen CUDA card, else ``None``."""
+    if device.type != "cuda":
+        return None
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in Bagel(config).parameters())
+    need = numel * torch.tensor([], dtype=dtype).element_size()
+    free, _total = torch.cuda.mem_get_info(device)
+    if need <= _FIT_FRACTION * free:
+        return None
+    log.info("model does not fit one card: placing it with accelerate",
+             extra={"need_gb": round(need / 2**30, 1), "free_gb": round(free / 2**30, 1)})
+    return auto_device_map(config, dtype)
+
+
+def _load_tokenizer(path, config: BagelConfig):
+    from worker.engine.tokenizer import load_tokenizer
+
+    tokenizer, ids = load_tokenizer(path)
+    special = SpecialTokens(
+        bos=int(_pick(ids, "bos_token_id", "bos", "<|im_start|>")),
+        eos=int(_pick(ids, "eos_token_id", "eos", "<|im_end|>")),
+        start_of_image=int(_pick(ids, "start_of_image", "vision_start", "<|vision_start|>")),
+        end_of_image=int(_pick(ids, "end_of_image", "vision_end", "<|vision_end|>")),
+    )
+    vocab = config.llm.vocab_size
+    for name, value in vars(special).items():
+        if not 0 <= value < vocab:
+            raise CheckpointError(f"tokenizer of {path}: special token {name} has id {value}, outside the model's "
+                                  f"vocabulary of {vocab}; the tokenizer files do not belong to this model")
+    return tokenizer, special
+
+
+def _pick(ids: dict, *names: str) -> int:
+    for name in names:
+        if name in ids:
+            return ids[name]
+    raise CheckpointError(f"tokenizer special ids lack {names[0]} (got {sorted(ids)})")
+
+
+def _as_image_list(images) -> list[Image.Image]:
+    if images is None:
+        return []
+    if isinstance(images, Image.Image):
+        images = [images]
+    images = list(images)
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"images.{i} must be a PIL image; got {type(img).__name__}")
+    return images
+
+
+def _finite(name: str, value: Any, low: float | None = None) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number; got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if low is not None and number < low:
+        raise ValueError(f"{name} must be >= {low}; got {value!r}")
+    return number
