@@ -21,6 +21,7 @@ app = typer.Typer(
 # Modules that register commands on `app`, in the order they appear in --help.
 COMMAND_MODULES = (
     "echo4o.cli.core",
+    "echo4o.cli.engine",
     "echo4o.cli.worker",
     "echo4o.cli.ui",
 )
