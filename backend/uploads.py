@@ -83,7 +83,8 @@ def check_image(data: bytes, *, param: str, max_bytes: int, max_pixels: int) -> 
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:
-        raise _too_large(param, f"refused as a decompression bomb ({exc})") from None
+        raise _too_large(param, f"refused before decoding: {exc} The limit here is {max_pixels} pixels "
+                                "(ECHO4O_MAX_IMAGE_PIXELS); downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(
             422, f"{param}: the {fmt} file is truncated or corrupt ({exc}); send the complete file",

@@ -1,0 +1,229 @@
+"""A live stack for tests: the gateway (``echo4o serve`` as a uvicorn subprocess on a free port), worker
+subprocess(es) and a model folder (the tiny one), with an admin key and two user keys made beforehand.
+
+    from tests.support.stack import live_stack
+
+    @pytest.fixture(scope="module")
+    def stack(tiny_model, tmp_path_factory):
+        with live_stack(model=tiny_model, data_dir=tmp_path_factory.mktemp("stack"),
+                        broker_url="redis://127.0.0.1:6379/3") as s:
+            yield s
+
+    def test_something(stack):
+        with stack.client() as c:                 # httpx.Client on stack.url with the user key
+            job = c.post("/generate", json={...}).json()
+        stack.wait_job(job["id"])                  # polls GET /jobs/{id} until it ends; returns the Job JSON
+
+* ``broker_url=None`` (default): embedded mode, no Redis: ``echo4o serve`` starts its own worker child, the
+  way a user's first ``echo4o serve`` does. ``broker_url="redis://..."``: the gateway only enqueues and
+  ``workers`` ``echo4o worker`` subprocesses (tests/support/worker_proc.py) run the jobs.
+* ``database_url=None``: SQLite in ``data_dir``; pass the ``postgres_url`` fixture for PostgreSQL.
+* Keys: ``stack.admin_key``, ``stack.user_key``, ``stack.other_key`` (a second user, for 403 tests);
+  ``stack.client(key)`` takes one of them, another string, or ``None`` (no auth header).
+* ``env`` adds ECHO4O_* settings for every process (limits, ``ECHO4O_AUTH=off``, ...).
+* Start waits until ``GET /readyz`` answers 200 (broker, database and a ready worker); a process that dies
+  first fails the start with its log tail. ``stack.logs()`` gives every process's log for failure messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.worker_proc import REPO_ROOT, WorkerProcess
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without stray ECHO4O_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO4O_") or k.startswith("ECHO4O_TEST_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    pythonpath = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Stack:
+    url: str
+    data_dir: Path
+    database_url: str
+    broker_url: str | None
+    model: Path
+    env: dict[str, str]
+    admin_key: str = ""
+    user_key: str = ""
+    other_key: str = ""
+    gateway: subprocess.Popen[bytes] | None = None
+    gateway_log: Path | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    # --- clients ---------------------------------------------------------------------------------------
+    def headers(self, key: str | None = "user") -> dict[str, str]:
+        key = {"user": self.user_key, "admin": self.admin_key, "other": self.other_key}.get(key or "", key)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def client(self, key: str | None = "user", timeout: float = 120.0) -> httpx.Client:
+        """An httpx client on the gateway: ``key`` is "user", "admin", "other", a key string or None."""
+        return httpx.Client(base_url=self.url, headers=self.headers(key), timeout=timeout)
+
+    def wait_job(self, job_id: str, *, key: str | None = "user", timeout_s: float = 180.0,
+                 statuses: tuple[str, ...] = TERMINAL) -> dict[str, Any]:
+        """Poll ``GET /jobs/{id}`` until its status is one of ``statuses``; the Job JSON."""
+        deadline = time.monotonic() + timeout_s
+        with self.client(key) as c:
+            while True:
+                r = c.get(f"/jobs/{job_id}")
+                if r.status_code != 200:
+                    raise StackError(f"GET /jobs/{job_id} answered {r.status_code}: {r.text}")
+                job = r.json()
+                if job["status"] in statuses:
+                    return job
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise StackError(f"job {job_id} still {job['status']} after {timeout_s} s\n{self.logs()}")
+                time.sleep(0.05)
+
+    # --- processes -------------------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        if self.gateway is not None and self.gateway.poll() is not None:
+            raise StackError(f"the gateway exited with code {self.gateway.returncode}\n{self.logs()}")
+        for w in self.workers:
+            if not w.alive():
+                raise StackError(f"worker {w.pid} exited\n{self.logs()}")
+
+    def logs(self, lines: int = 80) -> str:
+        parts = []
+        if self.gateway_log is not None and self.gateway_log.exists():
+            text = self.gateway_log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append("--- gateway (and embedded worker) log ---\n" + "\n".join(text))
+        for w in self.workers:
+            parts.append(f"--- worker {w.pid} log ---\n{w.tail(lines)}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                w.stop(timeout_s=30)
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGTERM)  # stops its embedded worker too
+            try:
+                self.gateway.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.gateway.pid, signal.SIGKILL)
+                self.gateway.wait()
+
+
+def _create_keys(stack: Stack) -> None:
+    from echo4o.db import crud, session_scope, upgrade_to_head
+
+    upgrade_to_head(stack.database_url)
+    with session_scope(stack.database_url) as s:
+        stack.admin_key = crud.create_api_key(session=s, name="test-admin", is_admin=True)[1]
+        stack.user_key = crud.create_api_key(session=s, name="test-user")[1]
+        stack.other_key = crud.create_api_key(session=s, name="test-other-user")[1]
+
+
+def start_stack(
+    *,
+    model: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+) -> Stack:
+    """Start a gateway and its worker(s); returns once ``/readyz`` is 200. Call ``stop()`` (or use
+    :func:`live_stack`)."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database_url = database_url or f"sqlite:///{data_dir / 'echo4o.db'}"
+    port = free_port()
+    settings_env = {
+        "ECHO4O_DATA_DIR": str(data_dir),
+        "ECHO4O_DATABASE_URL": database_url,
+        "ECHO4O_MODEL": str(model),
+        "ECHO4O_HOST": "127.0.0.1",
+        "ECHO4O_PORT": str(port),
+        "ECHO4O_DEVICE": "cpu",
+        "ECHO4O_RATE_LIMIT_PER_MINUTE": "100000",
+        "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "10000",
+        "ECHO4O_LOG_LEVEL": "INFO",
+        **({"ECHO4O_BROKER_URL": broker_url} if broker_url else {}),
+        **dict(env or {}),
+    }
+    full_env = _base_env(settings_env)
+    stack = Stack(url=f"http://127.0.0.1:{port}", data_dir=data_dir, database_url=database_url,
+                  broker_url=broker_url, model=Path(model), env=settings_env)
+    try:
+        if settings_env.get("ECHO4O_AUTH", "keys") != "off":
+            _create_keys(stack)
+        if broker_url:
+            for i in range(workers):
+                w = WorkerProcess(env=settings_env, model=model, log_path=data_dir / f"worker-{i}.log",
+                                  database_url=database_url)
+                w.env = _base_env({**settings_env, "PYTHONUNBUFFERED": "1"})
+                stack.workers.append(w.start())
+        stack.gateway_log = data_dir / "gateway.log"
+        with open(stack.gateway_log, "ab") as log:
+            stack.gateway = subprocess.Popen(
+                [sys.executable, "-m", "echo4o", "serve", "--model", str(model)],
+                env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=str(data_dir), start_new_session=True,
+            )
+        _wait_ready(stack, ready_timeout_s)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _wait_ready(stack: Stack, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while True:
+        stack.check_alive()
+        try:
+            r = httpx.get(f"{stack.url}/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise StackError(f"stack not ready after {timeout_s:.0f} s (last /readyz: {last})\n{stack.logs()}")
+        time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def live_stack(**kwargs: Any) -> Iterator[Stack]:
+    """:func:`start_stack` as a context manager: stops every process on exit."""
+    stack = start_stack(**kwargs)
+    try:
+        yield stack
+    finally:
+        stack.stop()
