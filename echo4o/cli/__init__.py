@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "echo4o.cli.core",
     "echo4o.cli.engine",
     "echo4o.cli.worker",
+    "echo4o.cli.serve",
     "echo4o.cli.ui",
 )
 
