@@ -103,7 +103,7 @@ def _build_all_jobs(ctx: AdminContext) -> SectionHandle:
         rows = [views.admin_job_row(j) for j in views.listing(body)]
         return [rows or _empty(views.ADMIN_JOB_COLUMNS)]
 
-    status.change(fetch, [ctx.key_state, status], [table])
+    status.change(fetch, [ctx.key_state, status], [table], api_visibility="private")
     return SectionHandle([table], lambda key: fetch(key))
 
 

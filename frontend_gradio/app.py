@@ -8,6 +8,7 @@ shown only while the session's key is an admin key.
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import logging
 import tempfile
@@ -37,6 +38,8 @@ FOLLOW_REF = "follow reference"
 RENORM_TYPES = ["global", "channel", "text_channel"]
 SEED_MODES = ["random", "fixed", "reuse last"]
 MAX_SEED = 2**32 - 1
+# Every event but the two Generate buttons is internal: hidden from the API page and from gradio_client.
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 
 # The engine's defaults per mode (docs/contracts.md, "Engine"); the UI starts from them.
 DEFAULTS = {
@@ -115,11 +118,11 @@ def build_controls(mode: str, prefix: str) -> Controls:
         c.add("height", gr.Slider(16, 1024, value=1024, step=16, label="Height", elem_id=f"{prefix}-height"))
         c.add("width", gr.Slider(16, 1024, value=1024, step=16, label="Width", elem_id=f"{prefix}-width"))
     c["aspect"].change(lambda a: gr.Row(visible=a == CUSTOM), c["aspect"], size_row, queue=False,
-                       show_progress="hidden")
+                       show_progress="hidden", **PRIVATE)
     with gr.Row():
         c.add("num_images", gr.Slider(1, 4, value=d["num_images"], step=1, label="Images",
                                       elem_id=f"{prefix}-num-images"))
-        c.add("num_steps", gr.Slider(1, 100, value=d["num_steps"], step=1, label="Steps",
+        c.add("num_steps", gr.Slider(2, 100, value=d["num_steps"], step=1, label="Steps",
                                      elem_id=f"{prefix}-steps"))
     with gr.Row(equal_height=True):
         c.add("seed_mode", gr.Radio(SEED_MODES, value="random", label="Seed", elem_id=f"{prefix}-seed-mode",
@@ -419,20 +422,20 @@ class DemoApp:
             is_admin = gr.State(False)
             conn_outputs = [conn, admin_tab, t2i["controls"]["model_version"], mr["controls"]["model_version"],
                             is_admin]
-            demo.load(self.connection, [key_state], conn_outputs, show_progress="hidden")
+            demo.load(self.connection, [key_state], conn_outputs, show_progress="hidden", **PRIVATE)
 
             def use_key(text: str) -> str:
                 return (text or "").strip()
 
             for trigger in (key_btn.click, key_box.submit):
-                trigger(use_key, key_box, key_state, queue=False).then(
-                    self.connection, [key_state], conn_outputs, show_progress="hidden")
+                trigger(use_key, key_box, key_state, queue=False, **PRIVATE).then(
+                    self.connection, [key_state], conn_outputs, show_progress="hidden", **PRIVATE)
 
-            refresh_btn.click(refresh_all, key_state, admin_outputs)
-            admin_tab.select(refresh_all, key_state, admin_outputs)
+            refresh_btn.click(refresh_all, key_state, admin_outputs, **PRIVATE)
+            admin_tab.select(refresh_all, key_state, admin_outputs, **PRIVATE)
 
             # history: load on opening, reuse parameters into the matching tab
-            history_tab.select(self.history, [key_state, hist["status"]], [hist["table"], hist["jobs"]])
+            history_tab.select(self.history, [key_state, hist["status"]], [hist["table"], hist["jobs"]], **PRIVATE)
             reuse_outputs = ([tabs, t2i["prompt"], mr["prompt"]] + t2i["controls"].components
                              + mr["controls"].components)
 
@@ -452,11 +455,12 @@ class DemoApp:
                     gr.Info("Parameters reused. Upload the reference images again.")
                 return [out.get(id(c), gr.skip()) for c in reuse_outputs]
 
-            hist["reuse"].click(reuse, hist["selected"], reuse_outputs)
+            hist["reuse"].click(reuse, hist["selected"], reuse_outputs, **PRIVATE)
         return demo
 
     def _result_column(self, prefix: str) -> dict[str, Any]:
-        status = gr.HTML(views.status_html("idle", "Ready"), elem_id=f"{prefix}-status")
+        status = gr.HTML(views.status_html("idle", "Ready"), label="Status", show_label=False,
+                         elem_id=f"{prefix}-status")
         preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=256,
                            elem_id=f"{prefix}-preview")
         gallery = gr.Gallery(label="Result", columns=2, height=520, object_fit="contain", format="png",
@@ -468,7 +472,7 @@ class DemoApp:
         return {"status": status, "preview": preview, "gallery": gallery, "files": files, "params": params}
 
     def _wire(self, tab: str, prompt, controls: Controls, key_state, last_seed, generate_btn, cancel_btn, res,
-              submit_fn: Callable[..., dict[str, Any]], extra_inputs: list[Any]) -> None:
+              submit_fn: Callable[..., dict[str, Any]], extra_inputs: list[Any], extra_names: list[str]) -> None:
         outputs = [res["status"], res["preview"], res["gallery"], res["files"], res["params"], last_seed,
                    controls["seed"]]
         n_extra = len(extra_inputs)
@@ -485,16 +489,21 @@ class DemoApp:
                 return
             yield from self.run_job(tab, key, lambda: submit_fn(params, *extras, key=key or None), request)
 
+        # Name the parameters, so that the API page and gradio_client show prompt, aspect, num_steps, ...
+        names = ["api_key", "last_seed", "prompt", *extra_names, *controls.names]
+        handler.__signature__ = inspect.Signature(
+            [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
+            + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
         inputs = [key_state, last_seed, prompt, *extra_inputs, *controls.components]
-        event = generate_btn.click(handler, inputs, outputs, api_name=tab, concurrency_limit=self.concurrency,
-                                   concurrency_id="jobs", show_progress="hidden")
-        prompt.submit(handler, inputs, outputs, api_name=False, concurrency_limit=self.concurrency,
-                      concurrency_id="jobs", show_progress="hidden")
-        del event
+        generate_btn.click(handler, inputs, outputs, api_name=tab, concurrency_limit=self.concurrency,
+                           concurrency_id="jobs", show_progress="hidden")
+        prompt.submit(handler, inputs, outputs, concurrency_limit=self.concurrency, concurrency_id="jobs",
+                      show_progress="hidden", **PRIVATE)
+
         def cancel(request: gr.Request):
             return self.cancel(tab, request)
 
-        cancel_btn.click(cancel, None, res["status"], api_name=False, queue=False, show_progress="hidden")
+        cancel_btn.click(cancel, None, res["status"], queue=False, show_progress="hidden", **PRIVATE)
 
     def _build_generate_tab(self, key_state, last_seed) -> dict[str, Any]:
         with gr.Row():
@@ -509,7 +518,7 @@ class DemoApp:
             with gr.Column(scale=3, min_width=360):
                 res = self._result_column("t2i")
         self._wire("generate", prompt, controls, key_state, last_seed, generate_btn, cancel_btn, res,
-                   lambda params, key=None: self.client.submit_generate(params, key=key), [])
+                   lambda params, key=None: self.client.submit_generate(params, key=key), [], [])
         return {"prompt": prompt, "controls": controls}
 
     def _build_multiref_tab(self, key_state, last_seed) -> dict[str, Any]:
@@ -542,7 +551,7 @@ class DemoApp:
         def show_refs(files: list[str] | None):
             return [(f, f"#{i + 1}") for i, f in enumerate(files or [])]
 
-        refs.change(show_refs, refs, ref_gallery, queue=False, show_progress="hidden")
+        refs.change(show_refs, refs, ref_gallery, queue=False, show_progress="hidden", **PRIVATE)
 
         def submit(params: dict[str, Any], files: list[str] | None, key: str | None = None) -> dict[str, Any]:
             if not files:
@@ -550,7 +559,7 @@ class DemoApp:
             return self.client.submit_multiref(params, list(files), key=key)
 
         self._wire("multiref", prompt, controls, key_state, last_seed, generate_btn, cancel_btn, res, submit,
-                   [refs])
+                   [refs], ["references"])
         return {"prompt": prompt, "controls": controls, "references": refs}
 
     def _build_history_tab(self, key_state) -> dict[str, Any]:
@@ -572,8 +581,8 @@ class DemoApp:
                                 elem_id="history-files", height=120)
                 info = gr.JSON(label="Job", elem_id="history-job")
         for trigger in (refresh.click, status.change):
-            trigger(self.history, [key_state, status], [table, jobs])
-        table.select(self.history_select, [jobs, key_state], [gallery, files, info, selected])
+            trigger(self.history, [key_state, status], [table, jobs], **PRIVATE)
+        table.select(self.history_select, [jobs, key_state], [gallery, files, info, selected], **PRIVATE)
         return {"table": table, "jobs": jobs, "status": status, "reuse": reuse, "selected": selected}
 
 
