@@ -1,0 +1,163 @@
+"""Echo4oPipeline on the tiny model: the public call, seeds, references, size rules, callback and cancel."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.engine import Echo4oPipeline
+from worker.engine.pipeline import MODE_DEFAULTS, MULTI_REFERENCE, TEXT_TO_IMAGE
+
+FAST = {"height": 32, "width": 48, "num_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return Echo4oPipeline.from_pretrained(tiny_model, device="cpu", attention="auto")
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _bytes(img: Image.Image) -> bytes:
+    return np.asarray(img).tobytes()
+
+
+def test_text_to_image_returns_a_pil_image_and_every_parameter(pipe):
+    out = pipe("a red panda on a bed", seed=1, **FAST)
+    assert len(out.images) == 1
+    img = out.images[0]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (48, 32)
+    p = out.params
+    assert p["mode"] == TEXT_TO_IMAGE
+    assert (p["height"], p["width"], p["num_steps"], p["seed"]) == (32, 48, 3, 1)
+    assert (p["cfg_text_scale"], p["cfg_img_scale"]) == (4.0, 1.0)
+    assert p["cfg_interval"] == [0.4, 1.0] and p["cfg_renorm_type"] == "global"
+    assert p["attention"] == pipe.attention_backend == "sdpa"
+    assert p["dtype"] == "float32" and p["device"] == "cpu"
+    assert set(out.timings) >= {"prefill_s", "denoise_s", "decode_s", "step_s"}
+
+
+def test_same_seed_same_bytes_and_different_seeds_differ(pipe):
+    a = pipe("a cat", seed=7, **FAST).images[0]
+    b = pipe("a cat", seed=7, **FAST).images[0]
+    c = pipe("a cat", seed=8, **FAST).images[0]
+    assert _bytes(a) == _bytes(b)
+    assert _bytes(a) != _bytes(c)
+
+
+def test_the_prompt_matters(pipe):
+    a = pipe("a cat", seed=3, output_type="latent", **FAST).images[0]
+    b = pipe("a dog in the snow", seed=3, output_type="latent", **FAST).images[0]
+    assert not torch.equal(a, b)
+
+
+def test_latent_output_is_the_packed_token_grid(pipe):
+    out = pipe("a cat", seed=0, output_type="latent", **FAST)
+    latent = out.images[0]
+    assert latent.dtype == torch.float32 and latent.device.type == "cpu"
+    assert latent.shape == (2 * 3, 64)  # (32/16) x (48/16) tokens of 2x2x16 values
+    assert torch.isfinite(latent).all()
+
+
+def test_several_images_continue_one_random_stream(pipe):
+    one = pipe("a cat", seed=5, output_type="latent", **FAST).images
+    two = pipe("a cat", seed=5, output_type="latent", num_images=2, **FAST).images
+    assert len(two) == 2
+    assert torch.equal(one[0], two[0])  # image 0 draws first, as a single image does
+    assert not torch.equal(two[0], two[1])
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_references_condition_the_image_and_set_its_size(pipe, count):
+    refs = [_image(32, 32, seed=i) for i in range(count - 1)] + [_image(40, 32, seed=count)]
+    out = pipe("put them together", images=refs, seed=2, num_steps=2, output_type="latent")
+    p = out.params
+    assert p["mode"] == MULTI_REFERENCE and p["num_references"] == count
+    img_scale, interval, renorm = MODE_DEFAULTS[MULTI_REFERENCE]
+    assert (p["cfg_img_scale"], p["cfg_interval"], p["cfg_renorm_type"]) == (img_scale, list(interval), renorm)
+    # the last reference, resized as the reference VAE transform does (shorter side to 512, multiples of 16)
+    assert (p["height"], p["width"]) == (512, 640)
+    assert out.images[0].shape == (32 * 40, 64)
+    if count == 1:
+        other = pipe("put them together", images=[_image(40, 32, seed=99)], seed=2, num_steps=2,
+                     output_type="latent").images[0]
+        assert not torch.equal(out.images[0], other)
+
+
+def test_references_with_an_explicit_size(pipe):
+    out = pipe("edit", images=[_image(40, 32, seed=0)], height=32, width=32, num_steps=2)
+    assert out.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"height": 40, "width": 32}, "height"),
+        ({"height": 32, "width": 1040}, "width"),
+        ({"height": 0, "width": 32}, "height"),
+        ({"width": None}, "height and width"),
+        ({"num_steps": 1}, "num_steps"),
+        ({"cfg_text_scale": float("nan")}, "cfg_text_scale"),
+        ({"cfg_img_scale": -1}, "cfg_img_scale"),
+        ({"cfg_interval": (0.8, 0.2)}, "cfg_interval"),
+        ({"cfg_interval": (0.0, 1.5)}, "cfg_interval"),
+        ({"timestep_shift": 0}, "timestep_shift"),
+        ({"cfg_renorm_type": "layer"}, "cfg_renorm_type"),
+        ({"seed": -1}, "seed"),
+        ({"num_images": 0}, "num_images"),
+        ({"output_type": "np"}, "output_type"),
+        ({"images": ["not an image"]}, "images.0"),
+        ({"preview_every": -2}, "preview_every"),
+    ],
+)
+def test_invalid_arguments_are_value_errors_naming_them(pipe, kwargs, name):
+    args = {"height": 32, "width": 32, "num_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        pipe("a cat", **args)
+
+
+def test_empty_prompt_is_refused(pipe):
+    with pytest.raises(ValueError, match="prompt"):
+        pipe("   ", **FAST)
+
+
+def test_callback_runs_once_per_step_with_previews(pipe):
+    calls = []
+    pipe("a cat", seed=0, height=32, width=32, num_steps=5, preview_every=2,
+         callback=lambda step, total, preview: calls.append((step, total, preview)))
+    assert [(s, t) for s, t, _ in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    previews = [p for _, _, p in calls]
+    assert previews[0] is None and previews[2] is None
+    assert isinstance(previews[1], Image.Image) and isinstance(previews[3], Image.Image)
+
+
+class _Cancel(Exception):
+    pass
+
+
+def test_raising_in_the_callback_cancels_cleanly(pipe):
+    clean = pipe("a cat", seed=11, output_type="latent", **FAST).images[0]
+    threads_before = threading.active_count()
+    seen = []
+
+    def cancel(step, total, preview):
+        seen.append(step)
+        if step == 1:
+            raise _Cancel
+
+    with pytest.raises(_Cancel):
+        pipe("a cat", seed=11, callback=cancel, **FAST)
+    assert seen == [1]  # sampling stopped at once
+    gc.collect()
+    assert threading.active_count() == threads_before
+    # no state survives a cancelled call: the next one equals a clean run
+    again = pipe("a cat", seed=11, output_type="latent", **FAST).images[0]
+    assert torch.equal(clean, again)
