@@ -1,0 +1,97 @@
+"""Helpers shared by the worker tests: a real worker's environment and job submission through the queue."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.jobs import parse_job
+from echo4o.settings import get_settings
+from worker import queue
+
+
+def worker_env(data_dir: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
+    """Settings for a test stack: its own data dir, the tiny model on CPU, fast heartbeats, previews."""
+    return {
+        "ECHO4O_DATA_DIR": str(data_dir),
+        "ECHO4O_MODEL": str(tiny_model),
+        "ECHO4O_DEVICE": "cpu",
+        "ECHO4O_WORKER_HEARTBEAT_S": "1",
+        "ECHO4O_PREVIEW_EVERY": "1",
+        **extra,
+    }
+
+
+@contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Exactly ``env`` as this process's ECHO4O_* settings (for module-scoped stacks)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("ECHO4O_") and not key.startswith("ECHO4O_TEST_"):
+                mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            get_settings.cache_clear()
+
+
+def use_env(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+
+
+def submit(kind: str = "generate", **params: Any) -> str:
+    """Validate like the gateway, write the row, enqueue; returns the job id."""
+    payload = parse_job(kind, params)
+    return submit_raw(kind, payload.model_dump(mode="json"), priority=payload.priority)
+
+
+def submit_raw(kind: str, params: dict[str, Any], priority: int = 5) -> str:
+    """Write a row with ``params`` as given (no validation: a tampered or outdated payload) and enqueue it."""
+    upgrade_to_head()
+    with session_scope() as s:
+        job = crud.create_job(
+            session=s, kind=kind, params=params, model_version=get_settings().model_version, priority=priority
+        )
+    queue.submit(job.id, kind, priority)
+    return job.id
+
+
+def cancel(job_id: str):
+    with session_scope() as s:
+        return crud.request_cancel(session=s, job_id=job_id)
+
+
+def job_row(job_id: str):
+    with session_scope() as s:
+        return crud.get_job(session=s, job_id=job_id)
+
+
+def private_redis_url(offset: int) -> str:
+    """A flushed Redis database index for one test module, away from the one the ``redis_url`` fixture
+    (pid-based) flushes around each test."""
+    base = os.environ.get("ECHO4O_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+    url = f"{base}/{1 + (os.getpid() + offset) % 15}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+        client.flushdb()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis is not reachable at {url} ({exc}). Start it: redis-server --daemonize yes --port 6379, "
+            "or point ECHO4O_TEST_REDIS_URL at one."
+        )
+    finally:
+        client.close()
+    return url

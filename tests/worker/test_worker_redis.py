@@ -1,0 +1,145 @@
+"""Jobs through real Redis into a real `echo4o worker` subprocess running the tiny model: one stack for the
+module (its own data dir, Redis database and worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from echo4o.pnginfo import params_from_png
+from tests.support.worker_proc import WorkerProcess, wait_for_job
+from tests.worker.jobs_support import (
+    cancel,
+    environment,
+    job_row,
+    private_redis_url,
+    submit,
+    submit_raw,
+    use_env,
+    worker_env,
+)
+
+# a job of several seconds on the tiny model (time to cancel it mid-way), and a quick one
+LONG = {"height": 32, "width": 32, "num_steps": 40}
+QUICK = {"height": 32, "width": 32, "num_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, str]:
+    url = private_redis_url(offset=7)
+    return worker_env(tmp_path_factory.mktemp("redis-stack"), tiny_model, ECHO4O_BROKER_URL=url)
+
+
+@pytest.fixture(scope="module")
+def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
+    with environment(stack_env):
+        worker = WorkerProcess(model=stack_env["ECHO4O_MODEL"]).start()
+        try:
+            worker.wait_ready()
+        except BaseException:
+            worker.kill() if worker.alive() else None
+            raise
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def stack(stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    use_env(monkeypatch, stack_env)
+    return stack_env
+
+
+def test_generate_succeeds_with_png_params_progress_and_timings(stack, module_worker: WorkerProcess) -> None:
+    data_dir = Path(stack["ECHO4O_DATA_DIR"])
+    job_id = submit(prompt="a red cube", seed=1234, num_images=2, **QUICK)
+    job = wait_for_job(job_id, worker=module_worker)
+    assert job.status == "succeeded", (job.error_code, job.error_message)
+    assert job.result["images"] == [f"results/{job_id}/0.png", f"results/{job_id}/1.png"]
+    assert job.result["seed"] == 1234
+    assert set(job.result["timings"]) >= {"queue_wait_s", "sampling_s", "encoding_s", "total_s"}
+    assert job.worker == module_worker.worker_id and job.gpu == "cpu" and job.attempts == 1
+    assert job.progress_total and job.progress_step == job.progress_total  # every step was recorded
+    assert job.preview is not None and job.preview.startswith(b"\x89PNG")
+    assert job.started_at >= job.created_at and job.finished_at >= job.started_at
+
+    for n, rel in enumerate(job.result["images"]):
+        path = data_dir / rel
+        with Image.open(path) as img:
+            assert img.size == (32, 32)
+        params = params_from_png(path)
+        assert params["prompt"] == "a red cube" and params["seed"] == 1234 and params["num_steps"] == 3
+        assert params["image_index"] == n and params["num_images"] == 2
+    assert not [p for p in (data_dir / "results" / job_id).iterdir() if p.name.startswith(".")]  # no temp files
+
+    # the parameters in a PNG's text chunks regenerate the same image
+    params = params_from_png(data_dir / job.result["images"][0])
+    again = submit(prompt=params["prompt"], seed=params["seed"], num_steps=params["num_steps"],
+                   height=params["height"], width=params["width"], num_images=params["num_images"])
+    again_job = wait_for_job(again, worker=module_worker)
+    assert again_job.status == "succeeded"
+    with Image.open(data_dir / job.result["images"][0]) as a, Image.open(data_dir / again_job.result["images"][0]) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_multiref_with_two_references(stack, module_worker: WorkerProcess) -> None:
+    data_dir = Path(stack["ECHO4O_DATA_DIR"])
+    (data_dir / "uploads" / "refs").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (48, 32), (220, 30, 30)).save(data_dir / "uploads" / "refs" / "0.png")
+    Image.new("RGB", (32, 48), (30, 30, 220)).save(data_dir / "uploads" / "refs" / "1.png")
+    job_id = submit(
+        "multiref", prompt="put them together", references=["uploads/refs/0.png", "uploads/refs/1.png"],
+        num_steps=3, height=32, width=32, seed=5,
+    )
+    job = wait_for_job(job_id, worker=module_worker)
+    assert job.status == "succeeded", (job.error_code, job.error_message)
+    params = params_from_png(data_dir / job.result["images"][0])
+    assert params["num_references"] == 2 and params["prompt"] == "put them together"
+
+
+def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) -> None:
+    running = submit(prompt="long", **LONG)
+    queued = submit(prompt="waits behind it", **QUICK)
+    job = wait_for_job(running, statuses=("running",), worker=module_worker)
+    while job.progress_step < 1:
+        job = wait_for_job(running, statuses=("running",), worker=module_worker)
+
+    # one worker, prefetch 1: the second job is still waiting in Redis, so it is cancelled at once
+    row = cancel(queued)
+    assert row.status == "cancelled" and row.finished_at is not None
+    # the running job stops at its next step
+    row = cancel(running)
+    assert row.cancel_requested
+    job = wait_for_job(running, worker=module_worker)
+    assert job.status == "cancelled" and job.result is None
+    assert 1 <= job.progress_step < job.progress_total
+
+    after = submit(prompt="next", **QUICK)  # FIFO: the cancelled message is consumed before this one
+    assert wait_for_job(after, worker=module_worker).status == "succeeded"
+    row = job_row(queued)
+    assert row.status == "cancelled" and row.attempts == 0 and row.started_at is None  # it never ran
+
+
+def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_worker: WorkerProcess) -> None:
+    # a payload the gateway would refuse (stored by an older gateway or edited in the database)
+    bad = submit_raw("generate", {"prompt": "", "num_steps": 0, "height": 33, "width": 32})
+    job = wait_for_job(bad, worker=module_worker)
+    assert (job.status, job.error_code) == ("failed", "invalid_params")
+    for field in ("prompt", "num_steps", "height"):
+        assert field in job.error_message
+    # valid payload, but the engine refuses it (its reference file is gone): ValueError naming the field
+    missing = submit("multiref", prompt="x", references=["uploads/nowhere/0.png"], **QUICK)
+    job = wait_for_job(missing, worker=module_worker)
+    assert (job.status, job.error_code) == ("failed", "invalid_params")
+    assert "references.0" in job.error_message
+    # a model version this worker does not serve
+    other = submit(prompt="x", model_version="someone-else", **QUICK)
+    job = wait_for_job(other, worker=module_worker)
+    assert (job.status, job.error_code) == ("failed", "model_unavailable")
+
+    assert module_worker.alive() and module_worker.status() in ("ready", "busy")
+    ok = submit(prompt="still serving", **QUICK)
+    job = wait_for_job(ok, worker=module_worker)
+    assert job.status == "succeeded" and job.worker == module_worker.worker_id
