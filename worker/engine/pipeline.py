@@ -319,14 +319,14 @@ class Echo4oPipeline:
                 num_images: int) -> torch.Tensor:
         """Euler steps over the schedule with three-branch guidance inside the cfg interval."""
         model = self.model
-        times, dts = sampler.step_sizes(schedule)
+        times, dts = sampler.step_sizes(schedule)  # on the CPU: the interval test needs no device sync
+        times_dev, dts_dev = times.to(self.device), dts.to(self.device)
         total = len(times)
         position_ids = model.latent_position_ids(grid)
         frame = (model.embed_ids([self.special.start_of_image]), model.embed_ids([self.special.end_of_image]))
         caches = (contexts.full, contexts.text_dropped, contexts.image_dropped)
         for i in range(total):
-            t, dt = times[i], dts[i]
-            if sampler.in_cfg_interval(t, params["cfg_interval"]):
+            if sampler.in_cfg_interval(times[i], params["cfg_interval"]):
                 text_scale, img_scale = params["cfg_text_scale"], params["cfg_img_scale"]
             else:
                 text_scale, img_scale = 1.0, 1.0
@@ -337,7 +337,7 @@ class Echo4oPipeline:
                 layout = model.denoise_layout([caches[b] for b in branches], grid[0] * grid[1],
                                               self.attention_backend)
                 contexts.layouts[branches] = layout
-            v_all = model.velocity(x, t, layout, frame, position_ids).float()
+            v_all = model.velocity(x, times_dev[i], layout, frame, position_ids).float()
             v = sampler.cfg_combine(
                 v_all[0],
                 v_all[branches.index(1)] if use_text else None,
@@ -345,7 +345,7 @@ class Echo4oPipeline:
                 text_scale=text_scale, img_scale=img_scale,
                 renorm_type=params["cfg_renorm_type"], renorm_min=params["cfg_renorm_min"],
             )
-            x = x - v * dt.to(x.device)
+            x = x - v * dts_dev[i]
             if callback is not None:
                 preview = None
                 if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):

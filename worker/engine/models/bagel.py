@@ -172,8 +172,8 @@ class Bagel(nn.Module):
         start, end = frame
         seq = torch.cat([start, lat, end] * layout.num_branches)
         hidden = self.llm(seq, layout.rope, layout.plan, layout.route, final_norm=False)
-        hidden = self.llm.norm_moe_gen(hidden[layout.route.gen])
-        return self.llm2vae(hidden).view(layout.num_branches, layout.num_tokens, -1)
+        hidden = hidden.view(layout.num_branches, layout.num_tokens + 2, -1)[:, 1:-1]  # the latent rows
+        return self.llm2vae(self.llm.norm_moe_gen(hidden))
 
     # ------------------------------------------------------------------------------------------ init
     def reset_position_tables(self) -> None:

@@ -29,8 +29,11 @@ from worker.engine.attention import packed_attention
 class Route:
     """Rows of a packed query for the understanding weights (``und``) and the generation expert (``gen``).
 
-    ``None`` for one side means "no rows"; both ``None`` is not allowed. With ``gen is None`` every row uses the
-    understanding weights (text and ViT tokens), with ``und is None`` every row uses the generation expert.
+    ``None`` for one side means "no rows". With ``gen is None`` every row uses the understanding weights (text
+    and ViT tokens), with ``und is None`` every row uses the generation expert. Every operation routed here is
+    row-wise, so when the generation rows are the majority (a latent query framed by two special tokens) the
+    expert runs over all rows and only the few understanding rows are recomputed and overwritten: no gather or
+    scatter of the large part.
     """
 
     und: torch.Tensor | None = None
@@ -42,13 +45,18 @@ class Route:
             return f_und(x)
         if self.und is None:
             return f_gen(x)
-        und, gen = _on(self.und, x.device), _on(self.gen, x.device)
-        a = f_und(x[und])
-        b = f_gen(x[gen])
-        out = a.new_empty((x.shape[0], *a.shape[1:]))
-        out[und] = a
-        out[gen] = b.to(a.dtype)
+        und = _on(self.und, x.device)
+        if self.gen.numel() >= und.numel():
+            out = f_gen(x)
+            out[und] = f_und(x[und]).to(out.dtype)
+            return out
+        gen = _on(self.gen, x.device)
+        out = f_und(x)
+        out[gen] = f_gen(x[gen]).to(out.dtype)
         return out
+
+
+UND = Route()
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
