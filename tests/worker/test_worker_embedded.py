@@ -14,7 +14,7 @@ from tests.support.worker_proc import WorkerProcess, wait_for_job
 from tests.worker.jobs_support import submit, use_env, worker_env
 from worker import queue
 
-LONG = {"height": 32, "width": 32, "num_steps": 40}
+LONG = {"height": 32, "width": 32, "num_steps": 12}
 QUICK = {"height": 32, "width": 32, "num_steps": 3}
 
 

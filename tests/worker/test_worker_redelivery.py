@@ -12,7 +12,7 @@ from tests.support.worker_proc import WorkerProcess, wait_for_job
 from tests.worker.jobs_support import private_redis_url, submit, use_env, worker_env
 
 JOB_TIMEOUT_S = 60  # the rerun must fit in it on a loaded CPU; Redis redelivers after JOB_TIMEOUT_S + 1
-LONG = {"height": 32, "width": 32, "num_steps": 40}
+LONG = {"height": 32, "width": 32, "num_steps": 12}
 
 
 def test_killed_worker_job_is_redelivered_to_another(

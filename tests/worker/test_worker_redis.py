@@ -23,7 +23,7 @@ from tests.worker.jobs_support import (
 )
 
 # a job of several seconds on the tiny model (time to cancel it mid-way), and a quick one
-LONG = {"height": 32, "width": 32, "num_steps": 40}
+LONG = {"height": 32, "width": 32, "num_steps": 12}
 QUICK = {"height": 32, "width": 32, "num_steps": 3}
 
 
