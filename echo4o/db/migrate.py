@@ -11,13 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
-from echo4o.db.session import get_engine, resolve_url, sqlite_path
-from echo4o.logging import get_logger
+logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every import and step at INFO
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+
+from echo4o.db.session import get_engine, resolve_url, sqlite_path  # noqa: E402
+from echo4o.logging import get_logger  # noqa: E402
 
 log = get_logger(__name__)
 
@@ -58,8 +61,6 @@ def _file_lock(path: Path) -> Iterator[None]:
 def upgrade_to_head(url: str | None = None) -> str:
     """Create or upgrade the schema at ``url`` (default: ``settings.database_url``); returns the revision."""
     url = resolve_url(url)
-    if not log.isEnabledFor(logging.DEBUG):  # alembic narrates every step at INFO
-        logging.getLogger("alembic").setLevel(logging.WARNING)
     engine = get_engine(url)
     db_file = sqlite_path(url)
     lock = _file_lock(db_file.with_name(db_file.name + ".migrate.lock")) if db_file else _nullcontext()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from echo4o.db import crud, session_scope
 from echo4o.pnginfo import params_from_png
 from tests.support.worker_proc import WorkerProcess, wait_for_job
 from tests.worker.jobs_support import (
@@ -120,6 +121,23 @@ def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) 
     assert wait_for_job(after, worker=module_worker).status == "succeeded"
     row = job_row(queued)
     assert row.status == "cancelled" and row.attempts == 0 and row.started_at is None  # it never ran
+
+
+def test_higher_priority_runs_first_in_the_order_queue_position_reports(stack, module_worker: WorkerProcess) -> None:
+    blocker = submit(prompt="blocker", **LONG)
+    wait_for_job(blocker, statuses=("running",), worker=module_worker)
+    # while it runs the worker takes nothing more (prefetch 1), so these wait in Redis's priority lists
+    low = submit(prompt="low", priority=0, **QUICK)
+    mid = submit(prompt="mid", **QUICK)
+    high = submit(prompt="high", priority=9, **QUICK)
+    with session_scope() as s:
+        positions = [crud.queue_position(session=s, job_id=j) for j in (high, mid, low)]
+    assert job_row(blocker).status == "running"  # so all three were waiting together
+    assert positions == [0, 1, 2]
+    cancel(blocker)  # no need to wait for it
+    rows = [wait_for_job(j, worker=module_worker) for j in (high, mid, low)]
+    assert [r.status for r in rows] == ["succeeded"] * 3
+    assert rows[0].started_at < rows[1].started_at < rows[2].started_at
 
 
 def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_worker: WorkerProcess) -> None:
