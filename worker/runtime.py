@@ -260,7 +260,9 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
         except SystemExit as exc:
             return int(exc.code or 0)
         return 0
-    except BaseException:
+    except ValueError:  # a configuration problem; the CLI prints its message
+        raise
+    except Exception:
         log.exception("worker failed", extra={"worker": runtime.worker_id})
         raise
     finally:
