@@ -1,0 +1,315 @@
+"""Time the engine: model load, context prefill, time per denoising step and per image, peak memory.
+
+    python benchmarks/engine_bench.py                                   # tiny random model, CPU-sized run
+    python benchmarks/engine_bench.py --model full --device cuda --dtype bfloat16 --size 1024 --steps 50
+    python benchmarks/engine_bench.py --model full --layers 2 --size 256 --steps 4 --device cpu   # real width,
+                                                                                                # fewer layers
+    python benchmarks/engine_bench.py --model model_weights/echo4o/main --refs 2 --json out.json   # real weights
+
+``--model``: ``tiny`` (written to a temp folder, loaded through ``Echo4oPipeline.from_pretrained``), ``full``
+(the released 7B shape with random weights, no download: built on the ``meta`` device, materialised in
+``--dtype`` on ``--device``; ``--layers N`` keeps the real width with N decoder layers, for machines with less
+memory), or a checkpoint folder / Hub id. ``--refs N`` adds N synthetic reference images (multi-reference
+mode). Each configuration is warmed up once (one step), then timed ``--repeats`` times.
+
+Per-step times come from the step callback (with a CUDA synchronisation, so they are real); steps inside the
+cfg interval run 2-3 guidance branches, outside it one, so the minimum and maximum are shown beside the mean.
+``prefill_s`` is timed apart, by building the contexts alone; ``image_s`` is a whole call per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The released Echo-4o / BAGEL-7B-MoT shape (llm_config.json, vit_config.json of the checkpoint).
+FULL_LLM = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 152064,
+    "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
+    "rope_scaling": None, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
+}
+FULL_VIT = {
+    "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_channels": 3, "image_size": 980, "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
+}
+PROMPT = "A red panda sleeping on a wooden bed under a warm blanket, soft morning light through the window."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="tiny | full | a checkpoint folder or Hub id (default: tiny)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    ap.add_argument("--attention", default="auto", help="auto | sdpa | xformers | flash_attn")
+    ap.add_argument("--steps", type=int, default=None, help="schedule points (steps - 1 denoising steps); "
+                                                            "default 50 (tiny: 10)")
+    ap.add_argument("--size", default=None, help="H or HxW in pixels, multiples of 16; default 1024 (tiny: 256)")
+    ap.add_argument("--refs", type=int, default=0, help="synthetic reference images (multi-reference mode)")
+    ap.add_argument("--num-images", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=None, help="full model only: decoder layers to build (real width)")
+    ap.add_argument("--vit-layers", type=int, default=None, help="full model only: ViT layers to build")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median reported)")
+    ap.add_argument("--cfg-text-scale", type=float, default=4.0)
+    ap.add_argument("--cfg-img-scale", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    return ap.parse_args(argv)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise SystemExit(f"--size must be H or HxW (e.g. 1024 or 768x1024); got {text!r}") from None
+    return h, w
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def load_tiny(args: argparse.Namespace, workdir: Path):
+    from worker.engine.pipeline import Echo4oPipeline
+    from worker.engine.tiny import write_tiny_model
+
+    path = write_tiny_model(workdir / "tiny", seed=0)
+    return Echo4oPipeline.from_pretrained(str(path), device=args.device, dtype=args.dtype, attention=args.attention,
+                                          device_map=None)
+
+
+def load_path(args: argparse.Namespace):
+    from worker.engine.pipeline import Echo4oPipeline
+
+    return Echo4oPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+
+
+def build_full_random(args: argparse.Namespace, workdir: Path):
+    """The released shape with random weights: built on ``meta``, materialised in place on the device."""
+    from worker.engine.attention import resolve_backend
+    from worker.engine.config import BagelConfig, VAEConfig, llm_config_from_dict, vit_config_from_dict
+    from worker.engine.models.bagel import Bagel, SpecialTokens
+    from worker.engine.models.vae import FluxVAE
+    from worker.engine.pipeline import Echo4oPipeline, resolve_device, resolve_dtype
+    from worker.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    backend = resolve_backend(args.attention, device, dtype)
+    llm = dict(FULL_LLM)
+    vit = dict(FULL_VIT)
+    if args.layers:
+        llm["num_hidden_layers"] = llm["max_window_layers"] = args.layers
+    if args.vit_layers:
+        vit["num_hidden_layers"] = args.vit_layers + 1  # the config counts one layer more than is built
+    config = BagelConfig(llm=llm_config_from_dict(llm), vit=vit_config_from_dict(vit), vae=VAEConfig())
+
+    with torch.device("meta"):
+        model = Bagel(config)
+        vae = FluxVAE(config.vae)
+    generator = torch.Generator(device=device).manual_seed(0)
+    model = _materialise(model, device, dtype, generator)
+    model.reset_position_tables()
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(config=config.llm).to(device)
+    vae = _materialise(vae, device, dtype, generator)
+
+    # a small tokenizer stands in for Qwen2's: the prompt's ids only need to fall inside the vocabulary
+    build_tiny_tokenizer(workdir / "tok")
+    tokenizer, ids = load_tokenizer(workdir / "tok")
+    special = SpecialTokens(bos=ids["bos_token_id"], eos=ids["eos_token_id"], start_of_image=ids["start_of_image"],
+                            end_of_image=ids["end_of_image"])
+    label = "full-random" + (f" ({args.layers} layers)" if args.layers else "")
+    return Echo4oPipeline(model.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, special,
+                          attention_backend=backend, source=label, device=device)
+
+
+def _materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 generator: torch.Generator) -> torch.nn.Module:
+    """Allocate ``module``'s meta tensors on ``device`` in ``dtype`` and fill them: matrices N(0, 1/fan_in),
+    norm scales 1, biases 0 (activations stay O(1), so bf16 runs meet no overflow)."""
+    module = module.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("pos_embed"):
+                continue  # fixed sin-cos tables, filled by reset_position_tables
+            if param.dim() == 1:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def references(n: int) -> list:
+    from PIL import Image
+
+    # sizes cycle through common aspect ratios; content is a smooth gradient (cheap and deterministic)
+    sizes = [(1024, 1024), (1024, 768), (768, 1024)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        img = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+        out.append(img)
+    return out
+
+
+def time_prefill(pipe, refs: list, device: torch.device) -> float:
+    from worker.engine.image_processing import prepare_reference
+
+    prepared = [prepare_reference(img) for img in refs]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    sync(device)
+    t0 = time.perf_counter()
+    contexts = pipe.encode_contexts(PROMPT, prepared, generator)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    contexts.release()
+    return elapsed
+
+
+def timed_call(pipe, args: argparse.Namespace, refs: list, size: tuple[int, int] | None, steps: int,
+               device: torch.device) -> dict[str, Any]:
+    marks: list[float] = []
+
+    def on_step(step: int, total: int, preview: Any) -> None:
+        sync(device)
+        marks.append(time.perf_counter())
+
+    kwargs: dict[str, Any] = {}
+    if size is not None and not refs:
+        kwargs["height"], kwargs["width"] = size
+    sync(device)
+    t0 = time.perf_counter()
+    out = pipe(PROMPT, images=refs or None, num_steps=steps, cfg_text_scale=args.cfg_text_scale,
+               cfg_img_scale=args.cfg_img_scale, seed=args.seed, num_images=args.num_images, callback=on_step, **kwargs)
+    sync(device)
+    total = time.perf_counter() - t0
+    step_times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return {"total_s": total, "step_times": step_times, "timings": out.timings, "params": out.params}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from echo4o.logging import setup_logging
+
+    setup_logging("WARNING")
+    tiny = args.model == "tiny"
+    steps = args.steps or (10 if tiny else 50)
+    size = parse_size(args.size) if args.size else ((256, 256) if tiny else (1024, 1024))
+    import worker.engine.pipeline  # noqa: F401 - imported before the load timer starts
+    import worker.engine.tiny  # noqa: F401
+
+    with tempfile.TemporaryDirectory(prefix="echo4o-bench-") as tmp:
+        workdir = Path(tmp)
+        t0 = time.perf_counter()
+        if tiny:
+            pipe = load_tiny(args, workdir)
+        elif args.model == "full":
+            pipe = build_full_random(args, workdir)
+        else:
+            pipe = load_path(args)
+        device = pipe.device
+        sync(device)
+        load_s = time.perf_counter() - t0
+        weights_gb = sum(p.numel() * p.element_size() for p in pipe.model.parameters()) / 2**30
+        weights_gb += sum(p.numel() * p.element_size() for p in pipe.vae.parameters()) / 2**30
+        refs = references(args.refs)
+
+        timed_call(pipe, args, refs, size, 2, device)  # warm-up: one step, and a decode
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefill = [time_prefill(pipe, refs, device) for _ in range(args.repeats)]
+        runs = [timed_call(pipe, args, refs, size, steps, device) for _ in range(args.repeats)]
+
+    params = runs[-1]["params"]
+    all_steps = [s for r in runs for s in r["step_times"]]
+    denoise = statistics.median(r["timings"].get("denoise_s", 0.0) for r in runs)
+    n_steps = (steps - 1) * args.num_images
+    return {
+        "model": args.model if not tiny else "tiny",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "attention": pipe.attention_backend,
+        "layers": pipe.config.llm.num_hidden_layers,
+        "height": params["height"], "width": params["width"], "references": args.refs,
+        "num_images": args.num_images, "steps": steps - 1,
+        "load_s": round(load_s, 3),
+        "weights_gb": round(weights_gb, 3),
+        "prefill_s": round(statistics.median(prefill), 4),
+        "step_s": round(denoise / n_steps, 4) if n_steps else 0.0,
+        "step_s_min": round(min(all_steps), 4) if all_steps else None,
+        "step_s_max": round(max(all_steps), 4) if all_steps else None,
+        "decode_s": round(statistics.median(r["timings"].get("decode_s", 0.0) for r in runs) / args.num_images, 4),
+        "image_s": round(statistics.median(r["total_s"] for r in runs) / args.num_images, 3),
+        "peak_memory_gb": round(peak_memory_gb(device), 3),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print(f"engine benchmark: {r['model']} on {r['device']} ({r['device_name']}), {r['dtype']}, attention "
+          f"{r['attention']}, {r['layers']} LLM layers")
+    print(f"  {r['width']}x{r['height']}, {r['references']} reference(s), {r['steps']} steps, "
+          f"{r['num_images']} image(s), {r['repeats']} timed run(s) after a warm-up")
+    rows = [
+        ("load", f"{r['load_s']:.2f} s", f"weights {r['weights_gb']:.2f} GiB"),
+        ("prefill", f"{r['prefill_s'] * 1000:.1f} ms", "context into the KV caches"),
+        ("step", f"{r['step_s'] * 1000:.1f} ms", f"min {r['step_s_min'] * 1000:.1f} / max {r['step_s_max'] * 1000:.1f}"
+         if r["step_s_min"] is not None else ""),
+        ("decode", f"{r['decode_s'] * 1000:.1f} ms", "VAE decode per image"),
+        ("image", f"{r['image_s']:.3f} s", "whole call per image"),
+        ("peak mem", f"{r['peak_memory_gb']:.2f} GiB", r["peak_memory_kind"]),
+    ]
+    for name, value, note in rows:
+        print(f"  {name:<9}{value:>12}   {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"  wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
