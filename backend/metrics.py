@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,6 +64,14 @@ class Metrics:
         self._seen_at_since: set[str] = set()
         self.registry.register(_RecordsCollector(self))
 
+    def render(self) -> bytes:
+        """The Prometheus text for a scrape: ended jobs observed first, so they show in this very scrape."""
+        try:
+            self.observe_ended_jobs()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("metrics: cannot read ended jobs", extra={"error": str(exc)})
+        return generate_latest(self.registry)
+
     def observe_ended_jobs(self) -> None:
         """Feed the histograms with the jobs that ended since the last call."""
         with self._lock:
@@ -97,13 +105,14 @@ class Metrics:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.job_phase.labels(phase=phase.removesuffix("_s")).observe(max(0.0, float(value)))
         sampling = timings.get("sampling_s")
-        steps = (job.params or {}).get("num_steps")
+        # denoising steps actually run (the engine's total), else the requested schedule length
+        steps = job.progress_total or (job.params or {}).get("num_steps")
         if isinstance(sampling, int | float) and isinstance(steps, int) and steps > 0:
             self.step_time.observe(max(0.0, float(sampling)) / steps)
 
 
 class _RecordsCollector(Collector):
-    """Gauges read from the job records at each scrape (and the ended-job histograms fed first)."""
+    """Gauges read from the job records at each scrape."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -115,7 +124,6 @@ class _RecordsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            self.metrics.observe_ended_jobs()
             session = get_sessionmaker(self.metrics.database_url)()
             try:
                 counts = crud.count_jobs_by_status(session=session)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from backend.app import create_app
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.settings import get_settings
+from tests.support.stack import fresh_database
 
 JOB = {"prompt": "a red cube", "height": 32, "width": 32, "num_steps": 2}
 
@@ -34,22 +35,8 @@ class Gateway:
 
 @pytest.fixture
 def fresh_postgres(postgres_url: str) -> Iterator[str]:
-    """An empty PostgreSQL database for one test (job counts and queue positions are global)."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"echo4o_gw_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield admin.url.set(database=name).render_as_string(hide_password=False)
-    from echo4o.db import dispose_engines
-
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

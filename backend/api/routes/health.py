@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend.api.deps import MetricsDep, SessionDep, SettingsDep
 from backend.schemas import Health, Readiness
@@ -52,4 +52,4 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format: jobs by status, queue depth, step time, latency histograms."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

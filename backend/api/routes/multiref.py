@@ -75,7 +75,7 @@ async def read_multiref_body(
     request: Request, max_bytes: int, max_files: int
 ) -> tuple[dict[str, Any], list[service.RawImage]]:
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type == "multipart/form-data":
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_files=max_files + 8, max_fields=200)
         except StarletteHTTPException as exc:  # malformed multipart, too many parts
