@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from echo4o.logging import get_logger
-from worker.engine.config import AE_WEIGHTS, EMA_WEIGHTS, LLM_CONFIG, VIT_CONFIG, BagelConfig, ConfigError
+from worker.engine.config import (
+    AE_CONFIG,
+    AE_WEIGHTS,
+    EMA_WEIGHTS,
+    LLM_CONFIG,
+    VIT_CONFIG,
+    BagelConfig,
+    ConfigError,
+)
 from worker.engine.models.bagel import Bagel
 from worker.engine.models.qwen2_mot import MoTDecoderLayer, Qwen2RotaryEmbedding
 from worker.engine.models.siglip_navit import SiglipEncoderLayer
@@ -26,7 +34,9 @@ log = get_logger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 REQUIRED_FILES = (LLM_CONFIG, VIT_CONFIG, EMA_WEIGHTS, AE_WEIGHTS, *TOKENIZER_FILES)
-HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "tokenizer*", "*.model")
+# exactly what is fetched from the Hub: the released layout, nothing else that a repository may hold
+HUB_FILES = (*REQUIRED_FILES, AE_CONFIG, "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+             "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -73,7 +83,7 @@ def _download(repo_id: str, *, token: str | None, cache_dir: str | None, endpoin
 
     log.info("fetching model from the Hugging Face Hub", extra={"repo_id": repo_id})
     try:
-        local = snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS), token=token, cache_dir=cache_dir,
+        local = snapshot_download(repo_id, allow_patterns=list(HUB_FILES), token=token, cache_dir=cache_dir,
                                   endpoint=endpoint)
     except GatedRepoError as exc:
         raise CheckpointError(f"Hub repository {repo_id} is gated: accept its terms on huggingface.co and set "
@@ -97,11 +107,11 @@ def _download(repo_id: str, *, token: str | None, cache_dir: str | None, endpoin
 # ---------------------------------------------------------------------------------------------------
 
 
-def _open_safetensors(path: Path):
+def _open_safetensors(path: Path, device: torch.device | None = None):
     from safetensors import safe_open
 
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(path), framework="pt", device=str(device or "cpu"))
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a broken or truncated file
         raise CheckpointError(
             f"{path.name} in {path.parent} is not a readable safetensors file ({type(exc).__name__}: "
@@ -123,11 +133,15 @@ def load_safetensors(
     dtype: torch.dtype,
     rename: Callable[[str], str] = lambda k: k,
     convert: Callable[[str, torch.Tensor], torch.Tensor] = lambda k, t: t,
+    read_device: torch.device | None = None,
 ) -> list[str]:
     """Load ``path`` into ``module`` (built on the meta device) strictly, one tensor at a time, each sent
-    straight to ``device_of(name)`` in ``dtype`` (floating tensors only). Returns the names loaded."""
+    straight to ``device_of(name)`` in ``dtype`` (floating tensors only). Returns the names loaded.
+
+    ``read_device``: where safetensors materialises each tensor (the target device when all weights go to one,
+    so nothing passes through host memory but the file's pages)."""
     expected = module.state_dict()
-    with _open_safetensors(path) as f:
+    with _open_safetensors(path, read_device) as f:
         file_keys = list(f.keys())
         mapped = {rename(k): k for k in file_keys}
         missing = set(expected) - set(mapped)
@@ -173,7 +187,8 @@ def load_bagel(path: Path, config: BagelConfig, device: torch.device, dtype: tor
     with torch.device("meta"):
         model = Bagel(config)
     device_of = _device_lookup(device_map, device)
-    load_safetensors(model, path / EMA_WEIGHTS, device_of=device_of, dtype=dtype)
+    load_safetensors(model, path / EMA_WEIGHTS, device_of=device_of, dtype=dtype,
+                     read_device=None if device_map else device)
     # buffers that are not in the checkpoint are made on the device of their module
     model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(config=config.llm).to(
         device_of("language_model.model.rotary_emb.inv_freq"))
@@ -195,6 +210,7 @@ def load_vae(path: Path, config: BagelConfig, device: torch.device, dtype: torch
         path / AE_WEIGHTS,
         device_of=lambda _name: device,
         dtype=dtype,
+        read_device=device,
         rename=lambda k: "autoencoder." + flux_to_diffusers_key(k, n),
         convert=lambda k, t: flux_to_diffusers_tensor(flux_to_diffusers_key(k, n), t),
     )
