@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from worker.engine import Echo4oPipeline
 from worker.engine.config import BagelConfig, VAEConfig
-from worker.engine.loading import CheckpointError, load_bagel, load_vae, read_config, resolve_checkpoint
+from worker.engine.loading import (
+    CheckpointError,
+    auto_device_map,
+    load_bagel,
+    load_vae,
+    read_config,
+    resolve_checkpoint,
+)
 from worker.engine.tiny import write_tiny_model
 
 
@@ -156,3 +163,13 @@ def test_vit_config_counts_one_layer_more_than_built(tiny_model):
 def test_bad_load_options_are_value_errors(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Echo4oPipeline.from_pretrained(tiny_model, **{"device": "cpu", **kwargs})
+
+
+def test_accelerate_placement_gives_the_same_result(tiny_model):
+    config = read_config(tiny_model)
+    device_map = auto_device_map(config, torch.float32, max_memory={"cpu": "1GiB"})
+    assert device_map  # every module placed
+    plain = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", device_map=None)
+    placed = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", device_map=device_map)
+    kwargs = {"height": 32, "width": 32, "num_steps": 3, "seed": 1, "output_type": "latent"}
+    assert torch.equal(plain("a cat", **kwargs).images[0], placed("a cat", **kwargs).images[0])
