@@ -251,13 +251,22 @@ def _sdpa(q, k, v, cu_q, cu_k, causal: bool) -> torch.Tensor:
         return one(0)
     if total_q * total_k <= _SDPA_BLOCK_MASK_MAX_CELLS:
         # many short sequences: one call with a block-diagonal mask beats a Python loop
-        mask = block_mask(cu_q, cu_k, causal)
+        mask, empty = _cached_block_mask(tuple(bounds_q), tuple(bounds_k), causal, q.device)
         out = _sdpa_one(q, k, v, attn_mask=mask)
-        empty = ~mask.any(dim=1)
-        if bool(empty.any()):
+        if empty is not None:
             out = out.masked_fill(empty[:, None, None], 0.0)
         return out
     return torch.cat([one(i) for i in range(len(lens))], dim=0)
+
+
+@functools.lru_cache(maxsize=4)  # at most 4 x 64 MiB
+def _cached_block_mask(bounds_q: tuple[int, ...], bounds_k: tuple[int, ...], causal: bool,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block mask (and its rows that see no key, or None) for these lengths: every layer of every
+    denoising step packs the same lengths, so it is built once."""
+    mask = block_mask(torch.tensor(bounds_q, device=device), torch.tensor(bounds_k, device=device), causal)
+    empty = ~mask.any(dim=1)
+    return mask, (empty if bool(empty.any()) else None)
 
 
 @functools.lru_cache(maxsize=64)
