@@ -264,8 +264,8 @@ class DemoApp:
         entry = self.running.start(session, tab, key)
         hidden_preview = gr.Image(value=None, visible=False)
         try:
-            yield (views.status_html("submitting", "Sending the request…"), hidden_preview, [], None, None,
-                   skip, skip)
+            yield (views.status_html("submitting", "Sending the request…"), hidden_preview, [],
+                   gr.File(value=None, visible=False), None, skip, skip)
             try:
                 job = submit()
             except ApiError as err:
@@ -299,8 +299,9 @@ class DemoApp:
                     params = {**(done.get("params") or {}), "seed": seed}
                     gallery = [(str(p), f"seed {seed} · #{i}") for i, p in enumerate(paths)]
                     text = f"Done in {took:.1f} s · {len(paths)} image(s) · seed {seed}"
-                    yield (views.status_html("done", text, job_id=job_id), hidden_preview, gallery,
-                           [str(p) for p in paths], params, seed, seed if seed is not None else skip)
+                    # plain values in the last answer: it is what API clients get (see _wire's .then)
+                    yield (views.status_html("done", text, job_id=job_id), None, gallery, [str(p) for p in paths],
+                           params, seed, seed if seed is not None else skip)
                     return
                 elif event.name == "failed":
                     msg = event.data.get("message") or "the job failed"
@@ -310,8 +311,7 @@ class DemoApp:
                     yield views.status_html("failed", text, job_id=job_id), skip, skip, skip, skip, skip, skip
                     return
                 elif event.name == "cancelled":
-                    yield (views.status_html("cancelled", "Cancelled", job_id=job_id), hidden_preview, skip,
-                           skip, skip, skip, skip)
+                    yield views.status_html("cancelled", "Cancelled", job_id=job_id), None, skip, skip, skip, skip, skip
                     return
         except ApiError as err:
             gr.Warning(err.readable())
@@ -466,7 +466,7 @@ class DemoApp:
         gallery = gr.Gallery(label="Result", columns=2, height=520, object_fit="contain", format="png",
                              elem_id=f"{prefix}-gallery", buttons=["download", "fullscreen"])
         files = gr.File(label="Download PNG (generation parameters in its metadata)", file_count="multiple",
-                        interactive=False, elem_id=f"{prefix}-files", height=120)
+                        interactive=False, elem_id=f"{prefix}-files", visible=False)
         with gr.Accordion("Parameters used", open=False):
             params = gr.JSON(label="Parameters", elem_id=f"{prefix}-params")
         return {"status": status, "preview": preview, "gallery": gallery, "files": files, "params": params}
@@ -495,10 +495,16 @@ class DemoApp:
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
             + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
         inputs = [key_state, last_seed, prompt, *extra_inputs, *controls.components]
+        def after(files: list[str] | None):
+            """When a job is over: the live preview goes, the download box shows if there are files."""
+            return gr.Image(visible=False), gr.File(visible=bool(files))
+
         generate_btn.click(handler, inputs, outputs, api_name=tab, concurrency_limit=self.concurrency,
-                           concurrency_id="jobs", show_progress="hidden")
+                           concurrency_id="jobs", show_progress="hidden").then(
+            after, res["files"], [res["preview"], res["files"]], show_progress="hidden", **PRIVATE)
         prompt.submit(handler, inputs, outputs, concurrency_limit=self.concurrency, concurrency_id="jobs",
-                      show_progress="hidden", **PRIVATE)
+                      show_progress="hidden", **PRIVATE).then(
+            after, res["files"], [res["preview"], res["files"]], show_progress="hidden", **PRIVATE)
 
         def cancel(request: gr.Request):
             return self.cancel(tab, request)
@@ -524,7 +530,7 @@ class DemoApp:
     def _build_multiref_tab(self, key_state, last_seed) -> dict[str, Any]:
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
-                refs = gr.File(label="Reference images (drop them here; drag to reorder, × to remove)",
+                refs = gr.File(label="References: drop images, drag ⋮⋮ to reorder",
                                file_count="multiple", file_types=["image"], allow_reordering=True,
                                elem_id="mr-references", height=200)
                 prompt = gr.Textbox(label="Instruction", lines=3, max_lines=8, elem_id="mr-prompt",

@@ -51,6 +51,7 @@ class ApiError(Exception):
     def readable(self) -> str:
         """One line for a person: what went wrong, the field at fault, and what to do where we know."""
         text = self.message.rstrip(".")
+        text = text[:1].upper() + text[1:]
         if self.param:
             text += f" (field: {self.param})"
         if self.status == 401:

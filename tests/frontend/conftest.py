@@ -102,13 +102,15 @@ def chromium() -> Iterator[object]:
 @pytest.fixture
 def page(chromium, request: pytest.FixtureRequest, artifacts: Path):
     """A fresh browser page (own session); a screenshot of the end state is kept when the test fails."""
+    failed_shot = artifacts / f"FAILED-{request.node.name}.png"
+    failed_shot.unlink(missing_ok=True)  # from an earlier run
     context = chromium.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     pg.set_default_timeout(60_000)
     yield pg
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     if failed:
-        pg.screenshot(path=str(artifacts / f"FAILED-{request.node.name}.png"), full_page=True)
+        pg.screenshot(path=str(failed_shot), full_page=True)
     context.close()
 
 

@@ -59,3 +59,35 @@ def test_gateway_error_comes_back_readable(ui) -> None:
     status, *_ = client.predict(prompt="   ", api_name="/generate")  # only whitespace: the gateway refuses it
     assert 'data-state="error"' in status
     assert "prompt" in status and "(field: prompt)" in status
+
+
+def test_several_users_generate_at_once(ui, ui_stack) -> None:
+    """While one session's job runs, another session's request reaches the gateway: the UI follows jobs
+    concurrently instead of one at a time (Gradio concurrency), and the gateway queues them."""
+    first, second = Client(ui.url, verbose=False), Client(ui.url, verbose=False)
+    long_job = first.submit(prompt="first user: long job", aspect="1:1", num_steps=100, api_name="/generate")
+    running = _wait_for_job(ui_stack, "first user: long job", ("running",))
+    short_job = second.submit(prompt="second user: short job", aspect="custom", height=32, width=32, num_steps=2,
+                              api_name="/generate")
+    queued = _wait_for_job(ui_stack, "second user: short job", ("queued", "running", "succeeded"))
+    with ui_stack.client("user") as c:
+        assert c.get(f"/jobs/{running['id']}").json()["status"] == "running"  # both in flight at once
+        c.delete(f"/jobs/{running['id']}")
+    assert 'data-state="cancelled"' in long_job.result()[0]
+    assert 'data-state="done"' in short_job.result()[0]
+    assert ui_stack.wait_job(queued["id"])["status"] == "succeeded"
+
+
+def _wait_for_job(stack, prompt: str, statuses: tuple[str, ...]) -> dict:
+    """The newest job with this prompt once it has one of ``statuses`` (bounded by the stack's wait)."""
+    import time
+
+    deadline = time.monotonic() + 240
+    with stack.client("user") as c:
+        while time.monotonic() < deadline:
+            for job in c.get("/jobs", params={"limit": 10}).json()["data"]:
+                if job["params"]["prompt"] == prompt and job["status"] in statuses:
+                    return job
+            stack.check_alive()
+            time.sleep(0.1)
+    raise AssertionError(f"no job {prompt!r} in {statuses} within 240 s\n{stack.logs()}")

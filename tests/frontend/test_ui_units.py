@@ -80,7 +80,7 @@ def test_contract_error_reads_as_one_line() -> None:
                                                "invalid_request_error", "param": "height", "code": "invalid_value"}})
     err = _error_from_response(resp)
     assert (err.status, err.param, err.code, err.type) == (422, "height", "invalid_value", "invalid_request_error")
-    assert err.readable() == "height must be a multiple of 16 (field: height)."
+    assert err.readable() == "Height must be a multiple of 16 (field: height)."
 
 
 def test_auth_and_rate_limit_errors_say_what_to_do() -> None:
