@@ -96,7 +96,7 @@ class WorkerProcess:
         try:
             with session_scope(self.database_url) as s:
                 return s.scalar(sa.select(Worker.status).where(Worker.id == self.worker_id))
-        except sa.exc.OperationalError:  # database or table not created yet
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # database or table not created yet
             return None
 
     def wait_ready(self, timeout_s: float = 240.0) -> WorkerProcess:
