@@ -72,12 +72,20 @@ def serve(
 
     from backend.app import create_app
 
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; with these handlers that returns here, so the
+    # embedded worker is stopped (warm) before the command exits instead of being orphaned
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _note_signal)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                     access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=5)
     finally:
         if worker is not None:
             _stop_worker(worker, log)
+
+
+def _note_signal(signum: int, _frame: object) -> None:
+    """Shutdown signals after uvicorn has stopped: nothing left to do but the cleanup in ``serve``."""
 
 
 def _start_embedded_worker(log) -> subprocess.Popen[bytes]:  # noqa: ANN001 - a logging.Logger

@@ -40,7 +40,7 @@ def sqlite_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def postgres_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+def postgresql_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     yield from _start(request, "postgresql")
 
 
