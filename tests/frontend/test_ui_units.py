@@ -113,3 +113,28 @@ def test_example_references_are_drawn(tmp_path) -> None:
     for p in paths:
         with Image.open(p) as img:
             assert img.size == (256, 256) and len(img.getcolors(maxcolors=1 << 20)) > 50  # a drawing, not a flat colour
+
+
+def test_unreachable_gateway_names_the_fix() -> None:
+    import socket
+
+    from frontend_gradio.client import GatewayClient
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = GatewayClient(f"http://127.0.0.1:{port}")
+    with pytest.raises(ApiError) as info:
+        client.health()
+    assert info.value.code == "gateway_unreachable"
+    assert f"127.0.0.1:{port}" in info.value.readable() and "echo4o serve" in info.value.readable()
+
+
+def test_ui_command_refuses_a_non_http_api_url() -> None:
+    from typer.testing import CliRunner
+
+    from echo4o.cli import app
+
+    result = CliRunner().invoke(app, ["ui", "--api", "127.0.0.1:8000"])
+    assert result.exit_code == 2
+    assert "--api must be an http(s) URL" in result.output
