@@ -85,7 +85,7 @@ def generate(
 ) -> None:
     """Generate an image from a prompt (and reference images); the PNG carries every parameter."""
     settings = get_settings()
-    from echo4o.jobs import ASPECT_PRESETS, draw_seed
+    from echo4o.jobs import ASPECT_PRESETS, MAX_SIDE, SIDE_MULTIPLE, draw_seed
 
     if aspect is not None:
         if aspect not in ASPECT_PRESETS:
@@ -95,6 +95,10 @@ def generate(
         height, width = ASPECT_PRESETS[aspect]
     if (height is None) != (width is None):
         _fail("--height and --width go together (or use --aspect)")
+    for flag, value in (("--height", height), ("--width", width)):
+        # checked before the (slow) model load; the pipeline checks again against the model's own limits
+        if value is not None and not (SIDE_MULTIPLE <= value <= MAX_SIDE and value % SIDE_MULTIPLE == 0):
+            _fail(f"{flag} must be a multiple of {SIDE_MULTIPLE} in {SIDE_MULTIPLE}..{MAX_SIDE}; got {value}")
     attention = attention or settings.attention
     if attention not in ATTENTION_CHOICES:
         _fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
