@@ -87,18 +87,47 @@ class KVCache:
         return other
 
 
-class PrefillPlan:
+class _Plan:
+    """The packed sequences of one forward (query and key lengths, causal or not) and how to attend over them.
+
+    The ``sdpa`` backend reads sequence lengths on the host, so its cumulative lengths stay on the CPU (no
+    device synchronisation per layer), and several sequences are attended one call each: a block-diagonal
+    mask over all of them would spend time and memory on the masked-out cells. The other backends take the
+    whole pack in one call.
+    """
+
+    def __init__(self, lens_q: list[int], lens_k: list[int], causal: bool, backend: str, device: torch.device):
+        self.causal = causal
+        self.backend = backend
+        self.lens_q, self.lens_k = lens_q, lens_k
+        cu_device = torch.device("cpu") if backend == "sdpa" else device
+        self.cu_q = torch.tensor([0, *_cumsum(lens_q)], dtype=torch.int32, device=cu_device)
+        self.cu_k = torch.tensor([0, *_cumsum(lens_k)], dtype=torch.int32, device=cu_device)
+        self.max_q, self.max_k = max(lens_q), max(lens_k)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.backend != "sdpa":
+            return packed_attention(q, k, v, _on(self.cu_q, q.device), _on(self.cu_k, q.device), self.max_q,
+                                    self.max_k, self.causal, self.backend)
+        if len(self.lens_q) == 1:
+            return packed_attention(q, k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, self.causal, "sdpa")
+        outs, oq, ok = [], 0, 0
+        for lq, lk in zip(self.lens_q, self.lens_k, strict=True):
+            cu_q = torch.tensor([0, lq], dtype=torch.int32)
+            cu_k = torch.tensor([0, lk], dtype=torch.int32)
+            outs.append(packed_attention(q[oq:oq + lq], k[ok:ok + lk], v[ok:ok + lk], cu_q, cu_k, lq, lk,
+                                         self.causal, "sdpa"))
+            oq, ok = oq + lq, ok + lk
+        return torch.cat(outs, dim=0)
+
+
+class PrefillPlan(_Plan):
     """One new segment appended to ``cache``: its queries see the whole cache plus the segment
     (causally for text, fully inside an image); the merged keys and values become the cache."""
 
     def __init__(self, cache: KVCache, query_len: int, causal: bool, backend: str, device: torch.device):
+        super().__init__([query_len], [cache.length + query_len], causal, backend, device)
         self.cache = cache
-        self.causal = causal
-        self.backend = backend
-        total = cache.length + query_len
-        self.cu_q = torch.tensor([0, query_len], dtype=torch.int32, device=device)
-        self.cu_k = torch.tensor([0, total], dtype=torch.int32, device=device)
-        self.max_q, self.max_k = query_len, total
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past_k, past_v = self.cache.keys[layer], self.cache.values[layer]
@@ -109,7 +138,7 @@ class PrefillPlan:
         return k, v
 
 
-class BranchPlan:
+class BranchPlan(_Plan):
     """Several query segments packed together, segment ``b`` attending (fully) to context ``b`` plus itself.
 
     Used by the denoising loop: the contexts never change, so each layer's keys and values live in one
@@ -119,13 +148,9 @@ class BranchPlan:
     def __init__(self, contexts: list[KVCache], query_lens: list[int], backend: str, device: torch.device):
         if len(contexts) != len(query_lens):
             raise ValueError("one query length per context")
-        self.causal = False
-        self.backend = backend
-        num_layers = len(contexts[0].keys)
         lens_k = [c.length + q for c, q in zip(contexts, query_lens, strict=True)]
-        self.cu_q = torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32, device=device)
-        self.cu_k = torch.tensor([0, *_cumsum(lens_k)], dtype=torch.int32, device=device)
-        self.max_q, self.max_k = max(query_lens), max(lens_k)
+        super().__init__(list(query_lens), lens_k, False, backend, device)
+        num_layers = len(contexts[0].keys)
         slots, start = [], 0
         for c, q in zip(contexts, query_lens, strict=True):
             slots.append(torch.arange(start + c.length, start + c.length + q))
@@ -201,8 +226,7 @@ class MoTAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         dtype = x.dtype
         k_all, v_all = plan.keys_values(self.layer_idx, k.to(dtype), v.to(dtype))
-        out = packed_attention(q.to(dtype), k_all, v_all, _on(plan.cu_q, x.device), _on(plan.cu_k, x.device),
-                               plan.max_q, plan.max_k, plan.causal, plan.backend)
+        out = plan.attend(q.to(dtype), k_all, v_all)
         out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return route.apply(out, self.o_proj, self.o_proj_moe_gen)
 
