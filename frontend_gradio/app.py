@@ -11,6 +11,7 @@ import base64
 import inspect
 import io
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -48,6 +49,8 @@ DEFAULTS = {
     "multiref": {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
                  "cfg_renorm_type": "text_channel", "aspect": FOLLOW_REF},
 }
+CACHE_TTL_S = 24 * 3600  # downloaded results (and Gradio's copies of them) are kept a day
+
 COMMON_DEFAULTS = {"num_steps": 50, "timestep_shift": 3.0, "cfg_renorm_min": 0.0, "num_images": 1}
 
 THEME = gr.themes.Soft(
@@ -230,7 +233,7 @@ class DemoApp:
     """Holds the gateway client and the per-session job registry; builds the Blocks."""
 
     def __init__(self, api_url: str, api_key: str | None = None, *, concurrency: int = 16,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, cache_ttl_s: float = CACHE_TTL_S) -> None:
         self.client = GatewayClient(api_url, api_key)
         self.api_url = api_url
         self.has_default_key = bool(api_key)
@@ -238,9 +241,25 @@ class DemoApp:
         self.running = RunningJobs()
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="echo4o-ui-"))
         self.example_refs = write_reference_examples(self.cache_dir / "examples")
+        self.cache_ttl_s = cache_ttl_s
+        self._last_prune = 0.0
+
+    def _prune(self) -> None:
+        """Drop downloaded results older than the cache TTL (at most once a minute)."""
+        now = time.time()
+        if now - self._last_prune < 60:
+            return
+        self._last_prune = now
+        for folder in (self.cache_dir / "results").glob("*"):
+            try:
+                if now - folder.stat().st_mtime > self.cache_ttl_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                pass
 
     # ---- generation ----
     def _download(self, job: dict[str, Any], key: str | None) -> list[Path]:
+        self._prune()
         folder = self.cache_dir / "results" / job["id"]
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -396,7 +415,8 @@ class DemoApp:
 
     # ---- layout ----
     def build(self) -> gr.Blocks:
-        with gr.Blocks(title="Echo-4o demo", analytics_enabled=False) as demo:
+        with gr.Blocks(title="Echo-4o demo", analytics_enabled=False,
+                       delete_cache=(3600, int(self.cache_ttl_s))) as demo:
             key_state = gr.State("")
             last_seed = gr.State(None)
             with gr.Row(elem_classes="e4o-header"):

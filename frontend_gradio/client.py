@@ -176,7 +176,8 @@ class GatewayClient:
         url = urljoin(self.base_url, job.get("events_url") or f"jobs/{job_id}/events")
         try:
             with connect_sse(
-                self._http, "GET", url, headers=self._headers(key), timeout=httpx.Timeout(30.0, read=None)
+                # the gateway pings every 10 s: a minute of silence means the stream is dead (then: polling)
+                self._http, "GET", url, headers=self._headers(key), timeout=httpx.Timeout(30.0, read=60.0)
             ) as source:
                 if source.response.status_code >= 400:
                     source.response.read()

@@ -138,3 +138,21 @@ def test_ui_command_refuses_a_non_http_api_url() -> None:
     result = CliRunner().invoke(app, ["ui", "--api", "127.0.0.1:8000"])
     assert result.exit_code == 2
     assert "--api must be an http(s) URL" in result.output
+
+
+def test_downloaded_results_are_pruned_after_their_ttl(tmp_path) -> None:
+    import os
+    import time
+
+    from frontend_gradio.app import DemoApp
+
+    app = DemoApp("http://127.0.0.1:9", cache_dir=tmp_path, cache_ttl_s=3600)  # no call is made
+    old, fresh = tmp_path / "results" / "old", tmp_path / "results" / "fresh"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "0.png").write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    app._prune()
+    assert not old.exists() and fresh.exists()
+    assert (tmp_path / "examples" / "red-ball.png").exists()
