@@ -26,7 +26,7 @@ def test_embedded_broker_runs_jobs_and_recovers_a_killed_workers_job(
     assert get_settings().embedded_broker
     assert queue.ping_broker()["transport"] == "echo4osqla"
 
-    with WorkerProcess(model=tiny_model) as first:
+    with WorkerProcess(model=tiny_model, log_path=tmp_path / "first.log") as first:
         job_id = submit(prompt="no redis here", seed=9, **QUICK)
         job = wait_for_job(job_id, worker=first)
         assert job.status == "succeeded", (job.error_code, job.error_message)
@@ -39,7 +39,7 @@ def test_embedded_broker_runs_jobs_and_recovers_a_killed_workers_job(
             job = wait_for_job(long_id, statuses=("running",), worker=first)
         first.kill()
 
-    with WorkerProcess(model=tiny_model) as second:
+    with WorkerProcess(model=tiny_model, log_path=tmp_path / "second.log") as second:
         job = wait_for_job(long_id, timeout_s=240, worker=second)
         assert job.status == "succeeded", (job.error_code, job.error_message)
         assert job.attempts == 2 and job.worker == second.worker_id

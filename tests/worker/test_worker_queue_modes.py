@@ -19,7 +19,7 @@ def _finetune_job() -> str:
 
 @pytest.mark.parametrize(("broker", "database"), [("embedded", "sqlite"), ("redis", "postgresql")])
 def test_train_queue_round_trip_and_lifecycle(
-    broker: str, database: str, request: pytest.FixtureRequest, monkeypatch
+    broker: str, database: str, request: pytest.FixtureRequest, monkeypatch, tmp_path
 ) -> None:
     if broker == "redis":
         monkeypatch.setenv("ECHO4O_BROKER_URL", request.getfixturevalue("redis_url"))
@@ -28,7 +28,7 @@ def test_train_queue_round_trip_and_lifecycle(
     get_settings.cache_clear()
     assert get_settings().embedded_broker is (broker == "embedded")
     queue.ping_broker()
-    with WorkerProcess(queues="train") as worker:
+    with WorkerProcess(queues="train", log_path=tmp_path / "worker.log") as worker:
         job_id = _finetune_job()
         assert queue.submit(job_id, "finetune", priority=5) == job_id
         job = wait_for_job(job_id, worker=worker)

@@ -28,7 +28,7 @@ def test_killed_worker_job_is_redelivered_to_another(
     use_env(monkeypatch, env)
     assert get_settings().broker_visibility_timeout_s == JOB_TIMEOUT_S + 1
 
-    with WorkerProcess(model=tiny_model) as victim:
+    with WorkerProcess(model=tiny_model, log_path=tmp_path / "victim.log") as victim:
         job_id = submit(prompt="redelivered", seed=3, **LONG)
         job = wait_for_job(job_id, statuses=("running",), worker=victim)
         while job.progress_step < 1:  # mid-sampling
@@ -37,7 +37,7 @@ def test_killed_worker_job_is_redelivered_to_another(
         victim.kill()
 
     # started after the kill: the job's only way to this worker is redelivery by the broker
-    with WorkerProcess(model=tiny_model) as rescuer:
+    with WorkerProcess(model=tiny_model, log_path=tmp_path / "rescuer.log") as rescuer:
         job = wait_for_job(job_id, timeout_s=240, worker=rescuer)
         assert job.status == "succeeded", (job.error_code, job.error_message)
         assert job.attempts == 2 and job.worker == rescuer.worker_id

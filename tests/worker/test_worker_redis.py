@@ -37,7 +37,9 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
 @pytest.fixture(scope="module")
 def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
     with environment(stack_env):
-        worker = WorkerProcess(model=stack_env["ECHO4O_MODEL"]).start()
+        worker = WorkerProcess(
+            model=stack_env["ECHO4O_MODEL"], log_path=Path(stack_env["ECHO4O_DATA_DIR"]) / "worker.log"
+        ).start()
         try:
             worker.wait_ready()
         except BaseException:
@@ -158,6 +160,7 @@ def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_wo
     assert (job.status, job.error_code) == ("failed", "model_unavailable")
 
     assert module_worker.alive() and module_worker.status() in ("ready", "busy")
+    assert module_worker.logs().count("worker.engine.pipeline: model loaded") == 1  # once per process, not per job
     ok = submit(prompt="still serving", **QUICK)
     job = wait_for_job(ok, worker=module_worker)
     assert job.status == "succeeded" and job.worker == module_worker.worker_id
