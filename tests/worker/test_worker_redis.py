@@ -3,6 +3,7 @@ module (its own data dir, Redis database and worker)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from echo4o.db import crud, session_scope
+from echo4o.db.models import Worker
 from echo4o.pnginfo import params_from_png
 from tests.support.worker_proc import WorkerProcess, wait_for_job
 from tests.worker.jobs_support import (
@@ -26,6 +28,11 @@ from tests.worker.jobs_support import (
 # a job of several seconds on the tiny model (time to cancel it mid-way), and a quick one
 LONG = {"height": 32, "width": 32, "num_steps": 12}
 QUICK = {"height": 32, "width": 32, "num_steps": 3}
+
+
+def _heartbeat(worker_id: str):
+    with session_scope() as s:
+        return s.get(Worker, worker_id, populate_existing=True).heartbeat_at
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,7 @@ def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) 
     while job.progress_step < 1:
         job = wait_for_job(running, statuses=("running",), worker=module_worker)
 
+    assert module_worker.status() == "busy"
     # one worker, prefetch 1: the second job is still waiting in Redis, so it is cancelled at once
     row = cancel(queued)
     assert row.status == "cancelled" and row.finished_at is not None
@@ -161,6 +169,12 @@ def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_wo
 
     assert module_worker.alive() and module_worker.status() in ("ready", "busy")
     assert module_worker.logs().count("worker.engine.pipeline: model loaded") == 1  # once per process, not per job
+    # the heartbeat keeps moving (every ECHO4O_WORKER_HEARTBEAT_S = 1 s here)
+    first = _heartbeat(module_worker.worker_id)
+    deadline = time.monotonic() + 60
+    while _heartbeat(module_worker.worker_id) <= first:
+        assert time.monotonic() < deadline, "the worker's heartbeat did not advance in 60 s"
+        time.sleep(0.2)
     ok = submit(prompt="still serving", **QUICK)
     job = wait_for_job(ok, worker=module_worker)
     assert job.status == "succeeded" and job.worker == module_worker.worker_id
