@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from echo4o.logging import get_logger
@@ -146,6 +147,16 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable", extra={"path": request.url.path, "error": f"{type(exc).__name__}: {exc}"})
+    body = error_body(
+        "the job database is busy or unreachable; retry shortly (see Retry-After). If it persists, check "
+        "ECHO4O_DATABASE_URL and that the database is up",
+        type="service_unavailable", param=None, code="database_unavailable",
+    )
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
     body = error_body(
@@ -159,4 +170,8 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ValidationError, _pydantic_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    # pool exhausted under load, database restarting or unreachable: the client may retry
+    app.add_exception_handler(sa_exc.TimeoutError, _database_unavailable)
+    app.add_exception_handler(sa_exc.OperationalError, _database_unavailable)
+    app.add_exception_handler(sa_exc.DisconnectionError, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

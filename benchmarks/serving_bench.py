@@ -3,7 +3,7 @@
 1. Direct: ``Echo4oPipeline`` called in this process (same model, size, steps and seed as the jobs).
 2. End to end: the same job through a live stack (``echo4o serve`` on uvicorn, Redis broker, one
    ``echo4o worker`` subprocess): ``POST /generate?wait=`` until the finished job comes back, then the PNG
-   downloaded. ``overhead_ratio`` = median end-to-end / median direct.
+   downloaded. Direct and end-to-end runs alternate. ``overhead_ratio`` = median end-to-end / median direct.
 3. Submissions: ``POST /generate`` at concurrency 1, 8 and 64 with the worker stopped (so sampling does not
    compete for the CPU with the gateway): requests per second and p50/p99 latency per level.
 
@@ -44,46 +44,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def direct_timings(model: Path, size: int, steps: int, seed: int, repeats: int,
-                   target_s: float | None) -> tuple[int, list[float]]:
-    """(steps, wall seconds per call) of direct pipeline calls; ``target_s`` calibrates the step count."""
-    from worker.engine import Echo4oPipeline
+class Direct:
+    """The pipeline in this process, on the CPU like the worker."""
 
-    pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
-    kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
-    pipe(PROMPT, num_steps=3, **kwargs)  # warm-up, as the worker does
-    if target_s is not None:
-        probe_steps = 6
+    def __init__(self, model: Path, size: int, seed: int) -> None:
+        from worker.engine import Echo4oPipeline
+
+        self.pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
+        self.kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
+        self.pipe(PROMPT, num_steps=3, **self.kwargs)  # warm-up, as the worker does
+
+    def calibrate(self, target_s: float) -> int:
+        """Steps for about ``target_s`` seconds of sampling (per-step time from a 6-step run)."""
+        probe = 6
         t0 = time.perf_counter()
-        pipe(PROMPT, num_steps=probe_steps, **kwargs)
-        per_step = (time.perf_counter() - t0) / (probe_steps - 1)
-        steps = max(2, min(100, round(target_s / per_step) + 1))
-    walls = []
-    for _ in range(repeats):
+        self.pipe(PROMPT, num_steps=probe, **self.kwargs)
+        per_step = (time.perf_counter() - t0) / (probe - 1)
+        return max(2, min(100, round(target_s / per_step) + 1))
+
+    def run(self, steps: int) -> float:
         t0 = time.perf_counter()
-        pipe(PROMPT, num_steps=steps, **kwargs)
-        walls.append(time.perf_counter() - t0)
-    return steps, walls
+        self.pipe(PROMPT, num_steps=steps, **self.kwargs)
+        return time.perf_counter() - t0
 
 
-def end_to_end(stack, size: int, steps: int, seed: int, repeats: int) -> tuple[list[float], list[float]]:
-    """(client wall seconds submit -> PNG in hand, worker-recorded sampling seconds) per job."""
-    walls, sampling = [], []
-    with stack.client(timeout=600) as c:
-        body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed}
-        c.post("/generate", params={"wait": 600}, json={**body, "num_steps": 3})  # warm path
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = c.post("/generate", params={"wait": 600}, json=body)
-            r.raise_for_status()
-            job = r.json()
-            if job.get("status") != "succeeded":
-                raise RuntimeError(f"job did not succeed in time: {job}")
-            img = c.get(job["result"]["images"][0]["url"])
-            img.raise_for_status()
-            walls.append(time.perf_counter() - t0)
-            sampling.append(job["result"]["timings"]["sampling_s"])
-    return walls, sampling
+def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> tuple[float, float]:
+    """(client wall seconds from submit to PNG in hand, worker-recorded sampling seconds) of one job."""
+    body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed}
+    t0 = time.perf_counter()
+    r = client.post("/generate", params={"wait": 600}, json=body)
+    r.raise_for_status()
+    job = r.json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed in time: {job}")
+    client.get(job["result"]["images"][0]["url"]).raise_for_status()
+    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
 
 
 async def submit_burst(url: str, key: str, concurrency: int, total: int) -> dict[str, float]:
@@ -126,7 +121,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
     ap.add_argument("--target-s", type=float, default=1.0, help="sampling seconds per job to calibrate to")
-    ap.add_argument("--repeats", type=int, default=7, help="timed jobs per path")
+    ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path")
     ap.add_argument("--submits", type=int, default=400, help="submissions per concurrency level")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -144,16 +139,23 @@ def main() -> None:
         model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
     seed = 1234
 
-    steps, direct_wall = direct_timings(model, args.size, args.steps or 2, seed, args.repeats,
-                                           None if args.steps else args.target_s)
-    print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
-
     r = redis.Redis.from_url(args.broker_url)
     r.flushdb()
+    direct_wall, e2e_wall, e2e_sampling = [], [], []
     try:
         with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
                         database_url=args.database_url, env={"ECHO4O_LOG_LEVEL": "WARNING"}) as stack:
-            e2e_wall, e2e_sampling = end_to_end(stack, args.size, steps, seed, args.repeats)
+            direct = Direct(model, args.size, seed)
+            steps = args.steps or direct.calibrate(args.target_s)
+            print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
+            with stack.client(timeout=600) as client:
+                end_to_end(client, args.size, steps, seed)  # warm path
+                # interleaved, so that load from elsewhere on the machine hits both paths alike
+                for _ in range(args.repeats):
+                    direct_wall.append(direct.run(steps))
+                    wall, sampling = end_to_end(client, args.size, steps, seed)
+                    e2e_wall.append(wall)
+                    e2e_sampling.append(sampling)
             for w in stack.workers:  # submissions only from here: keep the CPU for the gateway
                 w.stop()
             levels = [int(x) for x in args.concurrency.split(",")]
@@ -170,6 +172,10 @@ def main() -> None:
         "end_to_end_sampling_s_median": statistics.median(e2e_sampling),
         "overhead_s_median": e2e_med - direct_med,
         "overhead_ratio": e2e_med / direct_med,
+        # the fastest of each path: less sensitive to other load on a shared machine
+        "overhead_ratio_min": min(e2e_wall) / min(direct_wall),
+        "direct_s": direct_wall,
+        "end_to_end_s": e2e_wall,
         "submissions": bursts,
         "submits_per_s": next((b["submits_per_s"] for b in bursts if b["concurrency"] == 64),
                               bursts[-1]["submits_per_s"]),
@@ -180,7 +186,7 @@ def main() -> None:
     print(f"{'gateway + Celery + Redis (e2e)':<34}{e2e_med:>10.3f}{min(e2e_wall):>10.3f}{max(e2e_wall):>10.3f}")
     print(f"{'  of which worker sampling':<34}{statistics.median(e2e_sampling):>10.3f}")
     print(f"overhead_ratio (e2e / direct, medians): {figures['overhead_ratio']:.3f}  "
-          f"(+{figures['overhead_s_median'] * 1000:.0f} ms)")
+          f"(+{figures['overhead_s_median'] * 1000:.0f} ms); fastest / fastest: {figures['overhead_ratio_min']:.3f}")
     print()
     print(f"{'concurrency':>12}{'requests':>10}{'errors':>8}{'submits/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for b in bursts:

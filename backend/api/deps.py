@@ -22,14 +22,14 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API 
 _x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:  # async: no thread hop for a lookup
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -37,6 +37,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """A session for a sync route (used within its one thread). Async routes use ``service.in_session``."""
     session = get_sessionmaker(settings.database_url)()
     try:
         yield session
@@ -49,14 +50,19 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 def get_current_key(
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
     x_api_key: Annotated[str | None, Security(_x_api_key)] = None,
 ) -> Principal:
     # HTTPBearer returns None for a non-Bearer scheme; read the raw header so that case gets a clear 401.
     key = key_from_headers(request.headers.get("authorization"), x_api_key)
-    principal = authenticate(session, settings, key)
+    # A session of its own, closed before the route runs: no pooled connection is held across the thread
+    # hops of an async route (with every worker thread waiting for a connection, that would deadlock).
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        principal = authenticate(session, settings, key)
+    finally:
+        session.close()
     request.state.principal = principal
     return principal
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from backend import service
-from backend.api.deps import CurrentKey, MetricsDep, SessionDep, SettingsDep
+from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.schemas import JobCreated, JobPublic, error_responses
 from echo4o.jobs import GenerateJob
 
@@ -27,10 +27,10 @@ WaitQuery = Annotated[
     responses={200: {"model": JobPublic, "description": "Finished within ?wait"}, **error_responses(401, 422, 429)},
 )
 async def generate(
-    payload: GenerateJob, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
-    principal: CurrentKey, metrics: MetricsDep, wait: WaitQuery = None,
+    payload: GenerateJob, request: Request, response: Response, settings: SettingsDep, principal: CurrentKey,
+    metrics: MetricsDep, wait: WaitQuery = None,
 ) -> JobCreated | JobPublic:
     """Queue a text-to-image job. Every field is optional but `prompt`; the seed is drawn when absent."""
     timeout = service.check_wait(settings, wait)
-    job = await service.run_sync(service.submit_job, session, settings, metrics, principal, payload)
+    job = await service.in_session(settings, lambda s: service.submit_job(s, settings, metrics, principal, payload))
     return await service.created_or_finished(request, response, settings, job, timeout)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import service
-from backend.api.deps import CurrentKey, MetricsDep, SessionDep, SettingsDep
+from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.api.routes.generate import WaitQuery
 from backend.errors import invalid
 from backend.schemas import JobCreated, JobPublic, error_responses
@@ -59,15 +59,17 @@ def _request_schemas() -> dict[str, Any]:
     openapi_extra=_request_schemas(),
 )
 async def multiref(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, principal: CurrentKey,
-    metrics: MetricsDep, wait: WaitQuery = None,
+    request: Request, response: Response, settings: SettingsDep, principal: CurrentKey, metrics: MetricsDep,
+    wait: WaitQuery = None,
 ) -> JobCreated | JobPublic:
     """Queue a multi-reference job: 1..ECHO4O_MAX_REFERENCES images and an instruction (`prompt`).
 
     Without `height`/`width` the output takes the size of the last reference."""
     timeout = service.check_wait(settings, wait)
     fields, raw = await read_multiref_body(request, settings.max_upload_bytes, settings.max_references)
-    job = await service.run_sync(service.submit_multiref, session, settings, metrics, principal, fields, raw)
+    job = await service.in_session(
+        settings, lambda s: service.submit_multiref(s, settings, metrics, principal, fields, raw)
+    )
     return await service.created_or_finished(request, response, settings, job, timeout)
 
 

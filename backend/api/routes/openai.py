@@ -13,9 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from backend import service
-from backend.api.deps import CurrentKey, MetricsDep, SessionDep, SettingsDep
+from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.errors import ApiError, from_pydantic, invalid
 from backend.schemas import ImageData, ImagesGenerationRequest, ImagesResponse, error_responses
 from echo4o.db.models import Job
@@ -97,7 +98,7 @@ async def wait_synchronously(settings: Settings, job: Job) -> Job:
 
 
 @router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 422, 429))
-async def generations(body: ImagesGenerationRequest, request: Request, session: SessionDep, settings: SettingsDep,
+async def generations(body: ImagesGenerationRequest, request: Request, settings: SettingsDep,
                       principal: CurrentKey, metrics: MetricsDep) -> ImagesResponse:
     """Text to image, OpenAI style (`size` is WIDTHxHEIGHT, multiples of 16 up to 1024)."""
     fields = job_fields(body.model_dump(exclude_unset=True), kind="generate")
@@ -105,8 +106,8 @@ async def generations(body: ImagesGenerationRequest, request: Request, session: 
         payload = GenerateJob.model_validate(fields)
     except ValidationError as exc:
         raise _renamed(from_pydantic(exc), size_given=body.size not in (None, "auto")) from None
-    job = await service.run_sync(
-        lambda: service.submit_job(session, settings, metrics, principal, payload, model_param="model")
+    job = await service.in_session(
+        settings, lambda s: service.submit_job(s, settings, metrics, principal, payload, model_param="model")
     )
     ended = await wait_synchronously(settings, job)
     output_format = body.model_dump().get("output_format") or "png"
@@ -131,7 +132,7 @@ async def generations(body: ImagesGenerationRequest, request: Request, session: 
         },
     }}}}},
 )
-async def edits(request: Request, session: SessionDep, settings: SettingsDep, principal: CurrentKey,
+async def edits(request: Request, settings: SettingsDep, principal: CurrentKey,
                 metrics: MetricsDep) -> ImagesResponse:
     """Multi-reference generation, OpenAI style: every `image[]` part is one reference."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -145,14 +146,14 @@ async def edits(request: Request, session: SessionDep, settings: SettingsDep, pr
     output_format = form_fields.get("output_format") or "png"
     fields = job_fields(form_fields, kind="multiref")
 
-    def submit() -> Job:
+    def submit(session: Session) -> Job:
         try:
             return service.submit_multiref(session, settings, metrics, principal, fields, raw, images_param="image",
                                            model_param="model")
         except ApiError as err:
             raise _renamed(err, size_given=form_fields.get("size") not in (None, "auto")) from None
 
-    job = await service.run_sync(submit)
+    job = await service.in_session(settings, submit)
     ended = await wait_synchronously(settings, job)
     return await service.run_sync(images_response, request, settings, ended, response_format, output_format)
 
