@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.db.models import Job
 from echo4o.logging import get_logger
@@ -132,7 +134,7 @@ class WorkerRuntime:
         requeued: list[str] = []
         with session_scope(self.settings.database_url) as s:
             stale = {j.id: j for j in crud.stale_running_jobs(session=s, max_age_s=max_age)}
-            for job in s.query(Job).filter(Job.status == "running").all():
+            for job in s.scalars(sa.select(Job).where(Job.status == "running")).all():
                 if job.id not in stale and _is_dead_local_worker(job.worker, self.hostname):
                     stale[job.id] = job
             for job in stale.values():
