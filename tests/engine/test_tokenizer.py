@@ -101,3 +101,16 @@ def test_corrupt_files_are_a_clear_error(tiny_tok_dir: Path, tmp_path: Path):
     (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="corrupt"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizer_json_alone_loads_the_same(tiny_tok_dir: Path, tmp_path: Path):
+    """Hub folders often ship tokenizer.json; without vocab.json/merges.txt it must give the same ids."""
+    tok, ids = load_tokenizer(tiny_tok_dir)
+    tok.save_pretrained(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").is_file()
+    tok2, ids2 = load_tokenizer(tmp_path)
+    assert ids2 == ids
+    text = "a red panda, 2025 <|im_start|>x<|im_end|>"
+    assert tok2.encode(text) == tok.encode(text)
