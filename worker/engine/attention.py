@@ -13,7 +13,8 @@ uses (a contract with ``worker/engine/models``):
 ``packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, backend)``
     ``q``: ``(total_q, Hq, D)``; ``k``, ``v``: ``(total_k, Hkv, D)`` with ``Hq`` a multiple of ``Hkv``
     (grouped-query attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). ``cu_seqlens_*`` are int32
-    cumulative lengths ``[0, l0, l0 + l1, ...]`` with one entry more than there are sequences. Query token
+    cumulative lengths ``[0, l0, l0 + l1, ...]`` with one entry more than there are sequences, on the CPU or
+    on ``q``'s device (sdpa and xformers read them on the host: CPU ones cost no device sync). Query token
     ``i`` of sequence ``b`` attends to the keys of sequence ``b`` only; with ``causal`` it sees keys up to
     ``i + len_k[b] - len_q[b]`` (causal mask aligned to the bottom-right corner, as flash-attn >= 2.1 and
     xformers' ``BlockDiagonalCausalFromBottomRightMask``). A query that sees no key gets zeros. Scale is
@@ -284,17 +285,19 @@ def _xformers_bias(lens_q: tuple[int, ...], lens_k: tuple[int, ...], causal: boo
     return cls.from_seqlens(q_seqlen=list(lens_q), kv_seqlen=list(lens_k), device=device)
 
 
-def xformers_bias(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool):
-    """The xformers attention bias for packed sequences (cached by lengths: denoising steps reuse it)."""
+def xformers_bias(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool,
+                  device: torch.device | None = None):
+    """The xformers attention bias for packed sequences, on ``device`` (default: that of ``cu_seqlens_q``),
+    cached by lengths: every layer and denoising step reuse it. CPU ``cu_seqlens`` cost no device sync."""
     lens_q = tuple((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist())
     lens_k = tuple((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist())
-    return _xformers_bias(lens_q, lens_k, causal, cu_seqlens_q.device)
+    return _xformers_bias(lens_q, lens_k, causal, device or cu_seqlens_q.device)
 
 
 def _xformers(q, k, v, cu_q, cu_k, causal: bool) -> torch.Tensor:
     import xformers.ops as xops
 
-    bias = xformers_bias(cu_q, cu_k, causal)
+    bias = xformers_bias(cu_q, cu_k, causal, q.device)
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     groups = hq // hkv
@@ -313,7 +316,7 @@ def _flash_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool) -> to
         raise ValueError(f"flash_attn has no {q.dtype} kernel: use --dtype bfloat16, or --attention sdpa/xformers")
     return flash_attn_varlen_func(
         q, k, v,
-        cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
+        cu_seqlens_q=cu_q.to(q.device, torch.int32), cu_seqlens_k=cu_k.to(q.device, torch.int32),
         max_seqlen_q=int(max_q), max_seqlen_k=int(max_k),
         softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal,
     )
