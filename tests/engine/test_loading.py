@@ -173,3 +173,9 @@ def test_accelerate_placement_gives_the_same_result(tiny_model):
     placed = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", device_map=device_map)
     kwargs = {"height": 32, "width": 32, "num_steps": 3, "seed": 1, "output_type": "latent"}
     assert torch.equal(plain("a cat", **kwargs).images[0], placed("a cat", **kwargs).images[0])
+
+
+def test_a_corrupt_tokenizer_is_a_checkpoint_error(model_copy):
+    (model_copy / "tokenizer_config.json").write_text("{ broken")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        Echo4oPipeline.from_pretrained(model_copy, device="cpu")

@@ -168,8 +168,10 @@ class Echo4oPipeline:
         """Generate ``num_images`` images for ``prompt``, conditioned on ``images`` (references) if given.
 
         ``num_steps`` is the number of schedule points (the reference's ``num_timesteps``): the sampler takes
-        ``num_steps - 1`` Euler steps and ``callback(step, num_steps - 1, preview)`` runs after each one
-        (``step`` from 1). An exception raised in the callback stops sampling and propagates.
+        ``num_steps - 1`` Euler steps per image and ``callback(step, total, preview)`` runs after each one
+        (``step`` from 1 to ``total = (num_steps - 1) * num_images``; ``preview`` a small PIL image every
+        ``preview_every`` steps when > 0, else ``None``). An exception raised in the callback stops sampling
+        and propagates; nothing of the call is kept.
         """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -436,7 +438,10 @@ def _placement(config: BagelConfig, device: torch.device, dtype: torch.dtype) ->
 def _load_tokenizer(path, config: BagelConfig):
     from worker.engine.tokenizer import load_tokenizer
 
-    tokenizer, ids = load_tokenizer(path)
+    try:
+        tokenizer, ids = load_tokenizer(path)
+    except (OSError, ValueError) as exc:  # missing or unreadable tokenizer files
+        raise CheckpointError(str(exc)) from exc
     special = SpecialTokens(
         bos=int(_pick(ids, "bos_token_id", "bos", "<|im_start|>")),
         eos=int(_pick(ids, "eos_token_id", "eos", "<|im_end|>")),
