@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 
 import numpy as np
@@ -43,6 +44,7 @@ def test_text_to_image_returns_a_pil_image_and_every_parameter(pipe):
     assert p["attention"] == pipe.attention_backend == "sdpa"
     assert p["dtype"] == "float32" and p["device"] == "cpu"
     assert set(out.timings) >= {"prefill_s", "denoise_s", "decode_s", "step_s"}
+    assert json.loads(json.dumps(out.params)) == p  # plain JSON values: they go into PNG text chunks
 
 
 def test_same_seed_same_bytes_and_different_seeds_differ(pipe):

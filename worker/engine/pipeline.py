@@ -261,7 +261,8 @@ class Echo4oPipeline:
         if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
             raise ValueError(f"preview_every must be an integer >= 0; got {preview_every!r}")
         return {
-            "mode": mode, "prompt": prompt, "num_references": len(references), "height": height, "width": width,
+            "mode": mode, "prompt": prompt, "num_references": len(references),
+            "height": None if height is None else int(height), "width": None if width is None else int(width),
             "num_steps": num_steps, "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale,
             "cfg_interval": [lo, hi], "timestep_shift": timestep_shift, "cfg_renorm_type": renorm_type,
             "cfg_renorm_min": cfg_renorm_min, "seed": int(seed), "num_images": num_images,
