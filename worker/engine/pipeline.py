@@ -334,7 +334,9 @@ class Echo4oPipeline:
             else:
                 text_scale, img_scale = 1.0, 1.0
             use_text, use_img = sampler.needed_branches(text_scale, img_scale)
-            branches = (0, *((1,) if use_text else ()), *((2,) if use_img else ()))
+            # without references the image-dropped context is the full one: its prediction is branch 0's
+            run_img = use_img and contexts.image_dropped is not contexts.full
+            branches = (0, *((1,) if use_text else ()), *((2,) if run_img else ()))
             layout = contexts.layouts.get(branches)
             if layout is None:
                 layout = model.denoise_layout([caches[b] for b in branches], grid[0] * grid[1],
@@ -344,7 +346,7 @@ class Echo4oPipeline:
             v = sampler.cfg_combine(
                 v_all[0],
                 v_all[branches.index(1)] if use_text else None,
-                v_all[branches.index(2)] if use_img else None,
+                (v_all[branches.index(2)] if run_img else v_all[0]) if use_img else None,
                 text_scale=text_scale, img_scale=img_scale,
                 renorm_type=params["cfg_renorm_type"], renorm_min=params["cfg_renorm_min"],
             )
