@@ -172,3 +172,24 @@ def test_bfloat16_weights_run_with_float32_latents(tiny_model, pipe):
     assert latent.dtype == torch.float32 and torch.isfinite(latent).all()
     full = pipe("a cat", seed=0, output_type="latent", **FAST).images[0]
     assert torch.nn.functional.cosine_similarity(latent.flatten(), full.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_every_available_backend_agrees(tiny_model, pipe):
+    """Same seed, same numbers on any device (noise drawn on the CPU); each attention backend gives the same
+    image in bfloat16 up to bfloat16 rounding."""
+    from worker.engine.attention import backend_availability
+
+    kwargs = {"height": 64, "width": 64, "num_steps": 4, "seed": 3, "output_type": "latent"}
+    cpu = pipe("a cat", **kwargs).images[0]
+    gpu = Echo4oPipeline.from_pretrained(tiny_model, device="cuda", dtype="float32", attention="sdpa")
+    assert (gpu("a cat", **kwargs).images[0] - cpu).abs().max() < 1e-3
+    latents = {}
+    for backend in ("sdpa", "xformers", "flash_attn"):
+        if not backend_availability(backend, torch.device("cuda"), torch.bfloat16)[0]:
+            continue
+        half = Echo4oPipeline.from_pretrained(tiny_model, device="cuda", dtype="bfloat16", attention=backend)
+        assert half.attention_backend == backend
+        latents[backend] = half("a cat", **kwargs).images[0]
+    for latent in latents.values():
+        assert torch.nn.functional.cosine_similarity(latent.flatten(), cpu.flatten(), dim=0) > 0.9
