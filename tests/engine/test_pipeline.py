@@ -143,19 +143,30 @@ class _Cancel(Exception):
     pass
 
 
-def test_raising_in_the_callback_cancels_cleanly(pipe):
+def test_raising_in_the_callback_cancels_cleanly(pipe, monkeypatch):
     clean = pipe("a cat", seed=11, output_type="latent", **FAST).images[0]
     threads_before = threading.active_count()
-    seen = []
+    seen, contexts = [], []
+    encode = pipe.encode_contexts
+
+    def recording_encode(*args, **kwargs):
+        contexts.append(encode(*args, **kwargs))
+        return contexts[-1]
 
     def cancel(step, total, preview):
         seen.append(step)
         if step == 1:
             raise _Cancel
 
+    monkeypatch.setattr(pipe, "encode_contexts", recording_encode)
     with pytest.raises(_Cancel):
         pipe("a cat", seed=11, callback=cancel, **FAST)
+    monkeypatch.undo()
     assert seen == [1]  # sampling stopped at once
+    # the KV caches and the per-step buffers were let go although the call raised
+    (ctx,) = contexts
+    assert not ctx.layouts
+    assert all(k is None for cache in (ctx.full, ctx.text_dropped, ctx.image_dropped) for k in cache.keys)
     gc.collect()
     assert threading.active_count() == threads_before
     # no state survives a cancelled call: the next one equals a clean run
