@@ -28,7 +28,8 @@ def _start(request: pytest.FixtureRequest, database: str) -> Iterator[Stack]:
         stack = cleanup.enter_context(live_stack(
             model=request.getfixturevalue("tiny_model"),
             data_dir=request.getfixturevalue("tmp_path_factory").mktemp(f"stack-{database}"),
-            broker_url=request.getfixturevalue("module_redis_url"), database_url=database_url,
+            broker_url=request.getfixturevalue("module_redis_urls")(0 if database == "sqlite" else 1),
+            database_url=database_url,
             env={"ECHO4O_WORKER_HEARTBEAT_S": "1", "ECHO4O_PREVIEW_EVERY": "1",
                  "ECHO4O_MAX_UPLOAD_BYTES": str(256 * 1024), "ECHO4O_MAX_IMAGE_PIXELS": "1000000"}))
         yield stack

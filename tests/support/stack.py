@@ -16,7 +16,8 @@ subprocess(es) and a model folder (the tiny one), with an admin key and two user
 
 * ``broker_url=None`` (default): embedded mode, no Redis: ``echo4o serve`` starts its own worker child, the
   way a user's first ``echo4o serve`` does. ``broker_url="redis://..."``: the gateway only enqueues and
-  ``workers`` ``echo4o worker`` subprocesses (tests/support/worker_proc.py) run the jobs.
+  ``workers`` ``echo4o worker`` subprocesses (tests/support/worker_proc.py) run the jobs. Two stacks alive
+  at once need two Redis databases (``redis://.../1``, ``.../2``): on one, each would run the other's jobs.
 * ``database_url=None``: SQLite in ``data_dir``; pass the ``postgres_url`` fixture for PostgreSQL.
 * Keys: ``stack.admin_key``, ``stack.user_key``, ``stack.other_key`` (a second user, for 403 tests);
   ``stack.client(key)`` takes one of them, another string, or ``None`` (no auth header).
