@@ -208,24 +208,23 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=eps))
             setattr(self, f"k_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=eps))
 
-    def _qkv(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
+    def _qk(self, x: torch.Tensor, gen: bool) -> torch.Tensor:
+        """Normed queries and keys, ``(tokens, Hq + Hkv, head_dim)`` in float32 (as the reference's
+        generation path: the norms and RoPE run in float32, attention in the model dtype)."""
         s = "_moe_gen" if gen else ""
         n = x.shape[0]
         q = getattr(self, "q_proj" + s)(x).view(n, self.num_heads, self.head_dim)
         k = getattr(self, "k_proj" + s)(x).view(n, self.num_kv_heads, self.head_dim)
-        v = getattr(self, "v_proj" + s)(x).view(n, self.num_kv_heads, self.head_dim)
-        # q/k norms in float32, as the reference does for the generation path
-        q = getattr(self, "q_norm" + s)(q.float())
-        k = getattr(self, "k_norm" + s)(k.float())
-        return torch.cat([q, k, v.float()], dim=1)
+        return torch.cat([getattr(self, "q_norm" + s)(q.float()), getattr(self, "k_norm" + s)(k.float())], dim=1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan, route: Route) -> torch.Tensor:
-        qkv = route.apply(x, lambda t: self._qkv(t, False), lambda t: self._qkv(t, True))
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        qk = route.apply(x, lambda t: self._qk(t, False), lambda t: self._qk(t, True))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = route.apply(x, self.v_proj, self.v_proj_moe_gen).view(x.shape[0], self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         dtype = x.dtype
-        k_all, v_all = plan.keys_values(self.layer_idx, k.to(dtype), v.to(dtype))
+        k_all, v_all = plan.keys_values(self.layer_idx, k.to(dtype), v)
         out = plan.attend(q.to(dtype), k_all, v_all)
         out = out.reshape(x.shape[0], self.num_heads * self.head_dim)
         return route.apply(out, self.o_proj, self.o_proj_moe_gen)
