@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from echo4o.logging import get_logger
+from echo4o.settings import DEFAULT_MODEL
 from worker.engine import sampler
 from worker.engine.attention import resolve_backend
 from worker.engine.config import BagelConfig
@@ -39,7 +40,6 @@ from worker.engine.models.vae import FluxVAE
 
 log = get_logger(__name__)
 
-DEFAULT_MODEL = "Yejy53/Echo-4o"
 TEXT_TO_IMAGE = "text-to-image"
 MULTI_REFERENCE = "multi-reference"
 # Guidance defaults per mode: (cfg_img_scale, cfg_interval, cfg_renorm_type); cfg_text_scale is 4.0 in both.
