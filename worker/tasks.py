@@ -8,6 +8,7 @@ Torch-free at import time (the engine is imported by :mod:`worker.runtime` when 
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,86 @@ class JobCancelled(Exception):
 
 class JobTimedOut(Exception):
     """Raised from the step callback when the job ran longer than ``job_timeout_s``."""
+
+
+class ProgressReporter:
+    """Writes one running job's progress from a background thread, so that sampling never waits on the
+    database.
+
+    The step callback calls :meth:`report`, which only records the newest ``(step, total, preview)`` and
+    wakes the thread; the thread writes as soon as it can, so when steps come faster than the database
+    takes writes, the intermediate ones are coalesced (the newest step wins; a preview is kept until a newer
+    one replaces it). The event stream still shows every step number: it reports each step between two rows
+    it reads. Each write also reads ``cancel_requested`` (one statement); when set, :attr:`cancelled` is set
+    and the callback stops the job at its next step. While no step comes (a long prefill or step), the thread
+    checks for a cancel every ``poll_s`` seconds. :meth:`close` flushes the last report and joins the thread;
+    the caller then writes the final state synchronously. A failed write is logged and the next one retries:
+    progress is advisory, the job goes on.
+    """
+
+    def __init__(self, database_url: str, job_id: str, *, poll_s: float = 0.5) -> None:
+        self.database_url = database_url
+        self.job_id = job_id
+        self.poll_s = poll_s
+        self.cancelled = threading.Event()
+        self.writes = 0
+        self._cond = threading.Condition()
+        self._pending: tuple[int, int | None, bytes | None] | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"echo4o-progress-{job_id}", daemon=True)
+        self._thread.start()
+
+    def report(self, step: int, total: int | None, preview: bytes | None = None) -> None:
+        """Record the newest progress; returns at once."""
+        with self._cond:
+            if preview is None and self._pending is not None:
+                preview = self._pending[2]  # not yet written: keep it until a newer one replaces it
+            self._pending = (step, total, preview)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Write what is still pending, then stop the thread (waits for it)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._pending is None and not self._closing:
+                    self._cond.wait(self.poll_s)
+                pending, self._pending = self._pending, None
+                closing = self._closing
+            if pending is not None:
+                self._write(pending)
+            elif closing:
+                return
+            else:
+                self._poll_cancel()
+
+    def _write(self, pending: tuple[int, int | None, bytes | None]) -> None:
+        step, total, preview = pending
+        try:
+            with session_scope(self.database_url) as s:
+                cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview)
+            self.writes += 1
+        except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
+            log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
+            return
+        if cancel:
+            self.cancelled.set()
+
+    def _poll_cancel(self) -> None:
+        try:
+            with session_scope(self.database_url) as s:
+                job = crud.get_job(session=s, job_id=self.job_id)
+                cancel = job is not None and job.cancel_requested
+        except Exception as exc:  # noqa: BLE001 - the next poll retries
+            log.warning("cancel check failed", extra={"job_id": self.job_id, "error": str(exc)})
+            return
+        if cancel:
+            self.cancelled.set()
 
 
 @shared_task(name=TASK_IMAGE, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -121,17 +202,19 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
     deadline = time.monotonic() + settings.job_timeout_s
 
     last = {"step": 0, "total": None}
+    reporter: ProgressReporter | None = None
 
     def on_step(step: int, total: int, preview: Any = None) -> None:
+        # runs between two sampling steps: no database call here (the reporter thread writes)
         last.update(step=step, total=total)
         png = None
         if preview is not None:
             from worker.runtime import preview_png
 
             png = preview_png(preview)
-        with session_scope(db) as s:
-            cancel = crud.update_progress(session=s, job_id=job_id, step=step, total=total, preview=png)
-        if cancel:
+        assert reporter is not None
+        reporter.report(step, total, png)
+        if reporter.cancelled.is_set():
             raise JobCancelled(job_id)
         if time.monotonic() > deadline:
             raise JobTimedOut(job_id)
@@ -139,14 +222,21 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
     try:
         kwargs = payload.to_pipeline_kwargs(settings.data_dir) if kind == "multiref" else payload.to_pipeline_kwargs()
         with session_scope(db) as s:
-            crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling")
+            if crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling"):
+                raise JobCancelled(job_id)
+        reporter = ProgressReporter(db, job_id)
         t0 = time.perf_counter()
-        out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
+        try:
+            out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
+        finally:
+            reporter.close()  # the last step is in the row before the job moves on
         sampling_s = time.perf_counter() - t0
+        if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
+            raise JobCancelled(job_id)
     except JobCancelled:
         with session_scope(db) as s:
             crud.mark_cancelled(session=s, job_id=job_id)
-        log.info("job cancelled while running", extra={"job_id": job_id})
+        log.info("job cancelled while running", extra={"job_id": job_id, "step": last["step"]})
         return "cancelled"
     except JobTimedOut:
         return _fail(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s")

@@ -179,12 +179,25 @@ def update_progress(
     stage: str = "sampling",
     preview: bytes | None = None,
 ) -> bool:
-    """Record progress of a running job; returns True when a cancel was requested (the caller stops)."""
-    values: dict[str, Any] = {"progress_stage": stage, "progress_step": step, "progress_total": total}
+    """Record progress of a running job; returns True when a cancel was requested (the caller stops).
+
+    One statement (``UPDATE ... RETURNING cancel_requested``), so a progress write and the cancel check
+    cost one round trip; a job that is no longer running is read back instead."""
+    values: dict[str, Any] = {"progress_stage": stage, "progress_step": step, "progress_total": total,
+                              "updated_at": utcnow()}
     if preview is not None:
         values["preview"] = preview
-    _update(session, job_id, [Job.status == "running"], **values)
-    return bool(session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
+    cancel = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(**values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    session.commit()
+    if cancel is None:
+        return bool(session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
+    return bool(cancel)
 
 
 def mark_succeeded(*, session: Session, job_id: str, result: dict[str, Any]) -> bool:
