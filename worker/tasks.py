@@ -38,19 +38,23 @@ class ProgressReporter:
     database.
 
     The step callback calls :meth:`report`, which only records the newest ``(step, total, preview)`` and
-    wakes the thread; the thread writes as soon as it can, so when steps come faster than the database
-    takes writes, the intermediate ones are coalesced (the newest step wins; a preview is kept until a newer
-    one replaces it). The event stream still shows every step number: it reports each step between two rows
-    it reads. Each write also reads ``cancel_requested`` (one statement); when set, :attr:`cancelled` is set
-    and the callback stops the job at its next step. While no step comes (a long prefill or step), the thread
-    checks for a cancel every ``poll_s`` seconds. :meth:`close` flushes the last report and joins the thread;
-    the caller then writes the final state synchronously. A failed write is logged and the next one retries:
-    progress is advisory, the job goes on.
+    wakes the thread. The thread writes at once, but at most once per ``min_interval_s`` (the gateway reads
+    the rows every 0.1 s; fast steps of a small model need not cost the database more): steps that come
+    faster than that, or faster than the database takes writes, are coalesced (the newest step wins; a
+    preview is kept until a newer one replaces it). The event stream still shows every step number: it
+    reports each step between two rows it reads. Each write also reads ``cancel_requested`` (one statement);
+    when set, :attr:`cancelled` is set and the callback stops the job at its next step. While no step comes
+    (a long prefill or step), the thread checks for a cancel every ``poll_s`` seconds. :meth:`close` flushes
+    the last report and joins the thread; the caller then writes the final state synchronously. A failed
+    write is logged and the next one retries: progress is advisory, the job goes on.
     """
 
-    def __init__(self, database_url: str, job_id: str, *, poll_s: float = 0.5) -> None:
+    def __init__(
+        self, database_url: str, job_id: str, *, min_interval_s: float = 0.05, poll_s: float = 0.5
+    ) -> None:
         self.database_url = database_url
         self.job_id = job_id
+        self.min_interval_s = min_interval_s
         self.poll_s = poll_s
         self.cancelled = threading.Event()
         self.writes = 0
@@ -76,14 +80,24 @@ class ProgressReporter:
         self._thread.join()
 
     def _loop(self) -> None:
+        last_write = float("-inf")
         while True:
             with self._cond:
-                if self._pending is None and not self._closing:
-                    self._cond.wait(self.poll_s)
+                idle_until = time.monotonic() + self.poll_s
+                while not self._closing:
+                    now = time.monotonic()
+                    if self._pending is not None:
+                        delay = last_write + self.min_interval_s - now
+                    else:
+                        delay = idle_until - now
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
                 pending, self._pending = self._pending, None
                 closing = self._closing
             if pending is not None:
                 self._write(pending)
+                last_write = time.monotonic()
             elif closing:
                 return
             else:
