@@ -12,6 +12,11 @@
 memory), or a checkpoint folder / Hub id. ``--refs N`` adds N synthetic reference images (multi-reference
 mode). Each configuration is warmed up once (one step), then timed ``--repeats`` times.
 
+Before allocating anything, ``--model full`` checks that the weights (plus 2 GiB and 10 %) fit the free memory of
+the device (CUDA free memory, or available RAM) and otherwise stops, naming the largest ``--layers`` that fits.
+Progress goes to stderr as the run goes (a full-width step on a CPU takes tens of seconds, and the defaults of
+1024 px and 50 steps take hours there: pass a small ``--size`` and ``--steps``); the table goes to stdout.
+
 Per-step times come from the step callback (with a CUDA synchronisation, so they are real); steps inside the
 cfg interval run 2-3 guidance branches, outside it one, so the minimum and maximum are shown beside the mean.
 ``prefill_s`` is timed apart, by building the contexts alone; ``image_s`` is a whole call per image.
@@ -98,10 +103,58 @@ def load_path(args: argparse.Namespace):
     return Echo4oPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
 
 
-def build_full_random(args: argparse.Namespace, workdir: Path):
-    """The released shape with random weights: built on ``meta``, materialised in place on the device."""
-    from worker.engine.attention import resolve_backend
+def full_config(args: argparse.Namespace):
     from worker.engine.config import BagelConfig, VAEConfig, llm_config_from_dict, vit_config_from_dict
+
+    llm = dict(FULL_LLM)
+    vit = dict(FULL_VIT)
+    if args.layers:
+        llm["num_hidden_layers"] = llm["max_window_layers"] = args.layers
+    if args.vit_layers:
+        vit["num_hidden_layers"] = args.vit_layers + 1  # the config counts one layer more than is built
+    return BagelConfig(llm=llm_config_from_dict(llm), vit=vit_config_from_dict(vit), vae=VAEConfig())
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes free for new tensors on ``device``, and what was measured."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free, f"free on {torch.cuda.get_device_name(device)}"
+    import psutil
+
+    return psutil.virtual_memory().available, "available RAM"
+
+
+def check_fits(model: torch.nn.Module, vae: torch.nn.Module, config, args: argparse.Namespace,
+               device: torch.device, dtype: torch.dtype) -> int:
+    """Raise ``ValueError`` before anything is allocated when the weights (plus working room) will not fit
+    ``device``; returns the weight bytes. Working room: 2 GiB plus 10 % of the weights."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = sum(p.numel() for m in (model, vae) for p in m.parameters()) * size
+    need = weights + 2 * 2**30 + weights // 10
+    free, what = available_memory(device)
+    if need <= free:
+        return weights
+    layers = config.llm.num_hidden_layers
+    per_layer = sum(p.numel() for p in model.language_model.model.layers[0].parameters()) * size
+    fixed = weights - layers * per_layer
+    fit = int((free - 2 * 2**30 - (fixed * 11) // 10) // ((per_layer * 11) // 10))
+    hint = (f"use --layers {fit} (the most that fit; each decoder layer is {per_layer / 2**30:.2f} GiB in "
+            f"{str(dtype).removeprefix('torch.')})" if fit >= 1 else "even one decoder layer does not fit")
+    if dtype == torch.float32:
+        hint += ", or --dtype bfloat16 (half the memory; slow on CPUs without bf16 units)"
+    if device.type == "cuda":
+        hint += ", or a card with more memory"
+    raise ValueError(
+        f"--model full with {layers} decoder layers needs about {need / 2**30:.1f} GiB on {device} "
+        f"({weights / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights plus working room) but only "
+        f"{free / 2**30:.1f} GiB is {what}: {hint}")
+
+
+def build_full_random(args: argparse.Namespace, workdir: Path):
+    """The released shape with random weights: built on ``meta``, then each module's tensors are allocated
+    directly in ``--dtype`` on ``--device`` and filled there (no float32 or CPU copy of the model)."""
+    from worker.engine.attention import resolve_backend
     from worker.engine.models.bagel import Bagel, SpecialTokens
     from worker.engine.models.vae import FluxVAE
     from worker.engine.pipeline import Echo4oPipeline, resolve_device, resolve_dtype
@@ -110,17 +163,14 @@ def build_full_random(args: argparse.Namespace, workdir: Path):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     backend = resolve_backend(args.attention, device, dtype)
-    llm = dict(FULL_LLM)
-    vit = dict(FULL_VIT)
-    if args.layers:
-        llm["num_hidden_layers"] = llm["max_window_layers"] = args.layers
-    if args.vit_layers:
-        vit["num_hidden_layers"] = args.vit_layers + 1  # the config counts one layer more than is built
-    config = BagelConfig(llm=llm_config_from_dict(llm), vit=vit_config_from_dict(vit), vae=VAEConfig())
+    config = full_config(args)
 
     with torch.device("meta"):
         model = Bagel(config)
         vae = FluxVAE(config.vae)
+    weights = check_fits(model, vae, config, args, device, dtype)
+    progress(f"materialising {config.llm.num_hidden_layers} decoder layers, {weights / 2**30:.1f} GiB of "
+             f"{str(dtype).removeprefix('torch.')} weights on {device}")
     generator = torch.Generator(device=device).manual_seed(0)
     model = _materialise(model, device, dtype, generator)
     model.reset_position_tables()
@@ -141,8 +191,8 @@ def build_full_random(args: argparse.Namespace, workdir: Path):
 
 def _materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  generator: torch.Generator) -> torch.nn.Module:
-    """Allocate ``module``'s meta tensors on ``device`` in ``dtype`` and fill them: matrices N(0, 1/fan_in),
-    norm scales 1, biases 0 (activations stay O(1), so bf16 runs meet no overflow)."""
+    """Allocate ``module``'s meta tensors on ``device`` in ``dtype`` and fill them in place: matrices
+    N(0, 1/fan_in), norm scales 1, biases 0 (activations stay O(1), so bf16 runs meet no overflow)."""
     module = module.to(dtype=dtype).to_empty(device=device)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -153,6 +203,11 @@ def _materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dty
             else:
                 param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
     return module
+
+
+def progress(message: str) -> None:
+    """One line on stderr as a long run goes (full-size builds and CPU steps can take minutes)."""
+    print(f"[engine_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -197,12 +252,14 @@ def time_prefill(pipe, refs: list, device: torch.device) -> float:
 
 
 def timed_call(pipe, args: argparse.Namespace, refs: list, size: tuple[int, int] | None, steps: int,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, log_steps: bool = False) -> dict[str, Any]:
     marks: list[float] = []
 
     def on_step(step: int, total: int, preview: Any) -> None:
         sync(device)
         marks.append(time.perf_counter())
+        if log_steps:
+            progress(f"step {step}/{total}")
 
     kwargs: dict[str, Any] = {}
     if size is not None and not refs:
@@ -243,11 +300,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights_gb += sum(p.numel() * p.element_size() for p in pipe.vae.parameters()) / 2**30
         refs = references(args.refs)
 
-        timed_call(pipe, args, refs, size, 2, device)  # warm-up: one step, and a decode
+        progress(f"loaded in {load_s:.1f} s; warm-up call (one step and a decode)")
+        warm = timed_call(pipe, args, refs, size, 2, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        per_call = warm["total_s"] + (steps - 2) * args.num_images * max(warm["step_times"] or [0.0])
+        progress(f"warm-up took {warm['total_s']:.1f} s; timing {args.repeats} prefill(s) and {args.repeats} "
+                 f"call(s) of {steps - 1} steps (about {per_call * args.repeats / 60:.1f} min or less)")
         prefill = [time_prefill(pipe, refs, device) for _ in range(args.repeats)]
-        runs = [timed_call(pipe, args, refs, size, steps, device) for _ in range(args.repeats)]
+        runs = [timed_call(pipe, args, refs, size, steps, device, log_steps=not tiny) for _ in range(args.repeats)]
 
     params = runs[-1]["params"]
     all_steps = [s for r in runs for s in r["step_times"]]
