@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Re-installs when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,gpu]'
 	touch $@
 
 install: $(VENV)/.installed
