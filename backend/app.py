@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from backend.api.routes import admin, events, generate, health, images, jobs, models, multiref, openai
+from backend.api.routes import admin, events, generate, health, images, jobs, models, multiref, openai, parameters
 from backend.errors import install_handlers
 from backend.metrics import HttpMetricsMiddleware, Metrics
 from echo4o import __version__
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics(settings.database_url)
     install_handlers(app)
-    for module in (generate, multiref, jobs, events, images, health, models, admin, openai):
+    for module in (generate, multiref, jobs, events, images, health, models, parameters, admin, openai):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "multiref", "finetune", "benchmark"]
+from echo4o.jobs import JobKind, JobStatus
+
+__all__ = ["JobKind", "JobStatus"]  # re-exported for the routes; defined in echo4o.jobs
 
 
 # --- errors ------------------------------------------------------------------------------------------------
@@ -136,6 +137,52 @@ class QueuePublic(BaseModel):
     queued: int
     running: int
     data: list[JobPublic] = Field(description="Queued and running jobs of every key, next to run first.")
+
+
+class ParameterLimits(BaseModel):
+    """Bounds a job's fields must respect (inclusive)."""
+
+    side_min: int
+    side_max: int
+    side_multiple: int = Field(description="height and width are multiples of this.")
+    steps_min: int
+    steps_max: int
+    seed_max: int
+    num_images_max: int
+    scale_max: float = Field(description="Upper bound of cfg_text_scale and cfg_img_scale.")
+    shift_max: float = Field(description="Upper bound of timestep_shift (which must be > 0).")
+    renorm_min_max: float
+    priority_max: int
+    prompt_chars_max: int
+    references_max: int
+
+
+class ModeDefaults(BaseModel):
+    """What an image job of one kind gets for each field it leaves out (null size: follow the last reference)."""
+
+    height: int | None
+    width: int | None
+    num_steps: int
+    timestep_shift: float
+    cfg_renorm_min: float
+    num_images: int
+    priority: int
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_type: str
+
+
+class JobParameters(BaseModel):
+    """Job facts as the gateway applies them: kinds, statuses, limits and per-kind defaults."""
+
+    job_kinds: list[JobKind]
+    statuses: list[JobStatus]
+    terminal_statuses: list[JobStatus]
+    renorm_types: list[str]
+    aspect_ratios: dict[str, tuple[int, int]] = Field(description="Preset name -> (height, width).")
+    limits: ParameterLimits
+    defaults: dict[str, ModeDefaults] = Field(description="Per image job kind (generate, multiref).")
 
 
 # --- OpenAI-compatible images API --------------------------------------------------------------------------

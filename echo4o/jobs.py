@@ -12,14 +12,34 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from echo4o.settings import get_settings
 
-#: Aspect-ratio presets as (height, width) in pixels; the engine imports them from here.
+# ------------------------------------------------------------------------------------------------------------
+# Job facts. Each is defined here once; the records layer, the gateway, the worker, the engine, the CLI and
+# (through ``GET /parameters``) the UI read them from here.
+# ------------------------------------------------------------------------------------------------------------
+JobKind = Literal["generate", "multiref", "finetune", "benchmark"]
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
+#: Kinds that produce images and carry an ``_ImageJob`` payload.
+IMAGE_KINDS: tuple[str, ...] = ("generate", "multiref")
+#: Which Celery queue each job kind runs on; queue positions are counted within one queue.
+QUEUE_OF_KIND: dict[str, str] = {"generate": "gpu", "multiref": "gpu", "benchmark": "gpu", "finetune": "train"}
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+ACTIVE_STATUSES: tuple[str, ...] = ("queued", "running")
+TERMINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+
+RenormType = Literal["global", "channel", "text_channel"]
+RENORM_TYPES: tuple[str, ...] = get_args(RenormType)
+
+#: Aspect-ratio presets as (height, width) in pixels.
 ASPECT_PRESETS: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "4:3": (768, 1024),
@@ -27,16 +47,76 @@ ASPECT_PRESETS: dict[str, tuple[int, int]] = {
     "16:9": (576, 1024),
     "9:16": (1024, 576),
 }
-
 AspectRatio = Literal["1:1", "4:3", "3:4", "16:9", "9:16"]
-RenormType = Literal["global", "channel", "text_channel"]
-JobKind = Literal["generate", "multiref", "finetune", "benchmark"]
 
+# Limits of one job.
 SEED_MAX = 2**32 - 1
-MAX_SIDE = 1024
-SIDE_MULTIPLE = 16
+SIDE_MULTIPLE = 16  # one latent token covers 16x16 pixels
+MIN_SIDE = SIDE_MULTIPLE
+MAX_SIDE = 1024  # the latent position embedding covers 64x64 tokens
+MIN_STEPS = 2  # schedule points: num_steps - 1 denoising steps, so 2 is the fewest that denoise at all
+MAX_STEPS = 100
+MAX_NUM_IMAGES = 4
 MAX_SCALE = 30.0
 MAX_SHIFT = 20.0
+MAX_RENORM_MIN = 1.0
+MAX_PRIORITY = 9
+
+# Defaults shared by both image modes.
+DEFAULT_SIZE: tuple[int, int] = (1024, 1024)  # (height, width) of text-to-image; multiref follows its reference
+DEFAULT_STEPS = 50
+DEFAULT_TIMESTEP_SHIFT = 3.0
+DEFAULT_RENORM_MIN = 0.0
+DEFAULT_PRIORITY = 5
+
+
+@dataclass(frozen=True)
+class GuidanceDefaults:
+    """The guidance a mode uses when a job leaves it out (the reference inferencer's settings)."""
+
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_type: str
+
+
+#: Per image kind: text-to-image, and multi-reference (references + instruction).
+MODE_DEFAULTS: dict[str, GuidanceDefaults] = {
+    "generate": GuidanceDefaults(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+                                 cfg_renorm_type="global"),
+    "multiref": GuidanceDefaults(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                                 cfg_renorm_type="text_channel"),
+}
+
+
+def parameter_spec() -> dict[str, Any]:
+    """Every job fact a client needs to build a form, as JSON (served by ``GET /parameters``)."""
+    settings = get_settings()
+    return {
+        "job_kinds": list(JOB_KINDS),
+        "statuses": list(JOB_STATUSES),
+        "terminal_statuses": list(TERMINAL_STATUSES),
+        "renorm_types": list(RENORM_TYPES),
+        "aspect_ratios": {name: list(hw) for name, hw in ASPECT_PRESETS.items()},
+        "limits": {
+            "side_min": MIN_SIDE, "side_max": MAX_SIDE, "side_multiple": SIDE_MULTIPLE,
+            "steps_min": MIN_STEPS, "steps_max": MAX_STEPS, "seed_max": SEED_MAX,
+            "num_images_max": MAX_NUM_IMAGES, "scale_max": MAX_SCALE, "shift_max": MAX_SHIFT,
+            "renorm_min_max": MAX_RENORM_MIN, "priority_max": MAX_PRIORITY,
+            "prompt_chars_max": settings.max_prompt_chars, "references_max": settings.max_references,
+        },
+        "defaults": {
+            kind: {
+                "height": DEFAULT_SIZE[0] if kind == "generate" else None,
+                "width": DEFAULT_SIZE[1] if kind == "generate" else None,
+                "num_steps": DEFAULT_STEPS, "timestep_shift": DEFAULT_TIMESTEP_SHIFT,
+                "cfg_renorm_min": DEFAULT_RENORM_MIN, "num_images": 1, "priority": DEFAULT_PRIORITY,
+                "cfg_text_scale": g.cfg_text_scale, "cfg_img_scale": g.cfg_img_scale,
+                "cfg_interval": list(g.cfg_interval), "cfg_renorm_type": g.cfg_renorm_type,
+            }
+            for kind, g in MODE_DEFAULTS.items()
+        },
+    }
 
 
 def draw_seed() -> int:
@@ -53,11 +133,11 @@ class _ImageJob(BaseModel):
 
     prompt: str = Field(..., min_length=1, description="What to draw (or the edit instruction).")
     height: int | None = Field(
-        None, ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE, description="Output height in pixels."
+        None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE, description="Output height in pixels."
     )
     width: int | None = Field(
         None,
-        ge=SIDE_MULTIPLE,
+        ge=MIN_SIDE,
         le=MAX_SIDE,
         multiple_of=SIDE_MULTIPLE,
         validate_default=True,
@@ -67,21 +147,32 @@ class _ImageJob(BaseModel):
         None, description="A preset size instead of height/width (see ASPECT_PRESETS)."
     )
     num_steps: int = Field(
-        50, ge=2, le=100, description="Schedule points, as the reference counts them: num_steps - 1 denoising steps."
+        DEFAULT_STEPS,
+        ge=MIN_STEPS,
+        le=MAX_STEPS,
+        description="Schedule points, as the reference counts them: num_steps - 1 denoising steps.",
     )
     cfg_text_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Text guidance scale.")
     cfg_img_scale: float | None = Field(None, ge=0.0, le=MAX_SCALE, description="Image guidance scale.")
     cfg_interval: tuple[float, float] | None = Field(
         None, description="[low, high] in [0, 1]: guidance applies while the timestep is in it."
     )
-    timestep_shift: float = Field(3.0, gt=0.0, le=MAX_SHIFT, description="Timestep shift of the schedule.")
+    timestep_shift: float = Field(
+        DEFAULT_TIMESTEP_SHIFT, gt=0.0, le=MAX_SHIFT, description="Timestep shift of the schedule."
+    )
     cfg_renorm_type: RenormType | None = Field(None, description="Guidance renormalisation.")
-    cfg_renorm_min: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the renormalisation factor.")
+    cfg_renorm_min: float = Field(
+        DEFAULT_RENORM_MIN, ge=0.0, le=MAX_RENORM_MIN, description="Floor of the renormalisation factor."
+    )
     seed: int = Field(
         default_factory=draw_seed, ge=0, le=SEED_MAX, description="Random seed; drawn and recorded when absent."
     )
-    num_images: int = Field(1, ge=1, le=4, description="Images to draw from this seed in one batch.")
-    priority: int = Field(5, ge=0, le=9, description="Queue priority: 9 runs first, 0 last.")
+    num_images: int = Field(
+        1, ge=1, le=MAX_NUM_IMAGES, description="Images to draw from this seed, one after another."
+    )
+    priority: int = Field(
+        DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY, description="Queue priority: 9 runs first, 0 last."
+    )
     model_version: str | None = Field(
         None, min_length=1, max_length=200, description="Served model version to use; None: the worker's."
     )

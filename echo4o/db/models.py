@@ -12,13 +12,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_KINDS = ("generate", "multiref", "finetune", "benchmark")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from echo4o.jobs import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, QUEUE_OF_KIND, TERMINAL_STATUSES
+
+__all__ = ["ACTIVE_STATUSES", "JOB_KINDS", "JOB_STATUSES", "QUEUE_OF_KIND", "TERMINAL_STATUSES", "ApiKey", "Base",
+           "Job", "Worker", "new_id", "utcnow"]
+
 WORKER_STATUSES = ("loading", "ready", "busy", "stopped")
-#: Which Celery queue each job kind runs on; queue positions are counted within one queue.
-QUEUE_OF_KIND = {"generate": "gpu", "multiref": "gpu", "benchmark": "gpu", "finetune": "train"}
 ANONYMOUS = "anonymous"
 
 
