@@ -1,26 +1,32 @@
 """Celery tasks, kept thin: load the job row, re-validate its payload, call the pipeline, store the images
-atomically, report progress. The job row is the source of truth; the task's own return value is only the
-final status. No exception escapes a job that failed on its own (bad payload, engine ``ValueError``, a
-crash inside the engine): the job is marked failed with the reason and the worker takes the next one.
+atomically, report progress (through :class:`worker.progress.ProgressReporter`). The job row is the source of
+truth; the task's own return value is only the final status. No exception escapes a job that failed on its
+own (bad payload, engine ``ValueError``, a crash inside the engine): the job is marked failed with the reason
+and the worker takes the next one.
+
+Each queue's task runs the job with the handler of its kind, :data:`JOB_HANDLERS`: the image kinds
+(``echo4o.jobs.IMAGE_KINDS``) run the pipeline; the other kinds fail as ``not_supported``, naming the queue
+whose workers need an upgrade.
 
 Torch-free at import time (the engine is imported by :mod:`worker.runtime` when the worker starts).
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from celery import shared_task
 from pydantic import ValidationError
 
 from echo4o.db import crud, session_scope
-from echo4o.jobs import describe_validation_error, parse_job
+from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND, describe_validation_error, parse_job
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
+from worker.progress import ProgressReporter
 
 log = get_logger(__name__)
 
@@ -33,122 +39,55 @@ class JobTimedOut(Exception):
     """Raised from the step callback when the job ran longer than ``job_timeout_s``."""
 
 
-class ProgressReporter:
-    """Writes one running job's progress from a background thread, so that sampling never waits on the
-    database.
+class JobHandler(Protocol):
+    """Runs one job whose row exists; returns its final status."""
 
-    The step callback calls :meth:`report`, which only records the newest ``(step, total, preview)`` and
-    wakes the thread. The thread writes at once, but at most once per ``min_interval_s`` (the gateway reads
-    the rows every 0.1 s; fast steps of a small model need not cost the database more): steps that come
-    faster than that, or faster than the database takes writes, are coalesced (the newest step wins; a
-    preview is kept until a newer one replaces it). The event stream still shows every step number: it
-    reports each step between two rows it reads. Each write also reads ``cancel_requested`` (one statement);
-    when set, :attr:`cancelled` is set and the callback stops the job at its next step. While no step comes
-    (a long prefill or step), the thread checks for a cancel every ``poll_s`` seconds. :meth:`close` flushes
-    the last report and joins the thread; the caller then writes the final state synchronously. A failed
-    write is logged and the next one retries: progress is advisory, the job goes on.
-    """
-
-    def __init__(
-        self, database_url: str, job_id: str, *, min_interval_s: float = 0.05, poll_s: float = 0.5
-    ) -> None:
-        self.database_url = database_url
-        self.job_id = job_id
-        self.min_interval_s = min_interval_s
-        self.poll_s = poll_s
-        self.cancelled = threading.Event()
-        self.writes = 0
-        self._cond = threading.Condition()
-        self._pending: tuple[int, int | None, bytes | None] | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name=f"echo4o-progress-{job_id}", daemon=True)
-        self._thread.start()
-
-    def report(self, step: int, total: int | None, preview: bytes | None = None) -> None:
-        """Record the newest progress; returns at once."""
-        with self._cond:
-            if preview is None and self._pending is not None:
-                preview = self._pending[2]  # not yet written: keep it until a newer one replaces it
-            self._pending = (step, total, preview)
-            self._cond.notify()
-
-    def close(self) -> None:
-        """Write what is still pending, then stop the thread (waits for it)."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        last_write = float("-inf")
-        while True:
-            with self._cond:
-                idle_until = time.monotonic() + self.poll_s
-                while not self._closing:
-                    now = time.monotonic()
-                    if self._pending is not None:
-                        delay = last_write + self.min_interval_s - now
-                    else:
-                        delay = idle_until - now
-                    if delay <= 0:
-                        break
-                    self._cond.wait(delay)
-                pending, self._pending = self._pending, None
-                closing = self._closing
-            if pending is not None:
-                self._write(pending)
-                last_write = time.monotonic()
-            elif closing:
-                return
-            else:
-                self._poll_cancel()
-
-    def _write(self, pending: tuple[int, int | None, bytes | None]) -> None:
-        step, total, preview = pending
-        try:
-            with session_scope(self.database_url) as s:
-                cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview)
-            self.writes += 1
-        except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
-            log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
-            return
-        if cancel:
-            self.cancelled.set()
-
-    def _poll_cancel(self) -> None:
-        try:
-            with session_scope(self.database_url) as s:
-                job = crud.get_job(session=s, job_id=self.job_id)
-                cancel = job is not None and job.cancel_requested
-        except Exception as exc:  # noqa: BLE001 - the next poll retries
-            log.warning("cancel check failed", extra={"job_id": self.job_id, "error": str(exc)})
-            return
-        if cancel:
-            self.cancelled.set()
+    def __call__(self, job_id: str, *, redelivered: bool = False) -> str: ...
 
 
 @shared_task(name=TASK_IMAGE, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_image_job(self: Any, job_id: str) -> str:
-    """Run one generate or multiref job; returns its final status."""
-    return execute_image_job(job_id, redelivered=bool((self.request.delivery_info or {}).get("redelivered")))
+    """The task of queue ``gpu``: runs the job with the handler of its kind; returns its final status."""
+    return execute_job(job_id, redelivered=_redelivered(self))
 
 
 @shared_task(name=TASK_TRAIN, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_train_job(self: Any, job_id: str) -> str:
-    """Fine-tuning jobs arrive with a later version; until then they fail with a clear reason."""
-    settings = get_settings()
-    with session_scope(settings.database_url) as s:
-        crud.mark_failed(
-            session=s,
-            job_id=job_id,
-            code="not_supported",
-            message="fine-tuning jobs are not supported by this worker version; upgrade the workers on queue train",
+    """The task of queue ``train``: runs the job with the handler of its kind; returns its final status."""
+    return execute_job(job_id, redelivered=_redelivered(self))
+
+
+def _redelivered(task: Any) -> bool:
+    return bool((task.request.delivery_info or {}).get("redelivered"))
+
+
+def execute_job(job_id: str, *, redelivered: bool = False) -> str:
+    """Run job ``job_id`` with the handler of its kind (:data:`JOB_HANDLERS`); returns its final status, or
+    ``"missing"`` when it has no row. Callable without Celery."""
+    with session_scope(get_settings().database_url) as s:
+        job = crud.get_job(session=s, job_id=job_id)
+    if job is None:
+        log.error("job not found; message dropped", extra={"job_id": job_id})
+        return "missing"
+    handler = JOB_HANDLERS.get(job.kind) or _not_supported(job.kind)
+    return handler(job_id, redelivered=redelivered)
+
+
+def _not_supported(kind: str) -> JobHandler:
+    """A handler that fails jobs of ``kind`` as ``not_supported``, naming the queue to upgrade."""
+    where = f" on queue {QUEUE_OF_KIND[kind]}" if kind in QUEUE_OF_KIND else ""
+
+    def fail_unsupported(job_id: str, *, redelivered: bool = False) -> str:
+        return _fail(
+            job_id, "not_supported", f"{kind} jobs are not supported by this worker version; upgrade the workers{where}"
         )
-    return "failed"
+
+    return fail_unsupported
 
 
 def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
-    """The body of :func:`run_image_job`, callable without Celery (benchmarks, tests)."""
+    """The handler of the image kinds (``IMAGE_KINDS``): claim the job, run the pipeline, store the images;
+    returns the final status. Callable without Celery (benchmarks, tests)."""
     from worker.runtime import get_runtime
 
     settings = get_settings()
@@ -205,45 +144,33 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
     )
     runtime.set_status("busy")
     try:
-        return _run(job_id, job.kind, payload, runtime, queue_wait_s, t_received)
+        return _run(job_id, payload, runtime, queue_wait_s, t_received)
     finally:
         runtime.set_status("ready")
 
 
-def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
+#: The handler of each job kind: image kinds run the pipeline; kinds this worker version cannot run yet
+#: (fine-tuning, benchmarks) fail with a reason.
+JOB_HANDLERS: dict[str, JobHandler] = {
+    kind: execute_image_job if kind in IMAGE_KINDS else _not_supported(kind) for kind in JOB_KINDS
+}
+
+
+def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
     settings = get_settings()
     db = settings.database_url
     deadline = time.monotonic() + settings.job_timeout_s
 
-    last = {"step": 0, "total": None}
-    reporter: ProgressReporter | None = None
-
-    def on_step(step: int, total: int, preview: Any = None) -> None:
-        # runs between two sampling steps: no database call here (the reporter thread writes)
-        last.update(step=step, total=total)
-        png = None
-        if preview is not None:
-            from worker.runtime import preview_png
-
-            png = preview_png(preview)
-        assert reporter is not None
-        reporter.report(step, total, png)
-        if reporter.cancelled.is_set():
-            raise JobCancelled(job_id)
-        if time.monotonic() > deadline:
-            raise JobTimedOut(job_id)
-
+    last: dict[str, Any] = {"step": 0, "total": None}
     try:
-        kwargs = payload.to_pipeline_kwargs(settings.data_dir) if kind == "multiref" else payload.to_pipeline_kwargs()
+        kwargs = payload.to_pipeline_kwargs()  # multiref opens its references under settings.data_dir
         with session_scope(db) as s:
             if crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling"):
                 raise JobCancelled(job_id)
-        reporter = ProgressReporter(db, job_id)
-        t0 = time.perf_counter()
-        try:
+        with ProgressReporter(db, job_id) as reporter:  # leaving it puts the last step in the row
+            t0 = time.perf_counter()
+            on_step = step_callback(job_id, reporter, deadline, last)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
-        finally:
-            reporter.close()  # the last step is in the row before the job moves on
         sampling_s = time.perf_counter() - t0
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobCancelled(job_id)
@@ -289,6 +216,29 @@ def _run(job_id: str, kind: str, payload: Any, runtime: Any, queue_wait_s: float
         return "cancelled"
     log.info("job succeeded", extra={"job_id": job_id, **timings, "images": len(paths)})
     return "succeeded"
+
+
+def step_callback(
+    job_id: str, reporter: ProgressReporter, deadline: float, last: dict[str, Any]
+) -> Callable[..., None]:
+    """The pipeline's step callback. It runs between two sampling steps, so it makes no database call: it
+    records the step in ``last``, hands it (with a PNG of the preview, if any) to ``reporter``, whose thread
+    writes it, and stops the job when the reporter saw a cancel request or ``deadline`` has passed."""
+
+    def on_step(step: int, total: int, preview: Any = None) -> None:
+        last.update(step=step, total=total)
+        png = None
+        if preview is not None:
+            from worker.runtime import preview_png
+
+            png = preview_png(preview)
+        reporter.report(step, total, png)
+        if reporter.cancelled.is_set():
+            raise JobCancelled(job_id)
+        if time.monotonic() > deadline:
+            raise JobTimedOut(job_id)
+
+    return on_step
 
 
 def _fail(job_id: str, code: str, message: str) -> str:

@@ -1,17 +1,26 @@
-"""The worker's progress reporter on real databases: the sampling loop hands steps over without a database
-call, the row ends at the last step reported, a preview survives coalescing, and a cancel request reaches
-the flag the step callback checks (through a progress write, and through the idle poll)."""
+"""The worker's progress reporter on real databases: no database statement runs on the sampling thread (an
+engine event listener records the thread of every statement), the row ends at the last step reported, a
+preview survives coalescing, and a cancel request reaches the flag the step callback checks (through a
+progress write, and through the idle poll)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from PIL import Image
 
-from echo4o.db import crud, session_scope, upgrade_to_head
-from worker.tasks import ProgressReporter
+from echo4o.db import crud, get_engine, session_scope, upgrade_to_head
+from echo4o.db.session import create_db_engine
+from worker.progress import ProgressReporter
+from worker.tasks import JobCancelled, step_callback
 
-# generous: the flag is set by a background thread on a shared machine; no timing is asserted
+# generous: the events come from a background thread on a shared machine; no timing is asserted
 EVENT_WAIT_S = 60
 
 
@@ -28,11 +37,85 @@ def _row(url: str, job_id: str):
         return crud.get_job(session=s, job_id=job_id)
 
 
+def _request_cancel_elsewhere(url: str, job_id: str) -> None:
+    """Request a cancel through an engine of its own (as the gateway would), unseen by the shared engine's
+    listeners."""
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE jobs SET cancel_requested = :yes WHERE id = :id"), {"yes": True, "id": job_id})
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
     return request.getfixturevalue("postgres_url")
+
+
+class StatementLog:
+    """Every statement the process-wide engine of a URL executes, with the ident of the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[int, str]] = []
+        self.first_update = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, conn, cursor, statement: str, parameters, context, executemany) -> None:  # noqa: ANN001
+        with self._lock:
+            self.statements.append((threading.get_ident(), statement))
+        if statement.lstrip().upper().startswith("UPDATE"):
+            self.first_update.set()
+
+    def threads(self) -> set[int]:
+        with self._lock:
+            return {ident for ident, _ in self.statements}
+
+    def updates_on(self, ident: int | None) -> int:
+        with self._lock:
+            return sum(1 for t, sql in self.statements if t == ident and sql.lstrip().upper().startswith("UPDATE"))
+
+
+@contextmanager
+def recorded_statements(url: str) -> Iterator[StatementLog]:
+    """Record the statements of ``get_engine(url)``, the engine ``session_scope(url)`` (and so the reporter)
+    uses, while the block runs."""
+    engine = get_engine(url)
+    log = StatementLog()
+    sa.event.listen(engine, "before_cursor_execute", log)
+    try:
+        yield log
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", log)
+
+
+def test_no_database_statement_runs_on_the_sampling_thread(db_url: str) -> None:
+    job_id = _running_job(db_url)  # set-up statements run here, before the recording starts
+    sampling_thread = threading.get_ident()
+    last: dict = {"step": 0, "total": None}
+    preview = Image.new("RGB", (32, 32), (10, 200, 10))
+
+    with recorded_statements(db_url) as log, ProgressReporter(db_url, job_id) as reporter:
+        on_step = step_callback(job_id, reporter, time.monotonic() + 3600, last)
+        on_step(1, 40, preview)
+        assert log.first_update.wait(EVENT_WAIT_S), "the reporter wrote no progress"
+        for step in range(2, 30):  # faster than the 50 ms write cap: coalesced, still never written from here
+            on_step(step, 40, preview if step % 5 == 0 else None)
+        _request_cancel_elsewhere(db_url, job_id)
+        on_step(30, 40)  # its write reads the cancel request
+        assert reporter.cancelled.wait(EVENT_WAIT_S), "the cancel request never reached the flag"
+        with pytest.raises(JobCancelled):
+            on_step(31, 40)
+
+    assert log.statements, "the listener saw no statement: it is not on the engine the reporter uses"
+    assert sampling_thread not in log.threads(), [sql for t, sql in log.statements if t == sampling_thread]
+    assert log.threads() == {reporter.thread_ident}
+    assert log.updates_on(reporter.thread_ident) >= 2  # step 1, then at least the one that saw the cancel
+    assert last == {"step": 31, "total": 40}
+    row = _row(db_url, job_id)
+    assert row.progress_step == 31 and row.preview is not None and row.preview.startswith(b"\x89PNG")
 
 
 def test_last_step_and_preview_are_in_the_row_after_close(db_url: str) -> None:
@@ -49,20 +132,21 @@ def test_last_step_and_preview_are_in_the_row_after_close(db_url: str) -> None:
     assert not reporter.cancelled.is_set()
 
 
-def test_cancel_request_sets_the_flag_through_a_write_and_through_the_idle_poll(db_url: str) -> None:
+def test_cancel_request_sets_the_flag_through_a_write(db_url: str) -> None:
     job_id = _running_job(db_url)
     with session_scope(db_url) as s:
         crud.request_cancel(session=s, job_id=job_id)
-    reporter = ProgressReporter(db_url, job_id)
-    reporter.report(1, 10)
-    assert reporter.cancelled.wait(EVENT_WAIT_S)
-    reporter.close()
+    # no idle poll within the test's wait: only the progress write can see the request
+    with ProgressReporter(db_url, job_id, poll_s=3600) as reporter:
+        reporter.report(1, 10)
+        assert reporter.cancelled.wait(EVENT_WAIT_S)
+    assert reporter.writes >= 1
 
+
+def test_cancel_request_sets_the_flag_through_the_idle_poll(db_url: str) -> None:
     job_id = _running_job(db_url)
-    reporter = ProgressReporter(db_url, job_id, poll_s=0.05)
-    try:
+    with ProgressReporter(db_url, job_id, poll_s=0.05) as reporter:
         with session_scope(db_url) as s:
             crud.request_cancel(session=s, job_id=job_id)
         assert reporter.cancelled.wait(EVENT_WAIT_S)  # no step reported: the poll saw it
-    finally:
-        reporter.close()
+    assert reporter.writes == 0

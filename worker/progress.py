@@ -1,0 +1,134 @@
+"""Progress of one running job, written to its row from a background thread so that sampling never waits on
+the database.
+
+The step callback (running between two sampling steps) only hands the newest step to a
+:class:`ProgressReporter` and checks its :attr:`~ProgressReporter.cancelled` flag; every database statement
+(the progress write, which also reads ``cancel_requested``, and the idle cancel poll) runs on the reporter's
+own thread. ``tests/worker/test_progress_reporter.py`` checks that with an engine event listener.
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from echo4o.db import crud, session_scope
+from echo4o.logging import get_logger
+
+log = get_logger(__name__)
+
+#: At most one progress write per job per this many seconds (the gateway reads the rows every 0.1 s).
+MIN_WRITE_INTERVAL_S = 0.05
+#: While no step comes (a long prefill or step), check for a cancel this often.
+CANCEL_POLL_S = 0.5
+
+
+class ProgressReporter:
+    """Writes one running job's progress from a background thread.
+
+    :meth:`report` only records the newest ``(step, total, preview)`` and wakes the thread. The thread
+    writes at once, but at most once per ``min_interval_s``: steps that come faster than that, or faster
+    than the database takes writes, are coalesced (the newest step wins; a preview is kept until a newer
+    one replaces it). The event stream still shows every step number: it reports each step between two
+    rows it reads. Each write also reads ``cancel_requested`` (one statement); when set, :attr:`cancelled`
+    is set and the step callback stops the job at its next step. While no step comes, the thread checks
+    for a cancel every ``poll_s`` seconds. :meth:`close` flushes the last report and joins the thread; the
+    caller then writes the final state itself. A failed write is logged and the next one retries: progress
+    is advisory, the job goes on.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        job_id: str,
+        *,
+        min_interval_s: float = MIN_WRITE_INTERVAL_S,
+        poll_s: float = CANCEL_POLL_S,
+    ) -> None:
+        self.database_url = database_url
+        self.job_id = job_id
+        self.min_interval_s = min_interval_s
+        self.poll_s = poll_s
+        self.cancelled = threading.Event()
+        #: Progress writes that reached the database (failed ones are not counted).
+        self.writes = 0
+        self._cond = threading.Condition()
+        self._pending: tuple[int, int | None, bytes | None] | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"echo4o-progress-{job_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The ident of the thread that runs every database statement of this reporter."""
+        return self._thread.ident
+
+    def report(self, step: int, total: int | None, preview: bytes | None = None) -> None:
+        """Record the newest progress; returns at once (never touches the database)."""
+        with self._cond:
+            if preview is None and self._pending is not None:
+                preview = self._pending[2]  # not yet written: keep it until a newer one replaces it
+            self._pending = (step, total, preview)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Write what is still pending, then stop the thread (waits for it)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        last_write = float("-inf")
+        while True:
+            with self._cond:
+                idle_until = time.monotonic() + self.poll_s
+                while not self._closing:
+                    now = time.monotonic()
+                    if self._pending is not None:
+                        delay = last_write + self.min_interval_s - now
+                    else:
+                        delay = idle_until - now
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                pending, self._pending = self._pending, None
+                closing = self._closing
+            if pending is not None:
+                self._write(pending)
+                last_write = time.monotonic()
+            elif closing:
+                return
+            else:
+                self._poll_cancel()
+
+    def _write(self, pending: tuple[int, int | None, bytes | None]) -> None:
+        step, total, preview = pending
+        try:
+            with session_scope(self.database_url) as s:
+                cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview)
+            self.writes += 1
+        except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
+            log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
+            return
+        if cancel:
+            self.cancelled.set()
+
+    def _poll_cancel(self) -> None:
+        try:
+            with session_scope(self.database_url) as s:
+                job = crud.get_job(session=s, job_id=self.job_id)
+                cancel = job is not None and job.cancel_requested
+        except Exception as exc:  # noqa: BLE001 - the next poll retries
+            log.warning("cancel check failed", extra={"job_id": self.job_id, "error": str(exc)})
+            return
+        if cancel:
+            self.cancelled.set()
