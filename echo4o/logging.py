@@ -48,3 +48,33 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 def get_logger(name: str) -> logging.Logger:
     """Loggers take structured fields through ``extra``: ``log.info("job done", extra={"job_id": id})``."""
     return logging.getLogger(name)
+
+
+#: Logger name and message fragment of library warnings that tell the user nothing they can act on.
+_XFORMERS_NO_EXTENSIONS = ("xformers", "can't load C++/CUDA extensions")
+
+
+class _DropWithoutCuda(logging.Filter):
+    """Drops a record containing ``fragment`` when this process has no CUDA device: xformers' kernels need
+    CUDA, so on a CPU machine its "can't load C++/CUDA extensions" warning describes nothing the user could use
+    (the engine runs sdpa there). With CUDA present the warning is kept: it explains why ``auto`` attention
+    does not pick xformers."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragment not in record.getMessage():
+            return True
+        torch = sys.modules.get("torch")  # xformers imports torch before it warns
+        return bool(torch is not None and torch.cuda.is_available())
+
+
+def quiet_library_noise() -> None:
+    """Install the filters for library warnings that mean nothing to the user; call it before the library is
+    imported (the ``echo4o`` command does, first thing). Idempotent; other messages of those loggers pass."""
+    name, fragment = _XFORMERS_NO_EXTENSIONS
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropWithoutCuda) for f in logger.filters):
+        logger.addFilter(_DropWithoutCuda(fragment))

@@ -15,7 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Yejy53/Echo-4o"
 
-Device = str  # "auto", "cpu", "cuda" or "cuda:N"
+Device = str  # "auto", "cpu", "cuda" or "cuda:N": what the engine's loader accepts
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N (N: a CUDA device index, e.g. cuda:0)"
 
 
 class Settings(BaseSettings):
@@ -106,12 +107,20 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
+        """Only the devices the engine can load onto; anything else (``mps``, ``tpu``) is refused here, at start,
+        rather than when the model loads."""
         v = v.strip().lower()
-        if v in {"auto", "cpu", "cuda", "mps"}:
+        if v in {"auto", "cpu", "cuda"}:
             return v
         if v.startswith("cuda:") and v[5:].isdigit():
             return v
-        raise ValueError("must be auto, cpu, cuda or cuda:N")
+        raise ValueError(f"must be {DEVICE_CHOICES}")
+
+    @field_validator("dtype", "attention", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        """Spelled as the engine accepts them: any case, and a dtype with or without ``torch.``."""
+        return v.strip().lower().removeprefix("torch.") if isinstance(v, str) else v
 
     @field_validator("log_level", mode="before")
     @classmethod

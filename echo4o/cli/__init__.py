@@ -39,11 +39,15 @@ def format_settings_error(err: ValidationError) -> str:
         var = f"ECHO4O_{loc.upper()}" if loc else "settings"
         got = e.get("input")
         got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-        lines.append(f"error: {var}: {e.get('msg', 'invalid value')}{got_txt}")
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        lines.append(f"error: {var}: {msg}{got_txt}")
     return "\n".join(lines)
 
 
 def main() -> None:
+    from echo4o.logging import quiet_library_noise
+
+    quiet_library_noise()
     try:
         app()
     except ValidationError as err:
