@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import threading
@@ -11,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from echo4o.jobs import DEFAULT_STEPS, MAX_NUM_IMAGES, MAX_STEPS, MODE_DEFAULTS, SEED_MAX
 from worker.engine import Echo4oPipeline
-from worker.engine.pipeline import MODE_DEFAULTS, MULTI_REFERENCE, TEXT_TO_IMAGE
+from worker.engine.pipeline import MULTI_REFERENCE, TEXT_TO_IMAGE, GenerationParams
 
 FAST = {"height": 32, "width": 48, "num_steps": 3}
 
@@ -45,6 +47,31 @@ def test_text_to_image_returns_a_pil_image_and_every_parameter(pipe):
     assert p["dtype"] == "float32" and p["device"] == "cpu"
     assert set(out.timings) >= {"prefill_s", "denoise_s", "decode_s", "step_s"}
     assert json.loads(json.dumps(out.params)) == p  # plain JSON values: they go into PNG text chunks
+
+
+def test_check_inputs_gives_frozen_params_with_the_modes_defaults(pipe):
+    """Left out, guidance takes echo4o.jobs' defaults of the mode; the result is frozen, its size unresolved."""
+    params = pipe.check_inputs("a cat", [], None, None, DEFAULT_STEPS, None, None, None, 3.0, None, 0.0, 5, 1,
+                               "pil", None, 0)
+    generate = MODE_DEFAULTS["generate"]
+    assert isinstance(params, GenerationParams)
+    assert (params.mode, params.height, params.width, params.num_steps) == (TEXT_TO_IMAGE, None, None, DEFAULT_STEPS)
+    assert (params.cfg_text_scale, params.cfg_img_scale, params.cfg_interval, params.cfg_renorm_type) == (
+        generate.cfg_text_scale, generate.cfg_img_scale, generate.cfg_interval, generate.cfg_renorm_type)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 6  # type: ignore[misc]
+    data = params.to_dict()
+    assert data["cfg_interval"] == list(generate.cfg_interval) and data["seed"] == 5
+    assert list(data) == [f.name for f in dataclasses.fields(GenerationParams)]
+
+
+def test_output_params_are_the_resolved_params_as_a_dict(pipe):
+    """The call fills in the default size and keeps every other resolved value: out.params is exactly
+    GenerationParams.to_dict() with the size applied."""
+    out = pipe("a cat", seed=2, num_steps=2, output_type="latent", cfg_text_scale=1.0)
+    expected = pipe.check_inputs("a cat", [], None, None, 2, 1.0, None, None, 3.0, None, 0.0, 2, 1, "latent",
+                                 None, 0)
+    assert out.params == dataclasses.replace(expected, height=1024, width=1024).to_dict()
 
 
 def test_same_seed_same_bytes_and_different_seeds_differ(pipe):
@@ -83,8 +110,9 @@ def test_references_condition_the_image_and_set_its_size(pipe, count):
     out = pipe("put them together", images=refs, seed=2, num_steps=2, output_type="latent")
     p = out.params
     assert p["mode"] == MULTI_REFERENCE and p["num_references"] == count
-    img_scale, interval, renorm = MODE_DEFAULTS[MULTI_REFERENCE]
-    assert (p["cfg_img_scale"], p["cfg_interval"], p["cfg_renorm_type"]) == (img_scale, list(interval), renorm)
+    multiref = MODE_DEFAULTS["multiref"]
+    assert (p["cfg_text_scale"], p["cfg_img_scale"], p["cfg_interval"], p["cfg_renorm_type"]) == (
+        multiref.cfg_text_scale, multiref.cfg_img_scale, list(multiref.cfg_interval), multiref.cfg_renorm_type)
     # the last reference, resized as the reference VAE transform does (shorter side to 512, multiples of 16)
     assert (p["height"], p["width"]) == (512, 640)
     assert out.images[0].shape == (32 * 40, 64)
@@ -105,6 +133,7 @@ def test_references_with_an_explicit_size_and_their_content_matters(pipe):
         ({"height": 0, "width": 32}, "height"),
         ({"width": None}, "height and width"),
         ({"num_steps": 1}, "num_steps"),
+        ({"num_steps": MAX_STEPS + 1}, f"num_steps must be an integer in 2..{MAX_STEPS}"),
         ({"cfg_text_scale": float("nan")}, "cfg_text_scale"),
         ({"cfg_img_scale": -1}, "cfg_img_scale"),
         ({"cfg_interval": (0.8, 0.2)}, "cfg_interval"),
@@ -112,7 +141,9 @@ def test_references_with_an_explicit_size_and_their_content_matters(pipe):
         ({"timestep_shift": 0}, "timestep_shift"),
         ({"cfg_renorm_type": "layer"}, "cfg_renorm_type"),
         ({"seed": -1}, "seed"),
+        ({"seed": SEED_MAX + 1}, f"seed must be an integer in 0..{SEED_MAX}"),
         ({"num_images": 0}, "num_images"),
+        ({"num_images": MAX_NUM_IMAGES + 1}, f"num_images must be an integer in 1..{MAX_NUM_IMAGES}"),
         ({"output_type": "np"}, "output_type"),
         ({"images": ["not an image"]}, "images.0"),
         ({"preview_every": -2}, "preview_every"),

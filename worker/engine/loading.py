@@ -1,8 +1,12 @@
 """Loading a checkpoint in the released layout: find it (local folder or Hugging Face Hub), build the model
 without allocating weights, stream every tensor from safetensors straight to its device and dtype, with strict
-key checking; optionally place the model across several devices with accelerate (small cards).
+key checking; optionally place the model across several devices with accelerate (small cards). Also the
+choices made before loading: which device and dtype (``resolve_device``, ``resolve_dtype``), whether the model
+needs spreading over devices (``plan_placement``), and the tokenizer with its special-token ids
+(``load_model_tokenizer``).
 
-Errors are :class:`CheckpointError` and name the file at fault and how to fix it.
+Errors about the files are :class:`CheckpointError` and name the file at fault and how to fix it; a bad option
+(device, dtype) is a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from worker.engine.config import (
     BagelConfig,
     ConfigError,
 )
-from worker.engine.models.bagel import Bagel
+from worker.engine.models.bagel import Bagel, SpecialTokens
 from worker.engine.models.qwen2_mot import MoTDecoderLayer, Qwen2RotaryEmbedding
 from worker.engine.models.siglip_navit import SiglipEncoderLayer
 from worker.engine.models.vae import FluxVAE, flux_to_diffusers_key, flux_to_diffusers_tensor
@@ -38,6 +42,8 @@ REQUIRED_FILES = (LLM_CONFIG, VIT_CONFIG, EMA_WEIGHTS, AE_WEIGHTS, *TOKENIZER_FI
 HUB_FILES = (*REQUIRED_FILES, AE_CONFIG, "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
              "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Placement across devices is used when the weights need more than this share of the card's free memory.
+_FIT_FRACTION = 0.85
 
 
 class CheckpointError(RuntimeError):
@@ -264,3 +270,101 @@ def auto_device_map(config: BagelConfig, dtype: torch.dtype,
             if key == name or key.startswith(name + "."):
                 device_map[key] = first
     return device_map
+
+
+# ---------------------------------------------------------------------------------------------------
+# device, dtype, placement and tokenizer: the choices made before the weights are read
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``cuda`` becomes the current CUDA device with its index. A ``ValueError`` names a device that is not one of
+    these, CUDA asked for where it is absent, or an index beyond the visible cards.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here: use device='cpu' "
+                             f"(or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The weight dtype for ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or
+    ``float16`` (a name, with or without ``torch.``, or the torch dtype); anything else is a ``ValueError``."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
+    return _DTYPES[name]
+
+
+def plan_placement(config: BagelConfig, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """An accelerate device map (:func:`auto_device_map`) when the weights in ``dtype`` need more than 85% of
+    the chosen CUDA card's free memory; ``None`` (everything on ``device``) otherwise and always on the CPU."""
+    if device.type != "cuda":
+        return None
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in Bagel(config).parameters())
+    need = numel * torch.tensor([], dtype=dtype).element_size()
+    free, _total = torch.cuda.mem_get_info(device)
+    if need <= _FIT_FRACTION * free:
+        return None
+    log.info("model does not fit one card: placing it with accelerate",
+             extra={"need_gb": round(need / 2**30, 1), "free_gb": round(free / 2**30, 1)})
+    return auto_device_map(config, dtype)
+
+
+def load_model_tokenizer(path: Path, config: BagelConfig) -> tuple[object, SpecialTokens]:
+    """The checkpoint's tokenizer and the ids of the four tokens that frame text and images.
+
+    A missing or unreadable tokenizer file, a special token the tokenizer lacks, or an id outside the model's
+    vocabulary is a :class:`CheckpointError` (the tokenizer files then belong to another model).
+    """
+    from worker.engine.tokenizer import load_tokenizer
+
+    try:
+        tokenizer, ids = load_tokenizer(path)
+    except (OSError, ValueError) as exc:  # missing or unreadable tokenizer files
+        raise CheckpointError(str(exc)) from exc
+    special = SpecialTokens(
+        bos=int(_pick(ids, "bos_token_id", "bos", "<|im_start|>")),
+        eos=int(_pick(ids, "eos_token_id", "eos", "<|im_end|>")),
+        start_of_image=int(_pick(ids, "start_of_image", "vision_start", "<|vision_start|>")),
+        end_of_image=int(_pick(ids, "end_of_image", "vision_end", "<|vision_end|>")),
+    )
+    vocab = config.llm.vocab_size
+    for name, value in vars(special).items():
+        if not 0 <= value < vocab:
+            raise CheckpointError(f"tokenizer of {path}: special token {name} has id {value}, outside the model's "
+                                  f"vocabulary of {vocab}; the tokenizer files do not belong to this model")
+    return tokenizer, special
+
+
+def _pick(ids: dict, *names: str) -> int:
+    """The first of ``names`` found in ``ids`` (the spellings tokenizer files use for one special token)."""
+    for name in names:
+        if name in ids:
+            return ids[name]
+    raise CheckpointError(f"tokenizer special ids lack {names[0]} (got {sorted(ids)})")

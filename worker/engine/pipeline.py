@@ -5,10 +5,14 @@ image-dropped) into KV caches once, prepare the initial latent from one CPU gene
 denoise (guidance, callback, cancel), decode, return a :class:`Echo4oPipelineOutput`. Random draws happen in
 the reference's order, so the same seed gives the same image on any device: each reference image's VAE
 posterior sample, then the initial noise of each output image.
+
+Defaults and limits of a call (steps, seed range, images per call, per-mode guidance) are the job contract's,
+read from :mod:`echo4o.jobs`; sizes are checked against the loaded model (its latent stride and largest side).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -20,19 +24,34 @@ import numpy as np
 import torch
 from PIL import Image
 
+from echo4o.jobs import (
+    DEFAULT_RENORM_MIN,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    DEFAULT_TIMESTEP_SHIFT,
+    MAX_NUM_IMAGES,
+    MAX_STEPS,
+    MIN_STEPS,
+    MODE_DEFAULTS,
+    RENORM_TYPES,
+    SEED_MAX,
+)
 from echo4o.logging import get_logger
 from echo4o.settings import DEFAULT_MODEL
 from worker.engine import sampler
 from worker.engine.attention import resolve_backend
 from worker.engine.config import BagelConfig
 from worker.engine.image_processing import PreparedReference, prepare_reference
-from worker.engine.loading import (
+from worker.engine.loading import (  # noqa: F401 - resolve_device/resolve_dtype/CheckpointError: re-exported
     CheckpointError,
-    auto_device_map,
     load_bagel,
+    load_model_tokenizer,
     load_vae,
+    plan_placement,
     read_config,
     resolve_checkpoint,
+    resolve_device,
+    resolve_dtype,
 )
 from worker.engine.models.bagel import Bagel, DenoiseLayout, SpecialTokens
 from worker.engine.models.qwen2_mot import KVCache
@@ -40,20 +59,50 @@ from worker.engine.models.vae import FluxVAE
 
 log = get_logger(__name__)
 
+#: ``params["mode"]`` of a call without reference images, and of one with them.
 TEXT_TO_IMAGE = "text-to-image"
 MULTI_REFERENCE = "multi-reference"
-# Guidance defaults per mode: (cfg_img_scale, cfg_interval, cfg_renorm_type); cfg_text_scale is 4.0 in both.
-MODE_DEFAULTS: dict[str, tuple[float, tuple[float, float], str]] = {
-    TEXT_TO_IMAGE: (1.0, (0.4, 1.0), "global"),
-    MULTI_REFERENCE: (2.0, (0.0, 1.0), "text_channel"),
-}
-DEFAULT_SIZE = (1024, 1024)
-MAX_NUM_IMAGES = 16
+#: The job kind (the key of ``echo4o.jobs.MODE_DEFAULTS``) whose defaults each mode uses.
+JOB_KIND_OF_MODE = {TEXT_TO_IMAGE: "generate", MULTI_REFERENCE: "multiref"}
 PREVIEW_SIZE = 256
-# Placement across devices is used when the weights need more than this share of the card's free memory.
-_FIT_FRACTION = 0.85
 
 Callback = Callable[[int, int, "Image.Image | None"], Any]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Every parameter of one call, checked and with the mode's defaults resolved (see ``check_inputs``).
+
+    ``height`` / ``width`` are ``None`` only between the check and the reading of the references (a
+    multi-reference call without a size takes the last reference's); ``__call__`` fills them with
+    ``dataclasses.replace`` before sampling. ``to_dict()`` is what :attr:`Echo4oPipelineOutput.params` holds.
+    """
+
+    mode: str
+    prompt: str
+    num_references: int
+    height: int | None
+    width: int | None
+    num_steps: int
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    timestep_shift: float
+    cfg_renorm_type: str
+    cfg_renorm_min: float
+    seed: int
+    num_images: int
+    output_type: str
+    attention: str
+    dtype: str
+    device: str
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (``cfg_interval`` a list), the keys in field order: PNG metadata and job results."""
+        data = dataclasses.asdict(self)
+        data["cfg_interval"] = list(self.cfg_interval)
+        return data
 
 
 @dataclass
@@ -62,7 +111,8 @@ class Echo4oPipelineOutput:
 
     ``images``: PIL images, or with ``output_type="latent"`` the final packed latent tokens, each a float32
     CPU tensor ``(h * w, p * p * C)`` (token ``i * w + j`` is grid cell ``(i, j)``, features in ``(p, q, c)``
-    order). ``params``: every parameter actually used, defaults resolved. ``timings``: seconds per stage.
+    order). ``params``: every parameter actually used, defaults resolved, as plain JSON values
+(:meth:`GenerationParams.to_dict`; PNG metadata and job results store it). ``timings``: seconds per stage.
     """
 
     images: list
@@ -80,6 +130,7 @@ class _Contexts:
     layouts: dict[tuple[int, ...], DenoiseLayout] = field(default_factory=dict)
 
     def release(self) -> None:
+        """Drop every cached key, value and step buffer (the call is over, or was cancelled)."""
         self.layouts.clear()
         for cache in (self.full, self.text_dropped, self.image_dropped):
             cache.keys = [None] * len(cache.keys)
@@ -87,8 +138,32 @@ class _Contexts:
 
 
 class Echo4oPipeline:
+    """BAGEL / Echo-4o image generation: a prompt, optionally with reference images, in; images out.
+
+    It holds the mixture-of-transformers model (:class:`~worker.engine.models.bagel.Bagel`), the FLUX VAE, the
+    Qwen2 tokenizer with the ids of its framing tokens, and the attention backend chosen at load time. It
+    keeps no state between calls: each call builds its own KV caches and frees them when it returns or raises.
+
+    Load a checkpoint in the released layout (a folder, or a Hugging Face Hub id) with :meth:`from_pretrained`;
+    call the pipeline with a prompt. Without ``images`` it draws the prompt (text-to-image, 1024x1024 by
+    default); with ``images`` it follows the instruction using the references (multi-reference; the output
+    takes the last reference's size unless ``height`` and ``width`` are given). Guidance parameters left as
+    ``None`` take the mode's defaults from :data:`echo4o.jobs.MODE_DEFAULTS`. Same seed, same image, on any
+    device.
+
+    Example::
+
+        pipe = Echo4oPipeline.from_pretrained("Yejy53/Echo-4o", device="cuda", dtype="bfloat16")
+        out = pipe("a red panda asleep on a bed", height=768, width=1024, num_steps=50, seed=42)
+        out.images[0].save("panda.png")
+        edit = pipe("put the panda on the sofa", images=[Image.open("panda.png"), Image.open("sofa.png")],
+                    seed=7, callback=lambda step, total, preview: print(step, "/", total))
+    """
+
     def __init__(self, model: Bagel, vae: FluxVAE, tokenizer: Any, special: SpecialTokens, *,
                  attention_backend: str, source: str = "", device: torch.device | None = None):
+        """Assemble loaded parts (:meth:`from_pretrained` does this). ``source`` is recorded as ``params["model"]``;
+        ``device`` defaults to the model's (with a device map: where its inputs go)."""
         self.model = model
         self.vae = vae
         self.tokenizer = tokenizer
@@ -100,6 +175,7 @@ class Echo4oPipeline:
 
     @property
     def config(self) -> BagelConfig:
+        """The model's configuration (LLM, ViT and VAE configs, latent patching)."""
         return self.model.config
 
     # ================================================================================ loading
@@ -121,7 +197,10 @@ class Echo4oPipeline:
         ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. ``attention``:
         ``auto``, ``sdpa``, ``xformers`` or ``flash_attn``. ``device_map``: ``auto`` spreads the model over
         the visible GPUs (then the CPU) with accelerate only when it does not fit the chosen card; ``None``
-        never does; a dict is an accelerate device map.
+        never does; a dict is an accelerate device map. ``token`` / ``cache_dir``: for the Hub download.
+
+        A bad option is a ``ValueError`` naming it; missing, corrupt or mismatched files are a
+        :class:`~worker.engine.loading.CheckpointError` naming the file and the fix.
         """
         t0 = time.perf_counter()
         path = resolve_checkpoint(path_or_hub_id, token=token, cache_dir=cache_dir)
@@ -130,12 +209,12 @@ class Echo4oPipeline:
         dtype = resolve_dtype(dtype, device)
         backend = resolve_backend(attention, device, dtype)
         if device_map == "auto":
-            device_map = _placement(config, device, dtype)
+            device_map = plan_placement(config, device, dtype)
         elif device_map is not None and not isinstance(device_map, dict):
             raise ValueError(f"device_map must be 'auto', None or a dict; got {device_map!r}")
         model = load_bagel(path, config, device, dtype, device_map=device_map)
         vae = load_vae(path, config, device, dtype)
-        tokenizer, special = _load_tokenizer(path, config)
+        tokenizer, special = load_model_tokenizer(path, config)
         pipe = cls(model, vae, tokenizer, special, attention_backend=backend, source=str(path_or_hub_id),
                    device=device)
         log.info("model loaded", extra={"model": str(path_or_hub_id), "path": str(path), "device": str(device),
@@ -152,13 +231,13 @@ class Echo4oPipeline:
         images: Sequence[Image.Image] | Image.Image | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_steps: int = 50,
-        cfg_text_scale: float = 4.0,
+        num_steps: int = DEFAULT_STEPS,
+        cfg_text_scale: float | None = None,
         cfg_img_scale: float | None = None,
         cfg_interval: Sequence[float] | None = None,
-        timestep_shift: float = 3.0,
+        timestep_shift: float = DEFAULT_TIMESTEP_SHIFT,
         cfg_renorm_type: str | None = None,
-        cfg_renorm_min: float = 0.0,
+        cfg_renorm_min: float = DEFAULT_RENORM_MIN,
         seed: int = 0,
         num_images: int = 1,
         output_type: str = "pil",
@@ -167,11 +246,18 @@ class Echo4oPipeline:
     ) -> Echo4oPipelineOutput:
         """Generate ``num_images`` images for ``prompt``, conditioned on ``images`` (references) if given.
 
+        ``height`` / ``width``: both or neither; neither means 1024x1024 without references and the last
+        reference's size (after the reference resize rule) with them. ``cfg_text_scale``, ``cfg_img_scale``,
+        ``cfg_interval``, ``cfg_renorm_type``: ``None`` takes the mode's default (``echo4o.jobs.MODE_DEFAULTS``
+        of ``generate`` or ``multiref``). ``seed`` in ``0..SEED_MAX``; the images of one call continue one
+        random stream. ``output_type``: ``"pil"`` or ``"latent"`` (the packed latent tokens).
+
         ``num_steps`` is the number of schedule points (the reference's ``num_timesteps``): the sampler takes
         ``num_steps - 1`` Euler steps per image and ``callback(step, total, preview)`` runs after each one
         (``step`` from 1 to ``total = (num_steps - 1) * num_images``; ``preview`` a small PIL image every
         ``preview_every`` steps when > 0, else ``None``). An exception raised in the callback stops sampling
-        and propagates; nothing of the call is kept.
+        and propagates; nothing of the call is kept. Any invalid argument is a ``ValueError`` naming it,
+        raised before any work.
         """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -182,20 +268,21 @@ class Echo4oPipeline:
                                    cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images,
                                    output_type, callback, preview_every)
         prepared = [prepare_reference(img) for img in references]
-        if params["height"] is None:
-            params["height"], params["width"] = prepared[-1].size_hw if prepared else DEFAULT_SIZE
-            self._check_size(params["height"], params["width"], from_reference=bool(prepared))
-        generator = torch.Generator(device="cpu").manual_seed(params["seed"])
+        if params.height is None:
+            h, w = prepared[-1].size_hw if prepared else DEFAULT_SIZE
+            self._check_size(h, w, from_reference=bool(prepared))
+            params = dataclasses.replace(params, height=int(h), width=int(w))
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
 
         # 2. encode the contexts into KV caches (draws each reference's VAE posterior sample)
         contexts = self.encode_contexts(prompt, prepared, generator)
         timings["prefill_s"] = time.perf_counter() - t0
         try:
-            grid = (params["height"] // self.config.latent_downsample, params["width"] // self.config.latent_downsample)
+            grid = (params.height // self.config.latent_downsample, params.width // self.config.latent_downsample)
             # 3. initial latents: one noise draw per image, after the references' draws
             latents = [self.prepare_latents(grid, generator) for _ in range(num_images)]
             # 4. timesteps
-            schedule = sampler.timesteps(params["num_steps"], params["timestep_shift"])
+            schedule = sampler.timesteps(params.num_steps, params.timestep_shift)
             # 5. denoise
             t1 = time.perf_counter()
             outputs = []
@@ -212,31 +299,34 @@ class Echo4oPipeline:
         else:
             results = [self.decode_latents(x, grid) for x in outputs]
         timings["decode_s"] = time.perf_counter() - t2
-        steps = (params["num_steps"] - 1) * num_images
+        steps = (params.num_steps - 1) * num_images
         timings["step_s"] = timings["denoise_s"] / steps if steps else 0.0
         timings["total_s"] = time.perf_counter() - t0
-        return Echo4oPipelineOutput(images=results, params=params, timings={k: round(v, 4) for k, v in
-                                                                             timings.items()})
+        return Echo4oPipelineOutput(images=results, params=params.to_dict(),
+                                    timings={k: round(v, 4) for k, v in timings.items()})
 
     # -------------------------------------------------------------------------------- 1. inputs
     def check_inputs(self, prompt, references, height, width, num_steps, cfg_text_scale, cfg_img_scale,
                      cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images, output_type,
-                     callback, preview_every) -> dict[str, Any]:
-        """Validate every argument (``ValueError`` naming it) and return the parameters with defaults resolved."""
+                     callback, preview_every) -> GenerationParams:
+        """Validate every argument (``ValueError`` naming it) and return the parameters with the mode's
+        defaults resolved; the size stays ``None`` when none was given (``__call__`` resolves it)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string; got {prompt!r:.80}")
         mode = MULTI_REFERENCE if references else TEXT_TO_IMAGE
-        default_img, default_interval, default_renorm = MODE_DEFAULTS[mode]
+        defaults = MODE_DEFAULTS[JOB_KIND_OF_MODE[mode]]
         if (height is None) != (width is None):
             raise ValueError("height and width must be given together (or neither, for the mode's default size)")
         if height is not None:
             self._check_size(height, width)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= 1000:
-            raise ValueError(f"num_steps must be an integer in 2..1000 (schedule points; num_steps - 1 denoising "
-                             f"steps); got {num_steps!r}")
-        cfg_text_scale = _finite("cfg_text_scale", cfg_text_scale, low=0.0)
-        cfg_img_scale = _finite("cfg_img_scale", default_img if cfg_img_scale is None else cfg_img_scale, low=0.0)
-        interval = default_interval if cfg_interval is None else cfg_interval
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not MIN_STEPS <= num_steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be an integer in {MIN_STEPS}..{MAX_STEPS} (schedule points; "
+                             f"num_steps - 1 denoising steps); got {num_steps!r}")
+        cfg_text_scale = _finite("cfg_text_scale", defaults.cfg_text_scale if cfg_text_scale is None
+                                 else cfg_text_scale, low=0.0)
+        cfg_img_scale = _finite("cfg_img_scale", defaults.cfg_img_scale if cfg_img_scale is None else cfg_img_scale,
+                                low=0.0)
+        interval = defaults.cfg_interval if cfg_interval is None else cfg_interval
         try:
             lo, hi = (float(v) for v in interval)
         except (TypeError, ValueError):
@@ -246,12 +336,12 @@ class Echo4oPipeline:
         timestep_shift = _finite("timestep_shift", timestep_shift)
         if timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0; got {timestep_shift}")
-        renorm_type = default_renorm if cfg_renorm_type is None else cfg_renorm_type
-        if renorm_type not in sampler.RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {', '.join(sampler.RENORM_TYPES)}; got {renorm_type!r}")
+        renorm_type = defaults.cfg_renorm_type if cfg_renorm_type is None else cfg_renorm_type
+        if renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}; got {renorm_type!r}")
         cfg_renorm_min = _finite("cfg_renorm_min", cfg_renorm_min, low=0.0)
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be an integer in 0..2**63-1; got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in 0..{SEED_MAX}; got {seed!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_NUM_IMAGES:
             raise ValueError(f"num_images must be an integer in 1..{MAX_NUM_IMAGES}; got {num_images!r}")
         if output_type not in ("pil", "latent"):
@@ -260,15 +350,15 @@ class Echo4oPipeline:
             raise ValueError("callback must be callable as callback(step, total, preview)")
         if isinstance(preview_every, bool) or not isinstance(preview_every, int) or preview_every < 0:
             raise ValueError(f"preview_every must be an integer >= 0; got {preview_every!r}")
-        return {
-            "mode": mode, "prompt": prompt, "num_references": len(references),
-            "height": None if height is None else int(height), "width": None if width is None else int(width),
-            "num_steps": num_steps, "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale,
-            "cfg_interval": [lo, hi], "timestep_shift": timestep_shift, "cfg_renorm_type": renorm_type,
-            "cfg_renorm_min": cfg_renorm_min, "seed": int(seed), "num_images": num_images,
-            "output_type": output_type, "attention": self.attention_backend,
-            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device), "model": self.source,
-        }
+        return GenerationParams(
+            mode=mode, prompt=prompt, num_references=len(references),
+            height=None if height is None else int(height), width=None if width is None else int(width),
+            num_steps=num_steps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+            cfg_interval=(lo, hi), timestep_shift=timestep_shift, cfg_renorm_type=renorm_type,
+            cfg_renorm_min=cfg_renorm_min, seed=int(seed), num_images=num_images, output_type=output_type,
+            attention=self.attention_backend, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            model=self.source,
+        )
 
     def _check_size(self, height: Any, width: Any, from_reference: bool = False) -> None:
         step, largest = self.config.latent_downsample, self.config.max_image_size
@@ -301,6 +391,7 @@ class Echo4oPipeline:
         return _Contexts(full=full, text_dropped=text_dropped, image_dropped=image_dropped)
 
     def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` (no framing tokens); a ``ValueError`` when an id is beyond the model's vocabulary."""
         encoded = self.tokenizer.encode(prompt)
         ids = list(getattr(encoded, "ids", encoded))
         vocab = self.config.llm.vocab_size
@@ -318,9 +409,10 @@ class Echo4oPipeline:
 
     # -------------------------------------------------------------------------------- 5. denoise
     def denoise(self, x: torch.Tensor, grid: tuple[int, int], contexts: _Contexts, schedule: torch.Tensor,
-                params: dict[str, Any], callback: Callback | None, preview_every: int, index: int,
+                params: GenerationParams, callback: Callback | None, preview_every: int, index: int,
                 num_images: int) -> torch.Tensor:
-        """Euler steps over the schedule with three-branch guidance inside the cfg interval."""
+        """Euler steps of one image's latent ``x`` over ``schedule``, with three-branch guidance inside the cfg
+        interval (``params``); calls ``callback`` after each step. Returns the final latent tokens."""
         model = self.model
         times, dts = sampler.step_sizes(schedule)  # on the CPU: the interval test needs no device sync
         times_dev, dts_dev = times.to(self.device), dts.to(self.device)
@@ -329,8 +421,8 @@ class Echo4oPipeline:
         frame = (model.embed_ids([self.special.start_of_image]), model.embed_ids([self.special.end_of_image]))
         caches = (contexts.full, contexts.text_dropped, contexts.image_dropped)
         for i in range(total):
-            if sampler.in_cfg_interval(times[i], params["cfg_interval"]):
-                text_scale, img_scale = params["cfg_text_scale"], params["cfg_img_scale"]
+            if sampler.in_cfg_interval(times[i], params.cfg_interval):
+                text_scale, img_scale = params.cfg_text_scale, params.cfg_img_scale
             else:
                 text_scale, img_scale = 1.0, 1.0
             use_text, use_img = sampler.needed_branches(text_scale, img_scale)
@@ -348,7 +440,7 @@ class Echo4oPipeline:
                 v_all[branches.index(1)] if use_text else None,
                 (v_all[branches.index(2)] if run_img else v_all[0]) if use_img else None,
                 text_scale=text_scale, img_scale=img_scale,
-                renorm_type=params["cfg_renorm_type"], renorm_min=params["cfg_renorm_min"],
+                renorm_type=params.cfg_renorm_type, renorm_min=params.cfg_renorm_min,
             )
             x = x - v * dts_dev[i]
             if callback is not None:
@@ -363,107 +455,32 @@ class Echo4oPipeline:
     # -------------------------------------------------------------------------------- 6. decode
     @property
     def vae_dtype(self) -> torch.dtype:
+        """The dtype of the VAE's weights (latents are cast to it before decoding)."""
         return next(self.vae.parameters()).dtype
 
-    def decode_latents(self, tokens: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
+    def decode_latents(self, tokens: torch.Tensor, grid: tuple[int, int], *,
+                       half_resolution: bool = False) -> Image.Image:
+        """The RGB image of packed latent tokens ``(h * w, p * p * C)`` on a ``grid`` of ``(h, w)`` tokens.
+
+        ``half_resolution``: average-pool the latent 2x2 first (a quarter of the decoder's work, half the
+        pixels a side) when it is at least 4 latent pixels a side; previews use it.
+        """
         latent = self.model.unpack_latent(tokens, grid).to(self.device, self.vae_dtype)
+        if half_resolution and min(latent.shape[-2:]) >= 4:
+            latent = torch.nn.functional.avg_pool2d(latent, 2)
         image = self.vae.decode(latent)
         pixels = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
         return Image.fromarray(pixels.cpu().numpy())
 
     def preview(self, tokens: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
-        """A small image of a latent: decoded at half resolution (a quarter of the decoder's work) when the
-        latent allows, then shrunk to at most ``PREVIEW_SIZE`` pixels a side."""
-        latent = self.model.unpack_latent(tokens, grid).to(self.device, self.vae_dtype)
-        if min(latent.shape[-2:]) >= 4:
-            latent = torch.nn.functional.avg_pool2d(latent, 2)
-        image = self.vae.decode(latent)
-        pixels = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
-        preview = Image.fromarray(pixels.cpu().numpy())
+        """A small image of a latent: decoded at half resolution, then shrunk to at most ``PREVIEW_SIZE``
+        pixels a side."""
+        preview = self.decode_latents(tokens, grid, half_resolution=True)
         preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
         return preview
 
 
 # ================================================================================== helpers
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here: use device='cpu' "
-                             f"(or install a CUDA build of torch)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-    return dev
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
-        return dtype
-    name = str(dtype).strip().lower().removeprefix("torch.")
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {dtype!r}")
-    return _DTYPES[name]
-
-
-def _placement(config: BagelConfig, device: torch.device, dtype: torch.dtype) -> dict | None:
-    """An accelerate device map when the weights do not fit the chosen CUDA card, else ``None``."""
-    if device.type != "cuda":
-        return None
-    with torch.device("meta"):
-        numel = sum(p.numel() for p in Bagel(config).parameters())
-    need = numel * torch.tensor([], dtype=dtype).element_size()
-    free, _total = torch.cuda.mem_get_info(device)
-    if need <= _FIT_FRACTION * free:
-        return None
-    log.info("model does not fit one card: placing it with accelerate",
-             extra={"need_gb": round(need / 2**30, 1), "free_gb": round(free / 2**30, 1)})
-    return auto_device_map(config, dtype)
-
-
-def _load_tokenizer(path, config: BagelConfig):
-    from worker.engine.tokenizer import load_tokenizer
-
-    try:
-        tokenizer, ids = load_tokenizer(path)
-    except (OSError, ValueError) as exc:  # missing or unreadable tokenizer files
-        raise CheckpointError(str(exc)) from exc
-    special = SpecialTokens(
-        bos=int(_pick(ids, "bos_token_id", "bos", "<|im_start|>")),
-        eos=int(_pick(ids, "eos_token_id", "eos", "<|im_end|>")),
-        start_of_image=int(_pick(ids, "start_of_image", "vision_start", "<|vision_start|>")),
-        end_of_image=int(_pick(ids, "end_of_image", "vision_end", "<|vision_end|>")),
-    )
-    vocab = config.llm.vocab_size
-    for name, value in vars(special).items():
-        if not 0 <= value < vocab:
-            raise CheckpointError(f"tokenizer of {path}: special token {name} has id {value}, outside the model's "
-                                  f"vocabulary of {vocab}; the tokenizer files do not belong to this model")
-    return tokenizer, special
-
-
-def _pick(ids: dict, *names: str) -> int:
-    for name in names:
-        if name in ids:
-            return ids[name]
-    raise CheckpointError(f"tokenizer special ids lack {names[0]} (got {sorted(ids)})")
 
 
 def _as_image_list(images) -> list[Image.Image]:

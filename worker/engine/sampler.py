@@ -27,7 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+from echo4o.jobs import RENORM_TYPES
+
+__all__ = ["RENORM_TYPES", "cfg_combine", "check_renorm_type", "in_cfg_interval", "needed_branches", "step_sizes",
+           "timesteps"]
 _EPS = 1e-8
 
 
@@ -62,6 +65,7 @@ def needed_branches(text_scale: float, img_scale: float) -> tuple[bool, bool]:
 
 
 def check_renorm_type(renorm_type: str) -> str:
+    """``renorm_type`` itself when it is one of ``RENORM_TYPES`` (from ``echo4o.jobs``), else a ``ValueError``."""
     if renorm_type not in RENORM_TYPES:
         raise ValueError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}; got {renorm_type!r}")
     return renorm_type
