@@ -18,11 +18,17 @@ import gradio as gr
 from frontend_gradio import views
 from frontend_gradio.client import ApiError, GatewayClient
 
+ANY_STATUS = "any"  # a status filter's "no filter" choice
+
 
 @dataclass
 class AdminContext:
+    """What a section builds with: the gateway client, the session's key, and the job statuses the gateway
+    knows (from ``GET /parameters``, for status filters)."""
+
     client: GatewayClient
     key_state: gr.State
+    statuses: list[str]
 
 
 @dataclass
@@ -88,14 +94,14 @@ def _build_overview(ctx: AdminContext) -> SectionHandle:
 
 
 def _build_all_jobs(ctx: AdminContext) -> SectionHandle:
-    status = gr.Dropdown(["any", "queued", "running", "succeeded", "failed", "cancelled"], value="any",
-                         label="Status", scale=0, min_width=180)
+    status = gr.Dropdown([ANY_STATUS, *ctx.statuses], value=ANY_STATUS, label="Status", scale=0, min_width=180,
+                         elem_id="admin-jobs-status")
     table = gr.Dataframe(headers=views.ADMIN_JOB_COLUMNS, label="All users' jobs (newest first)",
                          interactive=False, elem_id="admin-jobs", wrap=True)
 
-    def fetch(key: str | None, wanted: str = "any") -> list[Any]:
+    def fetch(key: str | None, wanted: str = ANY_STATUS) -> list[Any]:
         try:
-            body = ctx.client.list_jobs(key=key, all_users=True, status=None if wanted == "any" else wanted,
+            body = ctx.client.list_jobs(key=key, all_users=True, status=None if wanted == ANY_STATUS else wanted,
                                         limit=100)
         except ApiError as err:
             gr.Warning(err.readable())

@@ -1,57 +1,35 @@
-"""The Gradio demo. A client of the gateway's HTTP API (frontend_gradio.client), nothing else.
+"""The demo's page: its layout, and the wiring of each tab to the gateway. A client of the gateway's HTTP API
+(``frontend_gradio.client``), nothing else.
 
-``build_app(api_url, api_key)`` returns the Blocks; ``launch(...)`` serves them (``echo4o ui``). Each browser
-session may enter its own API key; without one it uses the key the UI was started with. The admin tab is
-shown only while the session's key is an admin key.
+``build_app(api_url, api_key)`` returns the Blocks; ``launch(...)`` serves them (``echo4o ui``). The page is
+built from the gateway's ``GET /parameters`` (``frontend_gradio.controls``), so the gateway must answer when
+the app is built. Jobs are followed by ``frontend_gradio.follower``, whose named updates are turned into
+component updates here. Each browser session may enter its own API key; without one it uses the key the UI
+was started with. The admin tab is shown only while the session's key is an admin key.
 """
 
 from __future__ import annotations
 
-import base64
 import inspect
-import io
 import logging
-import shutil
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image
 
-from echo4o.jobs import ASPECT_PRESETS
 from echo4o.logging import get_logger
 from frontend_gradio import views
-from frontend_gradio.admin import AdminContext, build_admin_tab
+from frontend_gradio.admin import ANY_STATUS, AdminContext, build_admin_tab
 from frontend_gradio.client import ApiError, GatewayClient
+from frontend_gradio.controls import PRIVATE, Controls, Form
 from frontend_gradio.examples import MULTIREF_INSTRUCTIONS, TEXT_EXAMPLES, write_reference_examples
+from frontend_gradio.follower import KEEP, JobFollower, JobUpdate
+from frontend_gradio.results import CACHE_TTL_S, ResultCache
 
 log = get_logger(__name__)
-
-ASPECTS = list(ASPECT_PRESETS)
-CUSTOM = "custom"
-FOLLOW_REF = "follow reference"
-RENORM_TYPES = ["global", "channel", "text_channel"]
-SEED_MODES = ["random", "fixed", "reuse last"]
-MAX_SEED = 2**32 - 1
-# Every event but the two Generate buttons is internal: hidden from the API page and from gradio_client.
-PRIVATE: dict[str, Any] = {"api_visibility": "private"}
-
-# The engine's defaults per mode (docs/contracts.md, "Engine"); the UI starts from them.
-DEFAULTS = {
-    "generate": {"cfg_text_scale": 4.0, "cfg_img_scale": 1.0, "cfg_interval": (0.4, 1.0),
-                 "cfg_renorm_type": "global", "aspect": "1:1"},
-    "multiref": {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
-                 "cfg_renorm_type": "text_channel", "aspect": FOLLOW_REF},
-}
-CACHE_TTL_S = 24 * 3600  # downloaded results (and Gradio's copies of them) are kept a day
-
-COMMON_DEFAULTS = {"num_steps": 50, "timestep_shift": 3.0, "cfg_renorm_min": 0.0, "num_images": 1}
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
@@ -61,176 +39,35 @@ THEME = gr.themes.Soft(
     font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
 )
 
-
-# --- per-session running jobs (for Cancel) ------------------------------------------------------------
-@dataclass
-class _Running:
-    job_id: str | None = None
-    key: str | None = None
-    cancel: bool = False
-
-
-class RunningJobs:
-    """The job each (session, tab) is waiting on, so that its Cancel button can reach it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs: dict[tuple[str, str], _Running] = {}
-
-    def start(self, session: str, tab: str, key: str | None) -> _Running:
-        entry = _Running(key=key)
-        with self._lock:
-            self._jobs[(session, tab)] = entry
-        return entry
-
-    def finish(self, session: str, tab: str, entry: _Running) -> None:
-        with self._lock:
-            if self._jobs.get((session, tab)) is entry:
-                del self._jobs[(session, tab)]
-
-    def request_cancel(self, session: str, tab: str) -> _Running | None:
-        with self._lock:
-            entry = self._jobs.get((session, tab))
-            if entry:
-                entry.cancel = True
-            return entry
-
-
-# --- the generation controls, shared by both tabs -----------------------------------------------------
-@dataclass
-class Controls:
-    names: list[str] = field(default_factory=list)
-    components: list[Any] = field(default_factory=list)
-
-    def add(self, name: str, component: Any) -> Any:
-        self.names.append(name)
-        self.components.append(component)
-        return component
-
-    def __getitem__(self, name: str) -> Any:
-        return self.components[self.names.index(name)]
-
-
-def build_controls(mode: str, prefix: str) -> Controls:
-    d = {**COMMON_DEFAULTS, **DEFAULTS[mode]}
-    c = Controls()
-    aspects = ([FOLLOW_REF] if mode == "multiref" else []) + [
-        (f"{a}  ({h}×{w})", a) for a, (h, w) in ASPECT_PRESETS.items()] + [CUSTOM]
-    c.add("aspect", gr.Radio(aspects, value=d["aspect"], label="Aspect ratio", elem_id=f"{prefix}-aspect"))
-    with gr.Row(visible=False) as size_row:
-        c.add("height", gr.Slider(16, 1024, value=1024, step=16, label="Height", elem_id=f"{prefix}-height"))
-        c.add("width", gr.Slider(16, 1024, value=1024, step=16, label="Width", elem_id=f"{prefix}-width"))
-    c["aspect"].change(lambda a: gr.Row(visible=a == CUSTOM), c["aspect"], size_row, queue=False,
-                       show_progress="hidden", **PRIVATE)
-    with gr.Row():
-        c.add("num_images", gr.Slider(1, 4, value=d["num_images"], step=1, label="Images",
-                                      elem_id=f"{prefix}-num-images"))
-        c.add("num_steps", gr.Slider(2, 100, value=d["num_steps"], step=1, label="Steps",
-                                     elem_id=f"{prefix}-steps"))
-    with gr.Row(equal_height=True):
-        c.add("seed_mode", gr.Radio(SEED_MODES, value="random", label="Seed", elem_id=f"{prefix}-seed-mode",
-                                    scale=2))
-        c.add("seed", gr.Number(0, label="Seed value", precision=0, minimum=0, maximum=MAX_SEED,
-                                elem_id=f"{prefix}-seed", scale=1))
-    with gr.Accordion("Guidance and sampler", open=False):
-        with gr.Row():
-            c.add("cfg_text_scale", gr.Slider(1.0, 10.0, value=d["cfg_text_scale"], step=0.1,
-                                              label="Text CFG scale"))
-            c.add("cfg_img_scale", gr.Slider(1.0, 5.0, value=d["cfg_img_scale"], step=0.1,
-                                             label="Image CFG scale"))
-        with gr.Row():
-            c.add("interval_low", gr.Slider(0.0, 1.0, value=d["cfg_interval"][0], step=0.05,
-                                            label="CFG interval from"))
-            c.add("interval_high", gr.Slider(0.0, 1.0, value=d["cfg_interval"][1], step=0.05,
-                                             label="CFG interval to"))
-        with gr.Row():
-            c.add("cfg_renorm_type", gr.Dropdown(RENORM_TYPES, value=d["cfg_renorm_type"], label="CFG renorm"))
-            c.add("cfg_renorm_min", gr.Slider(0.0, 1.0, value=d["cfg_renorm_min"], step=0.05,
-                                              label="Renorm floor"))
-            c.add("timestep_shift", gr.Slider(1.0, 5.0, value=d["timestep_shift"], step=0.1,
-                                              label="Timestep shift"))
-        c.add("model_version", gr.Dropdown([("served default", "")], value="", label="Model version",
-                                           elem_id=f"{prefix}-model"))
-    return c
-
-
-def collect_params(names: list[str], values: list[Any], prompt: str, last_seed: int | None) -> dict[str, Any]:
-    """The request body from the controls' values (docs/contracts.md, GenerateJob / MultirefJob)."""
-    v = dict(zip(names, values, strict=True))
-    params: dict[str, Any] = {
-        "prompt": (prompt or "").strip(),
-        "num_steps": int(v["num_steps"]),
-        "num_images": int(v["num_images"]),
-        "cfg_text_scale": float(v["cfg_text_scale"]),
-        "cfg_img_scale": float(v["cfg_img_scale"]),
-        "cfg_interval": [float(v["interval_low"]), float(v["interval_high"])],
-        "cfg_renorm_type": v["cfg_renorm_type"],
-        "cfg_renorm_min": float(v["cfg_renorm_min"]),
-        "timestep_shift": float(v["timestep_shift"]),
-    }
-    if v["aspect"] == CUSTOM:
-        params["height"], params["width"] = int(v["height"]), int(v["width"])
-    elif v["aspect"] in ASPECTS:
-        params["aspect_ratio"] = v["aspect"]
-    if v["seed_mode"] == "fixed" and v["seed"] is not None:
-        params["seed"] = int(v["seed"])
-    elif v["seed_mode"] == "reuse last":
-        if last_seed is None:
-            raise ApiError("There is no last seed yet: generate once, or choose a fixed seed", param="seed",
-                           code="no_last_seed")
-        params["seed"] = int(last_seed)
-    if v["model_version"]:
-        params["model_version"] = v["model_version"]
-    return params
-
-
-def control_values_from_params(mode: str, params: dict[str, Any], seed: Any) -> dict[str, Any]:
-    """The inverse of :func:`collect_params`, for "reuse parameters"."""
-    d = {**COMMON_DEFAULTS, **DEFAULTS[mode]}
-    interval = params.get("cfg_interval") or d["cfg_interval"]
-    if params.get("aspect_ratio") in ASPECTS:
-        aspect = params["aspect_ratio"]
-    elif params.get("height") and params.get("width"):
-        aspect = CUSTOM
-    else:
-        aspect = d["aspect"]
-    return {
-        "aspect": aspect,
-        "height": params.get("height") or 1024,
-        "width": params.get("width") or 1024,
-        "num_images": params.get("num_images") or d["num_images"],
-        "num_steps": params.get("num_steps") or d["num_steps"],
-        "seed_mode": "fixed" if seed not in (None, "") else "random",
-        "seed": int(seed) if seed not in (None, "") else 0,
-        "cfg_text_scale": params.get("cfg_text_scale") or d["cfg_text_scale"],
-        "cfg_img_scale": params.get("cfg_img_scale") or d["cfg_img_scale"],
-        "interval_low": interval[0],
-        "interval_high": interval[1],
-        "cfg_renorm_type": params.get("cfg_renorm_type") or d["cfg_renorm_type"],
-        "cfg_renorm_min": params.get("cfg_renorm_min") or d["cfg_renorm_min"],
-        "timestep_shift": params.get("timestep_shift") or d["timestep_shift"],
-        "model_version": params.get("model_version") or "",
-    }
+#: The result column's components, in the order a Generate handler answers them.
+RESULT_OUTPUTS = ["status", "preview", "gallery", "files", "params", "last_seed", "seed"]
 
 
 def _session(request: gr.Request | None) -> str:
     return (request.session_hash if request is not None else None) or uuid.uuid4().hex
 
 
-def _decode_preview(data: Any) -> Image.Image | None:
-    if not data:
-        return None
-    try:
-        raw = base64.b64decode(data.split(",", 1)[-1])
-        return Image.open(io.BytesIO(raw)).convert("RGB")
-    except Exception:  # noqa: BLE001 - a broken preview is dropped, the job goes on
-        log.warning("undecodable preview dropped")
-        return None
+def result_outputs(update: JobUpdate) -> tuple[Any, ...]:
+    """The follower's update as values for :data:`RESULT_OUTPUTS`: ``KEEP`` becomes ``gr.skip()``; the last
+    update of a job carries plain values, since it is what API clients (gradio_client) get back."""
+    skip = gr.skip()
+
+    def keep_or(value: Any, convert: Callable[[Any], Any] = lambda v: v) -> Any:
+        return skip if value is KEEP else convert(value)
+
+    if update.final:
+        preview = keep_or(update.preview)
+        files = keep_or(update.files)
+    else:  # while a job runs, the preview shows when there is one and the (empty) download box hides
+        preview = keep_or(update.preview, lambda img: gr.Image(value=img, visible=img is not None))
+        files = keep_or(update.files, lambda f: gr.File(value=f, visible=bool(f)))
+    seed = keep_or(update.seed)
+    return (update.status_html(), preview, keep_or(update.gallery), files, keep_or(update.params), seed,
+            skip if seed is None else seed)
 
 
-# --- the app ------------------------------------------------------------------------------------------
 class DemoApp:
-    """Holds the gateway client and the per-session job registry; builds the Blocks."""
+    """Holds the gateway client, the job follower and the result cache; builds the Blocks."""
 
     def __init__(self, api_url: str, api_key: str | None = None, *, concurrency: int = 16,
                  cache_dir: Path | None = None, cache_ttl_s: float = CACHE_TTL_S) -> None:
@@ -238,121 +75,32 @@ class DemoApp:
         self.api_url = api_url
         self.has_default_key = bool(api_key)
         self.concurrency = concurrency
-        self.running = RunningJobs()
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="echo4o-ui-"))
-        self.example_refs = write_reference_examples(self.cache_dir / "examples")
         self.cache_ttl_s = cache_ttl_s
-        self._last_prune = 0.0
-
-    def _prune(self) -> None:
-        """Drop downloaded results older than the cache TTL (at most once a minute)."""
-        now = time.time()
-        if now - self._last_prune < 60:
-            return
-        self._last_prune = now
-        for folder in (self.cache_dir / "results").glob("*"):
-            try:
-                if now - folder.stat().st_mtime > self.cache_ttl_s:
-                    shutil.rmtree(folder, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+        self.results = ResultCache(self.client, self.cache_dir, cache_ttl_s)
+        self.follower = JobFollower(self.client, self.results)
+        self.example_refs = write_reference_examples(self.cache_dir / "examples")
 
     # ---- generation ----
-    def _download(self, job: dict[str, Any], key: str | None) -> list[Path]:
-        self._prune()
-        folder = self.cache_dir / "results" / job["id"]
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for item in (job.get("result") or {}).get("images") or []:
-            index = int(item.get("index", len(paths))) if isinstance(item, dict) else len(paths)
-            path = folder / f"{index}.png"
-            if not path.exists():
-                tmp = path.with_suffix(".part")
-                tmp.write_bytes(self.client.image_bytes(job["id"], index, key=key, fmt="png"))
-                tmp.replace(path)
-            paths.append(path)
-        return paths
-
     def run_job(self, tab: str, key: str | None, submit: Callable[[], dict[str, Any]],
                 request: gr.Request | None) -> Iterator[tuple[Any, ...]]:
-        """Submit, follow the event stream, yield UI updates:
-        (status, preview, gallery, files, params, last_seed, seed)."""
-        skip = gr.skip()
-        session = _session(request)
-        key = key or None
-        entry = self.running.start(session, tab, key)
-        hidden_preview = gr.Image(value=None, visible=False)
-        try:
-            yield (views.status_html("submitting", "Sending the request…"), hidden_preview, [],
-                   gr.File(value=None, visible=False), None, skip, skip)
-            try:
-                job = submit()
-            except ApiError as err:
-                gr.Warning(err.readable())
-                yield views.status_html("error", err.readable()), skip, skip, skip, skip, skip, skip
-                return
-            job_id = job["id"]
-            entry.job_id = job_id
-            log.info("job submitted", extra={"job_id": job_id, "tab": tab, "session": session[:8]})
-            if entry.cancel:
-                self.client.cancel(job_id, key=key)
-            started = time.monotonic()
-            yield views.status_html("queued", "Queued", job_id=job_id), skip, skip, skip, skip, skip, skip
-            for event in self.client.events(job, key=key):
-                if event.name == "queued":
-                    pos = event.data.get("position")
-                    text = "Queued" if pos is None else f"Queued: position {pos}"
-                    yield views.status_html("queued", text, job_id=job_id), skip, skip, skip, skip, skip, skip
-                elif event.name == "progress":
-                    step, total = event.data.get("step") or 0, event.data.get("total") or 0
-                    preview = _decode_preview(event.data.get("preview"))
-                    text = f"Step {step} / {total}" if total else "Running"
-                    yield (views.status_html("running", text, job_id=job_id, step=step, total=total),
-                           gr.Image(value=preview, visible=True) if preview is not None else skip,
-                           skip, skip, skip, skip, skip)
-                elif event.name == "done":
-                    done = event.data if event.data.get("id") else self.client.get_job(job_id, key=key)
-                    paths = self._download(done, key)
-                    seed = (done.get("result") or {}).get("seed")
-                    took = time.monotonic() - started
-                    params = {**(done.get("params") or {}), "seed": seed}
-                    gallery = [(str(p), f"seed {seed} · #{i}") for i, p in enumerate(paths)]
-                    text = f"Done in {took:.1f} s · {len(paths)} image(s) · seed {seed}"
-                    # plain values in the last answer: it is what API clients get (see _wire's .then)
-                    yield (views.status_html("done", text, job_id=job_id), None, gallery, [str(p) for p in paths],
-                           params, seed, seed if seed is not None else skip)
-                    return
-                elif event.name == "failed":
-                    msg = event.data.get("message") or "the job failed"
-                    code = event.data.get("code")
-                    text = f"Generation failed: {msg}" + (f" ({code})" if code else "")
-                    gr.Warning(text)
-                    yield views.status_html("failed", text, job_id=job_id), skip, skip, skip, skip, skip, skip
-                    return
-                elif event.name == "cancelled":
-                    yield views.status_html("cancelled", "Cancelled", job_id=job_id), None, skip, skip, skip, skip, skip
-                    return
-        except ApiError as err:
-            gr.Warning(err.readable())
-            yield views.status_html("error", err.readable()), skip, skip, skip, skip, skip, skip
-        finally:
-            self.running.finish(session, tab, entry)
+        """Submit, follow the job, yield values for :data:`RESULT_OUTPUTS` (toasts for warnings)."""
+        for update in self.follower.follow(_session(request), tab, key or None, submit):
+            if update.warning:
+                gr.Warning(update.warning)
+            yield result_outputs(update)
 
     def cancel(self, tab: str, request: gr.Request | None) -> str | Any:
-        entry = self.running.request_cancel(_session(request), tab)
-        if entry is None:
-            gr.Info("Nothing is running in this tab.")
-            return gr.skip()
-        if entry.job_id is None:
-            return views.status_html("submitting", "Cancelling as soon as the job is created…")
+        """The Cancel button: the status line after asking the gateway to cancel this tab's job."""
         try:
-            job = self.client.cancel(entry.job_id, key=entry.key)
+            update = self.follower.cancel(_session(request), tab)
         except ApiError as err:
             gr.Warning(err.readable())
             return gr.skip()
-        if job.get("status") == "cancelled":
-            return views.status_html("cancelled", "Cancelled", job_id=entry.job_id)
-        return views.status_html("running", "Cancelling: the job stops at its next step…", job_id=entry.job_id)
+        if update is None:
+            gr.Info("Nothing is running in this tab.")
+            return gr.skip()
+        return update.status_html()
 
     # ---- connection / role ----
     def connection(self, key: str | None) -> tuple[str, Any, Any, Any, Any]:
@@ -388,7 +136,8 @@ class DemoApp:
     # ---- history ----
     def history(self, key: str | None, status: str) -> tuple[Any, list[dict[str, Any]]]:
         try:
-            body = self.client.list_jobs(key=key or None, status=None if status == "any" else status, limit=50)
+            body = self.client.list_jobs(key=key or None, status=None if status == ANY_STATUS else status,
+                                         limit=50)
         except ApiError as err:
             gr.Warning(err.readable())
             return gr.skip(), []
@@ -403,7 +152,7 @@ class DemoApp:
         job = jobs[row]
         try:
             job = self.client.get_job(job["id"], key=key or None)
-            paths = self._download(job, key or None) if job.get("status") == "succeeded" else []
+            paths = self.results.download(job, key or None) if (job.get("result") or {}).get("images") else []
         except ApiError as err:
             gr.Warning(err.readable())
             return gr.skip(), gr.skip(), gr.skip(), None
@@ -415,6 +164,10 @@ class DemoApp:
 
     # ---- layout ----
     def build(self) -> gr.Blocks:
+        """The page. Asks the gateway for its job parameters first (raises :class:`ApiError` if it cannot)."""
+        parameters = self.client.parameters()
+        self.forms = {mode: Form(mode, parameters) for mode in ("generate", "multiref")}
+        self.statuses = list(parameters["statuses"])
         with gr.Blocks(title="Echo-4o demo", analytics_enabled=False,
                        delete_cache=(3600, int(self.cache_ttl_s))) as demo:
             key_state = gr.State("")
@@ -436,7 +189,8 @@ class DemoApp:
                 with gr.Tab("History", id="history", elem_id="tab-history") as history_tab:
                     hist = self._build_history_tab(key_state)
                 with gr.Tab("Admin", id="admin", visible=False, elem_id="tab-admin") as admin_tab:
-                    refresh_btn, admin_outputs, refresh_all = build_admin_tab(AdminContext(self.client, key_state))
+                    refresh_btn, admin_outputs, refresh_all = build_admin_tab(
+                        AdminContext(self.client, key_state, self.statuses))
 
             # connection, role and model list: on load and whenever the key changes
             is_admin = gr.State(False)
@@ -465,7 +219,7 @@ class DemoApp:
                     return [gr.skip()] * len(reuse_outputs)
                 mode = "multiref" if job.get("kind") == "multiref" else "generate"
                 params = job.get("params") or {}
-                values = control_values_from_params(mode, params, views.job_seed(job))
+                values = self.forms[mode].values_from_params(params, views.job_seed(job))
                 target, other = (mr, t2i) if mode == "multiref" else (t2i, mr)
                 out = {id(tabs): gr.Tabs(selected="multiref" if mode == "multiref" else "t2i"),
                        id(target["prompt"]): params.get("prompt", "")}
@@ -493,8 +247,11 @@ class DemoApp:
 
     def _wire(self, tab: str, prompt, controls: Controls, key_state, last_seed, generate_btn, cancel_btn, res,
               submit_fn: Callable[..., dict[str, Any]], extra_inputs: list[Any], extra_names: list[str]) -> None:
-        outputs = [res["status"], res["preview"], res["gallery"], res["files"], res["params"], last_seed,
-                   controls["seed"]]
+        """Connect a tab's Generate (button and Enter in the prompt) and Cancel to the gateway; ``tab`` is the
+        job kind, and the name of its API endpoint."""
+        form = self.forms[tab]
+        components = {**res, "last_seed": last_seed, "seed": controls["seed"]}
+        outputs = [components[name] for name in RESULT_OUTPUTS]
         n_extra = len(extra_inputs)
 
         def handler(request: gr.Request, *args):  # Gradio injects only positional special args
@@ -502,10 +259,10 @@ class DemoApp:
             extras = list(args[3:3 + n_extra])
             values = list(args[3 + n_extra:])
             try:
-                params = collect_params(controls.names, values, text, seed_state)
+                params = form.request(dict(zip(controls.names, values, strict=True)), text, seed_state)
             except ApiError as err:
                 gr.Warning(err.readable())
-                yield views.status_html("error", err.readable()), *[gr.skip()] * 6
+                yield result_outputs(JobUpdate("error", err.readable()))
                 return
             yield from self.run_job(tab, key, lambda: submit_fn(params, *extras, key=key or None), request)
 
@@ -515,6 +272,7 @@ class DemoApp:
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
             + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
         inputs = [key_state, last_seed, prompt, *extra_inputs, *controls.components]
+
         def after(files: list[str] | None):
             """When a job is over: the live preview goes, the download box shows if there are files."""
             return gr.Image(visible=False), gr.File(visible=bool(files))
@@ -540,7 +298,7 @@ class DemoApp:
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="t2i-cancel")
                 gr.Examples([[p] for p in TEXT_EXAMPLES], inputs=[prompt], label="Examples")
-                controls = build_controls("generate", "t2i")
+                controls = self.forms["generate"].build("t2i")
             with gr.Column(scale=3, min_width=360):
                 res = self._result_column("t2i")
         self._wire("generate", prompt, controls, key_state, last_seed, generate_btn, cancel_btn, res,
@@ -564,7 +322,7 @@ class DemoApp:
                             inputs=[refs, prompt], label="Examples (references drawn by the UI)",
                             example_labels=["Red ball + blue cube: the ball on the cube, on a beach",
                                             "Blue cube + red ball: side by side in a living room"])
-                controls = build_controls("multiref", "mr")
+                controls = self.forms["multiref"].build("mr")
             with gr.Column(scale=3, min_width=360):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=160):
@@ -592,8 +350,8 @@ class DemoApp:
         jobs = gr.State([])
         selected = gr.State(None)
         with gr.Row():
-            status = gr.Dropdown(["any", "queued", "running", "succeeded", "failed", "cancelled"], value="any",
-                                 label="Status", scale=0, min_width=180)
+            status = gr.Dropdown([ANY_STATUS, *self.statuses], value=ANY_STATUS, label="Status", scale=0,
+                                 min_width=180, elem_id="history-status")
             refresh = gr.Button("Refresh", scale=0, min_width=120, elem_id="history-refresh", size="md")
             gr.Markdown("Your jobs, newest first. Click a row to see it.", elem_classes="e4o-hint")
         table = gr.Dataframe(headers=views.JOB_COLUMNS, interactive=False, elem_id="history-table", wrap=True)
@@ -613,16 +371,22 @@ class DemoApp:
 
 
 def build_app(api_url: str, api_key: str | None = None, *, concurrency: int = 16) -> gr.Blocks:
+    """The demo's Blocks against the gateway at ``api_url``. Raises :class:`ApiError` (naming the URL and the
+    fix) when the gateway does not answer ``GET /parameters``."""
     return DemoApp(api_url, api_key, concurrency=concurrency).build()
 
 
 def launch(api_url: str, api_key: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
            concurrency: int = 16, max_queue: int = 64) -> None:
     """Serve the demo until interrupted. ``concurrency`` jobs are followed at once (the rest wait in
-    Gradio's queue, at most ``max_queue``); the GPU work itself is queued by the gateway."""
+    Gradio's queue, at most ``max_queue``); the GPU work itself is queued by the gateway. Exits with the
+    gateway error's sentence (status 1) when the gateway cannot be asked for its parameters."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per gateway call is noise
     app = DemoApp(api_url, api_key, concurrency=concurrency)
-    demo = app.build()
+    try:
+        demo = app.build()
+    except ApiError as err:
+        raise SystemExit(f"error: the demo UI cannot be built: {err.readable()}") from err
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     log.info("demo ui starting", extra={"api": api_url, "host": host, "port": port, "concurrency": concurrency})
     demo.launch(

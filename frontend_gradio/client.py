@@ -24,7 +24,6 @@ log = get_logger(__name__)
 
 # What an SSE stream may end with (docs/contracts.md, GET /jobs/{id}/events).
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 class ApiError(Exception):
@@ -217,6 +216,12 @@ class GatewayClient:
     # --- service and admin -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return self._json("GET", "healthz")
+
+    def parameters(self) -> dict[str, Any]:
+        """``GET /parameters`` (no key needed): job kinds, statuses, aspect-ratio presets, renorm types, limits
+        and each image kind's defaults, as ``backend.schemas.JobParameters`` JSON. The UI builds its forms
+        from this answer and keeps no copy of these facts."""
+        return self._json("GET", "parameters")
 
     def models(self, *, key: str | None = None) -> Any:
         return self._json("GET", "models", key=key)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -65,7 +66,8 @@ class UiProcess:
             if time.monotonic() > deadline:
                 self.__exit__()
                 pytest.fail(f"echo4o ui did not answer on {self.url} within 120 s; log:\n{self.tail()}")
-            time.sleep(0.3)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=0.3)  # between tries: returns at once if the UI exits (checked above)
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -136,3 +138,40 @@ def ui(ui_stack) -> Iterator[UiProcess]:
     """``echo4o ui`` started with the stack's *user* key."""
     with UiProcess(ui_stack.url, ui_stack.user_key) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def parameters() -> dict:
+    """``GET /parameters`` of a real gateway app (in process; the route needs no database or broker)."""
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+
+    resp = TestClient(create_app()).get("/parameters")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def long_job_fields(parameters: dict) -> dict:
+    """Request fields of the longest job the gateway allows (largest preset size, most steps and images), so
+    that a cancel sent after its first progress event lands mid-run even on a fast machine."""
+    limits = parameters["limits"]
+    largest = max(parameters["aspect_ratios"], key=lambda a: parameters["aspect_ratios"][a][0] * parameters[
+        "aspect_ratios"][a][1])
+    return {"aspect": largest, "num_steps": limits["steps_max"], "num_images": limits["num_images_max"]}
+
+
+def wait_for_first_progress(stack, job_id: str, *, key: str = "user", read_timeout_s: float = 240.0) -> dict:
+    """Follow the job's event stream (``GET /jobs/{id}/events``) until its first ``progress`` event, and
+    return that event's data: the job is then running. Fails if the job ends first."""
+    from httpx_sse import connect_sse
+
+    with stack.client(key) as c, connect_sse(c, "GET", f"/jobs/{job_id}/events",
+                                             timeout=httpx.Timeout(30.0, read=read_timeout_s)) as source:
+        assert source.response.status_code == 200, source.response.read()
+        for sse in source.iter_sse():
+            if sse.event == "progress":
+                return sse.json()
+            if sse.event in ("done", "failed", "cancelled"):
+                raise AssertionError(f"job {job_id} ended ({sse.event}) before any progress event\n{stack.logs()}")
+    raise AssertionError(f"the event stream of job {job_id} ended without a progress event\n{stack.logs()}")
