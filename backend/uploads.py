@@ -1,4 +1,7 @@
-"""Reference images from clients: checked by content, bounded, then stored as PNG.
+"""Reference images from clients: read from the request body, checked by content, bounded, then stored as PNG.
+
+Bodies come as multipart forms (:func:`read_form`, files plus text fields) or JSON with base64 strings
+(:func:`images_from_json`); either way each image becomes a :class:`RawImage` named for errors (``images.1``).
 
 Order of checks, cheapest first, so a hostile file costs little: byte size (before reading it all),
 magic bytes (PNG, JPEG or WebP, whatever the file is called), pixel count from the header (before any pixel is
@@ -12,21 +15,32 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.datastructures import FormData, UploadFile
 
-from backend.errors import ApiError
-
-MIN_SIDE = 16  # smaller references carry no usable content and trip the engine's resizing
+from backend.errors import ApiError, invalid
+from echo4o.jobs import MIN_SIDE  # smaller references carry no usable content and trip the engine's resizing
+from echo4o.settings import Settings
 
 _FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+@dataclass
+class RawImage:
+    """One image as received, before checks: ``param`` names it in errors (``images.0``)."""
+
+    param: str
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -142,3 +156,74 @@ def save_references(images: list[CheckedImage], *, data_dir: Path, job_id: str) 
 
 def discard_references(*, data_dir: Path, job_id: str) -> None:
     shutil.rmtree(upload_dir(data_dir, job_id), ignore_errors=True)
+
+
+def checked_images(settings: Settings, raw: list[RawImage], *, param: str) -> list[CheckedImage]:
+    """Check the count (1..``ECHO4O_MAX_REFERENCES``, 422 naming ``param``), then each image in order."""
+    if not raw:
+        raise invalid(param, f"{param}: at least one reference image is required")
+    if len(raw) > settings.max_references:
+        raise invalid(param, f"{param}: {len(raw)} images sent; at most {settings.max_references} are allowed "
+                             "(ECHO4O_MAX_REFERENCES)")
+    return [
+        check_image(r.data, param=r.param, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        for r in raw
+    ]
+
+
+# --- reading request bodies ---------------------------------------------------------------------------------
+def _form_value(value: str) -> Any:
+    """Form fields arrive as text; lists (cfg_interval) may come as JSON or comma-separated."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value
+    if "," in text and all(_is_number(p) for p in text.split(",")):
+        return [p.strip() for p in text.split(",")]
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def read_form(form: FormData, *, file_fields: tuple[str, ...], max_bytes: int) -> tuple[dict[str, Any],
+                                                                                               list[RawImage]]:
+    """Split a multipart form into plain fields (blank ones dropped) and image files, in order.
+
+    Files are read up to ``max_bytes + 1`` bytes so an oversized one is refused without reading it all.
+    """
+    fields: dict[str, Any] = {}
+    files: list[RawImage] = []
+    for key, value in form.multi_items():
+        base = key.split("[", 1)[0] if "[" in key else key
+        if base in file_fields:
+            if not isinstance(value, UploadFile):
+                raise invalid(f"{base}.{len(files)}", f"{base}.{len(files)}: expected a file upload, got a text field")
+            data = await value.read(max_bytes + 1)
+            files.append(RawImage(param=f"{base}.{len(files)}", data=data))
+            continue
+        if isinstance(value, UploadFile):
+            raise invalid(key, f"{key}: unexpected file; only {', '.join(file_fields)} take files")
+        if value == "":
+            continue
+        if key in fields:
+            raise invalid(key, f"{key}: given more than once")
+        fields[key] = _form_value(value)
+    return fields, files
+
+
+def images_from_json(values: Any, *, param: str, max_bytes: int) -> list[RawImage]:
+    """The images of a JSON body: a list of base64 strings (422 naming ``param`` for anything else)."""
+    if not isinstance(values, list):
+        raise invalid(param, f"{param}: expected a list of base64-encoded images")
+    return [
+        RawImage(param=f"{param}.{i}", data=decode_base64_image(v, param=f"{param}.{i}", max_bytes=max_bytes))
+        for i, v in enumerate(values)
+    ]

@@ -128,7 +128,7 @@ class WorkerRuntime:
         """Requeue jobs left ``running`` by a worker that is gone (embedded broker only: Redis redelivers
         them by itself after the visibility timeout). A worker is gone when it is this host's and its
         process no longer exists, or when its heartbeat is older than six beats (at least 30 s)."""
-        from worker.queue import submit
+        from echo4o.queue import submit
 
         max_age = max(30.0, 6 * self.settings.worker_heartbeat_s)
         requeued: list[str] = []

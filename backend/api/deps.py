@@ -37,7 +37,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """A session for a sync route (used within its one thread). Async routes use ``service.in_session``."""
+    """A session for a sync route (used within its one thread). Async routes use
+    :func:`backend.services.blocking.in_session`."""
     session = get_sessionmaker(settings.database_url)()
     try:
         yield session

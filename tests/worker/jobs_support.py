@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import redis
 
+from echo4o import queue
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.jobs import parse_job
 from echo4o.settings import get_settings
-from worker import queue
 
 
 def worker_env(data_dir: Path, tiny_model: Path, **extra: str) -> dict[str, str]:

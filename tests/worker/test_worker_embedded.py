@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from echo4o import queue
 from echo4o.pnginfo import params_from_png
 from echo4o.settings import get_settings
 from tests.support.worker_proc import WorkerProcess, wait_for_job
 from tests.worker.jobs_support import submit, use_env, worker_env
-from worker import queue
 
 LONG = {"height": 32, "width": 32, "num_steps": 12}
 QUICK = {"height": 32, "width": 32, "num_steps": 3}

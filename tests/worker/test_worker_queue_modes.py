@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from echo4o import queue
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.settings import get_settings
 from tests.support.worker_proc import WorkerProcess, wait_for_job
-from worker import queue
 
 
 def _finetune_job() -> str:

@@ -1,1 +1,1 @@
-"""One APIRouter per resource; routes stay thin (deps in backend.api.deps, logic in backend.service)."""
+"""One APIRouter per resource; routes stay thin (deps in backend.api.deps, logic in backend.services)."""

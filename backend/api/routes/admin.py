@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from backend import service
 from backend.api.deps import AdminKey, SessionDep, SettingsDep
 from backend.schemas import QueuePublic, WorkerPublic, WorkersPublic, error_responses
+from backend.services.views import base_url, public_job
 from echo4o.db import crud
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -25,9 +25,9 @@ def list_workers(session: SessionDep, principal: AdminKey) -> WorkersPublic:
 @router.get("/queue", response_model=QueuePublic, responses=error_responses(401, 403))
 def show_queue(request: Request, session: SessionDep, settings: SettingsDep, principal: AdminKey) -> QueuePublic:
     """Running jobs, then queued jobs in the order they will run (at most 200 of each)."""
-    base = service.base_url(settings, str(request.base_url))
+    base = base_url(settings, str(request.base_url))
     running, n_running = crud.list_jobs(session=session, status="running", limit=QUEUE_LIMIT)
     queued, n_queued = crud.list_jobs(session=session, status="queued", limit=QUEUE_LIMIT)
-    views = [service.public_job(session, j, base) for j in [*running, *queued]]
+    views = [public_job(session, j, base) for j in [*running, *queued]]
     views.sort(key=lambda v: (v.status != "running", v.queue_position or 0))
     return QueuePublic(queued=n_queued, running=n_running, data=views)

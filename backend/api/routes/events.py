@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from backend import service
 from backend.api.deps import CurrentKey, SettingsDep
 from backend.api.routes.jobs import JobId
 from backend.schemas import error_responses
+from backend.services.blocking import in_session
+from backend.services.events import job_events as event_stream
+from backend.services.views import base_url, load_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -25,6 +27,6 @@ async def job_events(
     job_id: JobId, request: Request, settings: SettingsDep, principal: CurrentKey
 ) -> EventSourceResponse:
     """Follow a job live. Every step is reported once; the stream ends with the job."""
-    await service.in_session(settings, lambda s: service.load_job(s, principal, job_id))
-    base = service.base_url(settings, str(request.base_url))
-    return EventSourceResponse(service.job_events(settings, job_id, base), ping=10)
+    await in_session(settings, lambda s: load_job(s, principal, job_id))
+    base = base_url(settings, str(request.base_url))
+    return EventSourceResponse(event_stream(settings, job_id, base), ping=10)

@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from backend import service
 from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.schemas import JobCreated, JobPublic, error_responses
+from backend.services.blocking import in_session
+from backend.services.jobs import submit_job
+from backend.services.waiting import check_wait, created_or_finished
 from echo4o.jobs import GenerateJob
 
 router = APIRouter(tags=["jobs"])
@@ -31,6 +33,6 @@ async def generate(
     metrics: MetricsDep, wait: WaitQuery = None,
 ) -> JobCreated | JobPublic:
     """Queue a text-to-image job. Every field is optional but `prompt`; the seed is drawn when absent."""
-    timeout = service.check_wait(settings, wait)
-    job = await service.in_session(settings, lambda s: service.submit_job(s, settings, metrics, principal, payload))
-    return await service.created_or_finished(request, response, settings, job, timeout)
+    timeout = check_wait(settings, wait)
+    job = await in_session(settings, lambda s: submit_job(s, settings, metrics, principal, payload))
+    return await created_or_finished(request, response, settings, job, timeout)

@@ -9,8 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend.api.deps import MetricsDep, SessionDep, SettingsDep
 from backend.schemas import Health, Readiness
+from echo4o import queue
 from echo4o.db import crud
-from worker import queue
 
 router = APIRouter(tags=["service"])
 

@@ -7,10 +7,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse, Response
 
-from backend import service
 from backend.api.deps import CurrentKey, SessionDep, SettingsDep
 from backend.api.routes.jobs import JobId
 from backend.schemas import error_responses
+from backend.services.images import IMAGE_FORMATS, encode_image, result_path
+from backend.services.views import load_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -30,11 +31,11 @@ def get_image(
     principal: CurrentKey,
     format: Annotated[Literal["png", "webp", "jpeg"], Query(description="Convert from the stored PNG.")] = "png",  # noqa: A002
 ) -> Response:
-    job = service.load_job(session, principal, job_id)
-    path = service.result_path(settings, job, n)
-    media_type = service.IMAGE_FORMATS[format][1]
+    job = load_job(session, principal, job_id)
+    path = result_path(settings, job, n)
+    media_type = IMAGE_FORMATS[format][1]
     filename = f"{job.id}-{n}.{format}"
     if format == "png":
         return FileResponse(path, media_type=media_type, filename=filename, content_disposition_type="inline")
-    return Response(service.encode_image(path, format), media_type=media_type,
+    return Response(encode_image(path, format), media_type=media_type,
                     headers={"Content-Disposition": f'inline; filename="{filename}"'})

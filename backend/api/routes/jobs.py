@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
-from backend import service
 from backend.api.deps import CurrentKey, SessionDep, SettingsDep
 from backend.auth import require_admin
 from backend.schemas import JobPublic, JobsPublic, JobStatus, error_responses
+from backend.services.views import base_url, load_job, public_job
+from echo4o import queue
 from echo4o.db import crud
-from worker import queue
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -22,8 +22,8 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, description="The id fro
 def get_job(job_id: JobId, request: Request, session: SessionDep, settings: SettingsDep,
             principal: CurrentKey) -> JobPublic:
     """The job's state, progress, queue position and, once done, its image URLs."""
-    job = service.load_job(session, principal, job_id)
-    return service.public_job(session, job, service.base_url(settings, str(request.base_url)))
+    job = load_job(session, principal, job_id)
+    return public_job(session, job, base_url(settings, str(request.base_url)))
 
 
 @router.get("", response_model=JobsPublic, responses=error_responses(401, 403, 422))
@@ -42,16 +42,16 @@ def list_jobs(
         require_admin(principal)
     rows, count = crud.list_jobs(session=session, owner=None if all else principal.owner, status=status,
                                  limit=limit, offset=offset)
-    base = service.base_url(settings, str(request.base_url))
-    return JobsPublic(data=[service.public_job(session, j, base) for j in rows], count=count)
+    base = base_url(settings, str(request.base_url))
+    return JobsPublic(data=[public_job(session, j, base) for j in rows], count=count)
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404))
 def cancel_job(job_id: JobId, request: Request, session: SessionDep, settings: SettingsDep,
                principal: CurrentKey) -> JobPublic:
     """Cancel: a queued job never runs; a running one stops at its next step. An ended job is left as is."""
-    job = service.load_job(session, principal, job_id)
+    job = load_job(session, principal, job_id)
     if job.status == "queued":
         queue.revoke(job.id)
     job = crud.request_cancel(session=session, job_id=job.id) or job
-    return service.public_job(session, job, service.base_url(settings, str(request.base_url)))
+    return public_job(session, job, base_url(settings, str(request.base_url)))

@@ -8,11 +8,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import service
 from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.api.routes.generate import WaitQuery
 from backend.errors import invalid
 from backend.schemas import JobCreated, JobPublic, error_responses
+from backend.services.blocking import in_session
+from backend.services.jobs import submit_multiref
+from backend.services.waiting import check_wait, created_or_finished
+from backend.uploads import RawImage, images_from_json, read_form
 from echo4o.jobs import MultirefJob
 
 router = APIRouter(tags=["jobs"])
@@ -65,24 +68,24 @@ async def multiref(
     """Queue a multi-reference job: 1..ECHO4O_MAX_REFERENCES images and an instruction (`prompt`).
 
     Without `height`/`width` the output takes the size of the last reference."""
-    timeout = service.check_wait(settings, wait)
+    timeout = check_wait(settings, wait)
     fields, raw = await read_multiref_body(request, settings.max_upload_bytes, settings.max_references)
-    job = await service.in_session(
-        settings, lambda s: service.submit_multiref(s, settings, metrics, principal, fields, raw)
+    job = await in_session(
+        settings, lambda s: submit_multiref(s, settings, metrics, principal, fields, raw)
     )
-    return await service.created_or_finished(request, response, settings, job, timeout)
+    return await created_or_finished(request, response, settings, job, timeout)
 
 
 async def read_multiref_body(
     request: Request, max_bytes: int, max_files: int
-) -> tuple[dict[str, Any], list[service.RawImage]]:
+) -> tuple[dict[str, Any], list[RawImage]]:
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_files=max_files + 8, max_fields=200)
         except StarletteHTTPException as exc:  # malformed multipart, too many parts
             raise invalid("images", f"images: {exc.detail}", status=exc.status_code) from None
-        return await service.read_form(form, file_fields=("images",), max_bytes=max_bytes)
+        return await read_form(form, file_fields=("images",), max_bytes=max_bytes)
     if content_type == "application/json":
         try:
             body = json.loads(await request.body())
@@ -95,7 +98,7 @@ async def read_multiref_body(
         raw_images = body.pop("images")
         # a lone base64 string is one image; anything else must be a list
         raw_images = [raw_images] if isinstance(raw_images, str) else raw_images
-        images = service.images_from_json(raw_images, param="images", max_bytes=max_bytes)
+        images = images_from_json(raw_images, param="images", max_bytes=max_bytes)
         return body, images
     raise invalid(None, f"Content-Type must be multipart/form-data or application/json, got {content_type!r}",
                   code="unsupported_media_type", status=415)

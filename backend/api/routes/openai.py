@@ -15,10 +15,15 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from backend import service
 from backend.api.deps import CurrentKey, MetricsDep, SettingsDep
 from backend.errors import ApiError, from_pydantic, invalid
 from backend.schemas import ImageData, ImagesGenerationRequest, ImagesResponse, error_responses
+from backend.services.blocking import in_session, run_sync
+from backend.services.images import IMAGE_FORMATS, encode_image, result_path
+from backend.services.jobs import submit_job, submit_multiref
+from backend.services.views import base_url, image_url
+from backend.services.waiting import wait_for_end
+from backend.uploads import RawImage, read_form
 from echo4o.db.models import Job
 from echo4o.jobs import GenerateJob
 from echo4o.settings import Settings
@@ -49,7 +54,7 @@ def job_fields(fields: dict[str, Any], *, kind: str) -> dict[str, Any]:
     out = {k: v for k, v in fields.items() if k not in IGNORED_FIELDS and v is not None}
     out.pop("response_format", None)
     output_format = out.pop("output_format", "png")
-    if output_format not in service.IMAGE_FORMATS:
+    if output_format not in IMAGE_FORMATS:
         raise invalid("output_format", f"output_format: png, webp or jpeg, got {output_format!r}")
     if str(out.pop("stream", "false")).lower() not in ("false", "0"):
         raise invalid("stream", "stream: streaming is not supported; use the job API's /jobs/{id}/events")
@@ -76,21 +81,21 @@ def images_response(request: Request, settings: Settings, job: Job, response_for
                        type="invalid_request_error" if status == 422 else "api_error")
     if job.status == "cancelled":
         raise ApiError(409, f"job {job.id} was cancelled", code="cancelled")
-    base = service.base_url(settings, str(request.base_url))
+    base = base_url(settings, str(request.base_url))
     data = []
     for i in range(len(job.result["images"])):
         if response_format == "url":
             suffix = "" if output_format == "png" else f"?format={output_format}"
-            data.append(ImageData(url=service.image_url(base, job.id, i) + suffix))
+            data.append(ImageData(url=image_url(base, job.id, i) + suffix))
         else:
-            path = service.result_path(settings, job, i)
-            raw = path.read_bytes() if output_format == "png" else service.encode_image(path, output_format)
+            path = result_path(settings, job, i)
+            raw = path.read_bytes() if output_format == "png" else encode_image(path, output_format)
             data.append(ImageData(b64_json=base64.b64encode(raw).decode("ascii")))
     return ImagesResponse(created=int(job.created_at.timestamp()), data=data)
 
 
 async def wait_synchronously(settings: Settings, job: Job) -> Job:
-    ended = await service.wait_for_end(settings, job.id, settings.wait_max_s)
+    ended = await wait_for_end(settings, job.id, settings.wait_max_s)
     if ended is None:
         raise ApiError(504, f"job {job.id} did not finish within {settings.wait_max_s:g} s (ECHO4O_WAIT_MAX_S); "
                             f"follow it at /jobs/{job.id}", code="timeout", type="api_error")
@@ -106,12 +111,12 @@ async def generations(body: ImagesGenerationRequest, request: Request, settings:
         payload = GenerateJob.model_validate(fields)
     except ValidationError as exc:
         raise _renamed(from_pydantic(exc), size_given=body.size not in (None, "auto")) from None
-    job = await service.in_session(
-        settings, lambda s: service.submit_job(s, settings, metrics, principal, payload, model_param="model")
+    job = await in_session(
+        settings, lambda s: submit_job(s, settings, metrics, principal, payload, model_param="model")
     )
     ended = await wait_synchronously(settings, job)
     output_format = body.model_dump().get("output_format") or "png"
-    return await service.run_sync(images_response, request, settings, ended, body.response_format, output_format)
+    return await run_sync(images_response, request, settings, ended, body.response_format, output_format)
 
 
 @router.post(
@@ -148,24 +153,24 @@ async def edits(request: Request, settings: SettingsDep, principal: CurrentKey,
 
     def submit(session: Session) -> Job:
         try:
-            return service.submit_multiref(session, settings, metrics, principal, fields, raw, images_param="image",
+            return submit_multiref(session, settings, metrics, principal, fields, raw, images_param="image",
                                            model_param="model")
         except ApiError as err:
             raise _renamed(err, size_given=form_fields.get("size") not in (None, "auto")) from None
 
-    job = await service.in_session(settings, submit)
+    job = await in_session(settings, submit)
     ended = await wait_synchronously(settings, job)
-    return await service.run_sync(images_response, request, settings, ended, response_format, output_format)
+    return await run_sync(images_response, request, settings, ended, response_format, output_format)
 
 
-async def read_edit_form(request: Request, settings: Settings) -> tuple[dict[str, Any], list[service.RawImage]]:
+async def read_edit_form(request: Request, settings: Settings) -> tuple[dict[str, Any], list[RawImage]]:
     """The edit form: `image`/`image[]` files, the rest plain fields."""
     try:
         form = await request.form(max_files=settings.max_references + 8, max_fields=200)
     except Exception as exc:  # noqa: BLE001 - starlette's multipart errors carry their own reason
         detail = getattr(exc, "detail", str(exc))
         raise invalid("image", f"image: {detail}", status=getattr(exc, "status_code", 400)) from None
-    return await service.read_form(form, file_fields=("image",), max_bytes=settings.max_upload_bytes)
+    return await read_form(form, file_fields=("image",), max_bytes=settings.max_upload_bytes)
 
 
 def _renamed(err: ApiError, *, size_given: bool) -> ApiError:

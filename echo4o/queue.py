@@ -1,20 +1,20 @@
-"""Enqueue and revoke jobs (torch-free; the gateway's side of the queue).
+"""The sending side of the job queue: enqueue, revoke, count, ping (torch-free; nothing of ``worker/``).
 
-The job row is written first (``echo4o.db.crud.create_job``), then :func:`submit` sends its id; the
-Celery task id is the job id, so a job can be revoked knowing only its id.
+The gateway uses it to hand jobs to workers, and a worker uses it to requeue jobs of a worker that died. The
+job row is written first (``echo4o.db.crud.create_job``), then :func:`submit` sends its id; the Celery task id
+is the job id, so a job can be revoked knowing only its id.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from echo4o.db.models import QUEUE_OF_KIND
+from echo4o.celery_app import TASK_OF_QUEUE, broker_priority, get_app
+from echo4o.jobs import DEFAULT_PRIORITY, QUEUE_OF_KIND
 from echo4o.logging import get_logger
-from worker.celery_app import TASK_IMAGE, TASK_TRAIN, broker_priority, get_app
+from echo4o.settings import mask_url_password
 
 log = get_logger(__name__)
-
-_TASK_OF_QUEUE = {"gpu": TASK_IMAGE, "train": TASK_TRAIN}
 
 
 class BrokerUnavailable(RuntimeError):
@@ -22,17 +22,14 @@ class BrokerUnavailable(RuntimeError):
 
 
 def _broker_label() -> str:
-    url = get_app().conf.broker_url or ""
-    from echo4o.settings import mask_url_password
-
-    return mask_url_password(url)
+    return mask_url_password(get_app().conf.broker_url or "")
 
 
-def submit(job_id: str, kind: str, priority: int = 5) -> str:
+def submit(job_id: str, kind: str, priority: int = DEFAULT_PRIORITY) -> str:
     """Send job ``job_id`` of ``kind`` to its queue; returns the task id (== the job id).
 
-    ``priority`` is the job's 0..9 (9 runs first). Raises :class:`BrokerUnavailable` when the broker
-    cannot be reached (after a few quick retries).
+    ``priority`` is the job's 0..MAX_PRIORITY (highest runs first). Raises :class:`BrokerUnavailable` when
+    the broker cannot be reached (after a few quick retries).
     """
     try:
         queue = QUEUE_OF_KIND[kind]
@@ -41,7 +38,7 @@ def submit(job_id: str, kind: str, priority: int = 5) -> str:
     app = get_app()
     try:
         app.send_task(
-            _TASK_OF_QUEUE[queue],
+            TASK_OF_QUEUE[queue],
             args=[job_id],
             task_id=job_id,
             queue=queue,
@@ -67,8 +64,9 @@ def revoke(task_id: str) -> None:
         log.warning("revoke broadcast failed", extra={"task_id": task_id, "error": str(exc)})
 
 
-def queue_depth(queue: str = "gpu") -> int:
-    """Messages waiting in ``queue`` at the broker (all priority levels)."""
+def queue_depth(queue: str) -> int:
+    """Messages waiting in ``queue`` (one of :data:`echo4o.celery_app.QUEUES`) at the broker, all priority
+    levels together."""
     app = get_app()
     with app.connection_for_read() as conn:
         return conn.default_channel.queue_declare(queue=queue, passive=True).message_count

@@ -1,0 +1,71 @@
+"""A job as its client sees it: the public view of a row (``JobPublic``), the submit answer (``JobCreated``),
+the URLs in them, and the owner check that guards every read."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from backend.auth import Principal, check_owner
+from backend.errors import not_found
+from backend.schemas import JobCreated, JobError, JobPublic, JobResult, Progress, ResultImage
+from echo4o.db import crud
+from echo4o.db.models import Job
+from echo4o.settings import Settings
+
+
+def base_url(settings: Settings, request_base: str) -> str:
+    """The URL prefix of links in answers: ``ECHO4O_PUBLIC_URL`` when set, else the request's own base."""
+    return (settings.public_url or request_base).rstrip("/")
+
+
+def image_url(base: str, job_id: str, index: int) -> str:
+    """Where image ``index`` of a succeeded job is served (``GET /jobs/{id}/images/{n}``)."""
+    return f"{base}/jobs/{job_id}/images/{index}"
+
+
+def public_job(session: Session, job: Job, base: str) -> JobPublic:
+    """The row as ``JobPublic``: image URLs once it succeeded, the error once it failed, the 1-based queue
+    position while it is queued."""
+    result = None
+    if job.result and job.status == "succeeded":
+        result = JobResult(
+            images=[ResultImage(index=i, url=image_url(base, job.id, i)) for i in range(len(job.result["images"]))],
+            seed=job.result.get("seed"),
+            timings=job.result.get("timings") or {},
+        )
+    error = None
+    if job.status == "failed" or job.error_code:
+        error = JobError(code=job.error_code, message=job.error_message)
+    position = crud.queue_position(session=session, job_id=job.id) if job.status == "queued" else None
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]
+        status=job.status,  # type: ignore[arg-type]
+        params=job.params,
+        model_version=job.model_version,
+        progress=Progress(stage=job.progress_stage, step=job.progress_step, total=job.progress_total),
+        queue_position=None if position is None else position + 1,
+        result=result,
+        error=error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        worker=job.worker,
+    )
+
+
+def created(job: Job, base: str) -> JobCreated:
+    """The 202 answer to a submit: the job's id, status and where to follow it."""
+    return JobCreated(
+        id=job.id, status=job.status, status_url=f"{base}/jobs/{job.id}",  # type: ignore[arg-type]
+        events_url=f"{base}/jobs/{job.id}/events",
+    )
+
+
+def load_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job, or 404 when it does not exist / 403 when it belongs to another key."""
+    job = crud.get_job(session=session, job_id=job_id)
+    if job is None:
+        raise not_found("job", job_id, param="job_id")
+    check_owner(principal, job)
+    return job
