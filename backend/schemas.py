@@ -18,6 +18,8 @@ __all__ = ["JobKind", "JobStatus"]  # re-exported for the routes; defined in ech
 
 # --- errors ------------------------------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
+    """One error: what went wrong, the field at fault and a stable code (OpenAI's error shape)."""
+
     message: str = Field(description="What went wrong and how to fix it.")
     type: str = Field(description="Error class, e.g. invalid_request_error, authentication_error.")
     param: str | None = Field(None, description="The field at fault as a dotted path (`height`, `images.1`).")
@@ -25,6 +27,8 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer: ``{"error": {message, type, param, code}}``."""
+
     error: ErrorDetail
 
 
@@ -45,6 +49,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # --- jobs --------------------------------------------------------------------------------------------------
 class JobCreated(BaseModel):
+    """The 202 answer to a submit (``POST /generate``, ``POST /multiref``): the job's id, status and where to
+    follow it. A submit with ``?wait`` whose job ended in time answers :class:`JobPublic` (200) instead."""
+
     id: str
     status: JobStatus
     status_url: str = Field(description="GET it for the job's state.")
@@ -52,28 +59,39 @@ class JobCreated(BaseModel):
 
 
 class Progress(BaseModel):
+    """How far a job is: ``step`` of ``total`` denoising steps in ``stage``; all null until a worker reports."""
+
     stage: str | None = None
     step: int | None = None
     total: int | None = None
 
 
 class ResultImage(BaseModel):
+    """One image of a succeeded job and the URL it is served at (``GET /jobs/{id}/images/{n}``)."""
+
     index: int
     url: str
 
 
 class JobResult(BaseModel):
+    """What a succeeded job produced: its images, the seed used and the worker's timings in seconds."""
+
     images: list[ResultImage]
     seed: int | None = None
     timings: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobError(BaseModel):
+    """Why a job failed: a stable code (``invalid_params``, ``broker_unavailable``, ...) and a message."""
+
     code: str | None
     message: str | None
 
 
 class JobPublic(BaseModel):
+    """A job as its owner (or an admin key) sees it: returned by ``GET /jobs/{id}``, ``DELETE /jobs/{id}``, in
+    lists, in the SSE ``done`` event, and by a submit with ``?wait`` whose job ended in time (200)."""
+
     id: str
     kind: JobKind
     status: JobStatus
@@ -90,21 +108,30 @@ class JobPublic(BaseModel):
 
 
 class JobsPublic(BaseModel):
+    """One page of ``GET /jobs``, newest first, with the number of all matching jobs."""
+
     data: list[JobPublic]
     count: int = Field(description="Jobs matching the filter, across all pages.")
 
 
 # --- service -----------------------------------------------------------------------------------------------
 class Health(BaseModel):
+    """``GET /healthz``: the gateway process answers (nothing else is checked)."""
+
     status: Literal["ok"]
 
 
 class Readiness(BaseModel):
+    """``GET /readyz``: 200 and ``ready`` when broker, database and a model-loaded worker all answer; 503 and
+    ``not_ready`` otherwise, each check saying what is wrong."""
+
     status: Literal["ready", "not_ready"]
     checks: dict[str, str] = Field(description="broker, database, workers: `ok` or what is wrong.")
 
 
 class ModelCard(BaseModel):
+    """One model version jobs may name, and how many ready workers serve it."""
+
     id: str
     object: Literal["model"] = "model"
     source: str = Field(description="Folder or Hugging Face Hub id the workers load.")
@@ -112,11 +139,15 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """``GET /models`` (OpenAI's list shape): the configured version first, then any other a worker reports."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 class WorkerPublic(BaseModel):
+    """One registered worker: its queues, model, device, status and last heartbeat (admin keys only)."""
+
     id: str
     hostname: str
     queues: str | None
@@ -129,18 +160,22 @@ class WorkerPublic(BaseModel):
 
 
 class WorkersPublic(BaseModel):
+    """``GET /admin/workers``: every worker that has registered."""
+
     data: list[WorkerPublic]
     count: int
 
 
 class QueuePublic(BaseModel):
+    """``GET /admin/queue``: how many jobs of every key are queued and running, and those jobs."""
+
     queued: int
     running: int
     data: list[JobPublic] = Field(description="Queued and running jobs of every key, next to run first.")
 
 
 class ParameterLimits(BaseModel):
-    """Bounds a job's fields must respect (inclusive)."""
+    """Bounds a job's fields must respect (inclusive); a submit outside them is a 422 naming the field."""
 
     side_min: int
     side_max: int
@@ -174,7 +209,8 @@ class ModeDefaults(BaseModel):
 
 
 class JobParameters(BaseModel):
-    """Job facts as the gateway applies them: kinds, statuses, limits and per-kind defaults."""
+    """``GET /parameters`` (no key needed): job facts as the gateway applies them, kinds, statuses, limits and
+    per-kind defaults, from :func:`echo4o.jobs.parameter_spec`, so clients never keep a copy."""
 
     job_kinds: list[JobKind]
     statuses: list[JobStatus]
@@ -203,11 +239,16 @@ class ImagesGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
+    """One image of an OpenAI-style answer: base64 PNG/WebP/JPEG (``b64_json``) or a URL, as requested."""
+
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
 
 
 class ImagesResponse(BaseModel):
+    """The answer of ``POST /v1/images/generations`` and ``/v1/images/edits`` (OpenAI's shape), once the job
+    has succeeded; ``created`` is the job's submit time in Unix seconds."""
+
     created: int
     data: list[ImageData]
