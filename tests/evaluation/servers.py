@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 @contextmanager
 def _running(server: ThreadingHTTPServer) -> Iterator[str]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         host, port = server.server_address[:2]
@@ -61,6 +61,8 @@ class JudgeLog:
 
     requests: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def count(self, **match) -> int:
         with self.lock:
@@ -75,16 +77,34 @@ def _checklist_answer(user_text: str) -> dict:
 
 @contextmanager
 def judge_server(*, imagine_scores: dict[str, tuple[int, int, int]] | None = None, malformed_first: bool = False,
-                 statuses: list[int] | None = None, api_key: str | None = None) -> Iterator[tuple[str, JudgeLog]]:
-    """Run the fake judge; yields its ``/v1`` base URL and its request log."""
+                 statuses: list[int] | None = None, api_key: str | None = None,
+                 meet: int = 0) -> Iterator[tuple[str, JudgeLog]]:
+    """Run the fake judge; yields its ``/v1`` base URL and its request log. With ``meet`` > 1, the first
+    ``meet`` requests wait for each other (a barrier, 10 s at most) before answering: they were in flight at once."""
     log = JudgeLog()
     seen: set[tuple[str, str]] = set()
     pending = list(statuses or [])
     scores = imagine_scores or {}
+    barrier = threading.Barrier(meet) if meet > 1 else None
+    met = [0]
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with log.lock:
+                log.in_flight += 1
+                log.max_in_flight = max(log.max_in_flight, log.in_flight)
+                wait = barrier is not None and met[0] < meet
+                met[0] += 1
+            try:
+                if wait:
+                    barrier.wait(timeout=10)
+                self._answer(body)
+            finally:
+                with log.lock:
+                    log.in_flight -= 1
+
+        def _answer(self, body: dict) -> None:
             if self.path != "/v1/chat/completions":
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
             if api_key is not None and self.headers.get("Authorization") != f"Bearer {api_key}":
