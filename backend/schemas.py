@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from echo4o.jobs import JobKind, JobStatus
+from echo4o.jobs import MAX_NUM_IMAGES, MAX_SIDE, SIDE_MULTIPLE, JobKind, JobStatus
 
 __all__ = ["JobKind", "JobStatus"]  # re-exported for the routes; defined in echo4o.jobs
 
@@ -230,8 +230,10 @@ class ImagesGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, description="Served model version; empty: the default.")
-    n: int = Field(1, ge=1, le=4)
-    size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 16 up to 1024, or `auto`.")
+    n: int = Field(1, ge=1, le=MAX_NUM_IMAGES)
+    size: str | None = Field(
+        None, description=f"WIDTHxHEIGHT, multiples of {SIDE_MULTIPLE} up to {MAX_SIDE}, or `auto`."
+    )
     response_format: Literal["b64_json", "url"] = "b64_json"
     quality: str | None = Field(None, description="Accepted and ignored.")
     style: str | None = Field(None, description="Accepted and ignored.")

@@ -25,7 +25,7 @@ from backend.services.views import base_url, image_url
 from backend.services.waiting import wait_for_end
 from backend.uploads import RawImage, read_form
 from echo4o.db.models import Job
-from echo4o.jobs import GenerateJob
+from echo4o.jobs import MAX_NUM_IMAGES, GenerateJob
 from echo4o.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -105,7 +105,7 @@ async def wait_synchronously(settings: Settings, job: Job) -> Job:
 @router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 422, 429))
 async def generations(body: ImagesGenerationRequest, request: Request, settings: SettingsDep,
                       principal: CurrentKey, metrics: MetricsDep) -> ImagesResponse:
-    """Text to image, OpenAI style (`size` is WIDTHxHEIGHT, multiples of 16 up to 1024)."""
+    """Text to image, OpenAI style (`size` is WIDTHxHEIGHT, each side within the limits of GET /parameters)."""
     fields = job_fields(body.model_dump(exclude_unset=True), kind="generate")
     try:
         payload = GenerateJob.model_validate(fields)
@@ -130,7 +130,7 @@ async def generations(body: ImagesGenerationRequest, request: Request, settings:
             "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                       "description": "Reference images (`image` or `image[]` parts), in order."},
             "prompt": {"type": "string", "minLength": 1},
-            "n": {"type": "integer", "minimum": 1, "maximum": 4},
+            "n": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_IMAGES},
             "size": {"type": "string", "description": "WIDTHxHEIGHT or auto"},
             "response_format": {"type": "string", "enum": ["b64_json", "url"]},
             "model": {"type": "string"},
