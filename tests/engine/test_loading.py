@@ -4,6 +4,7 @@ configs (ae_config.json optional); the tiny-model writer."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -23,6 +24,7 @@ from worker.engine.loading import (
     read_config,
     resolve_checkpoint,
 )
+from worker.engine.models.bagel import Bagel
 from worker.engine.tiny import write_tiny_model
 
 
@@ -165,14 +167,75 @@ def test_bad_load_options_are_value_errors(tiny_model, kwargs, match):
         Echo4oPipeline.from_pretrained(tiny_model, **{"device": "cpu", **kwargs})
 
 
-def test_accelerate_placement_gives_the_same_result(tiny_model):
+def test_a_cpu_device_map_places_every_module_as_asked_and_changes_no_number(tiny_model):
+    """On a machine without a GPU a device map can only name the CPU, so this checks the placement path itself
+    (per-module device lookup, tensors read on the host, accelerate's dispatch), not a spread over devices:
+    every parameter and buffer lands on the device its longest map prefix names, the weights are the file's,
+    and a call gives bit-for-bit the latents of the single-device load."""
     config = read_config(tiny_model)
-    device_map = auto_device_map(config, torch.float32, max_memory={"cpu": "1GiB"})
-    assert device_map  # every module placed
+    device_map = {"": "cpu", "language_model.model.layers.0": "cpu", "language_model.model.layers.1": "cpu",
+                  "vit_model": torch.device("cpu")}
     plain = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", device_map=None)
     placed = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", device_map=device_map)
+    assert not any(t.is_meta for t in (*placed.model.parameters(), *placed.model.buffers()))
+    for name, tensor in (*placed.model.named_parameters(), *placed.model.named_buffers()):
+        prefix = max((k for k in device_map if k == "" or name.startswith(k + ".")), key=len)
+        assert tensor.device == torch.device(device_map[prefix]), name
+    plain_state, placed_state = plain.model.state_dict(), placed.model.state_dict()
+    assert set(placed_state) == set(plain_state) == set(load_file(str(tiny_model / "ema.safetensors")))
+    assert all(torch.equal(placed_state[k], plain_state[k]) for k in plain_state)
     kwargs = {"height": 32, "width": 32, "num_steps": 3, "seed": 1, "output_type": "latent"}
     assert torch.equal(plain("a cat", **kwargs).images[0], placed("a cat", **kwargs).images[0])
+    assert config.llm.num_hidden_layers == 2  # the map above names each decoder layer of the tiny model
+
+
+def test_auto_device_map_keeps_layers_whole_and_the_shared_modules_on_the_first_gpu(tiny_model):
+    """auto_device_map for cards too small for the model, computed without the cards (accelerate only reads
+    max_memory): decoder layers go to different devices but none is split, and the embeddings, heads and
+    encoders, which every step touches, all sit on the first GPU that received anything."""
+    config = read_config(tiny_model)
+    with torch.device("meta"):
+        model = Bagel(config)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    layer = sum(p.numel() * 4 for p in model.language_model.model.layers[0].parameters())
+    device_map = auto_device_map(config, torch.float32, max_memory={0: int(0.4 * total), 1: layer * 3 // 2,
+                                                                    "cpu": 2**34})
+    layer_prefix = re.compile(r"^(language_model\.model\.layers|vit_model\.vision_model\.encoder\.layers)\.\d+\.")
+    assert not [k for k in device_map if layer_prefix.match(k)], device_map  # no layer split into parts
+    layers = {k: d for k, d in device_map.items() if k.startswith("language_model.model.layers")}
+    assert len(set(layers.values())) >= 2, device_map  # the decoder is spread
+    shared = ["language_model.model.embed_tokens", "language_model.model.norm", "language_model.model.norm_moe_gen",
+              "language_model.lm_head", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed", "vit_model",
+              "connector", "vit_pos_embed"]
+    assert {device_map[name] for name in shared} == {0}, device_map
+    # every parameter is covered by exactly one entry's prefix
+    for name, _ in model.named_parameters():
+        owners = [k for k in device_map if name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
+
+
+def test_disk_offload_in_a_device_map_is_refused(tiny_model):
+    config = read_config(tiny_model)
+    with pytest.raises(CheckpointError, match="disk offload is not supported"):
+        load_bagel(tiny_model, config, torch.device("cpu"), torch.float32,
+                   device_map={"": "cpu", "vit_model": "disk"})
+
+
+@pytest.mark.gpu
+def test_a_model_spread_over_gpu_and_cpu_runs_where_asked_and_matches_one_device(tiny_model):
+    """A real spread: decoder layer 1 on the CPU, everything else on the GPU; each module is where the map
+    says, and the latents equal the single-GPU ones up to float32 kernel differences."""
+    device_map = {"": 0, "language_model.model.layers.1": "cpu"}
+    one = Echo4oPipeline.from_pretrained(tiny_model, device="cuda", dtype="float32", device_map=None)
+    spread = Echo4oPipeline.from_pretrained(tiny_model, device="cuda", dtype="float32", device_map=device_map)
+    layers = spread.model.language_model.model.layers
+    assert {p.device.type for p in layers[0].parameters()} == {"cuda"}
+    assert {p.device.type for p in spread.model.vae2llm.parameters()} == {"cuda"}
+    # accelerate keeps CPU-mapped weights on the CPU and moves them per forward
+    assert all(p.device.type in ("cpu", "meta") for p in layers[1].parameters())
+    kwargs = {"height": 32, "width": 32, "num_steps": 3, "seed": 1, "output_type": "latent"}
+    a, b = one("a cat", **kwargs).images[0], spread("a cat", **kwargs).images[0]
+    assert (a - b).abs().max() < 1e-4
 
 
 def test_a_corrupt_tokenizer_is_a_checkpoint_error(model_copy):
