@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from echo4o.jobs import DEFAULT_SIZE, DEFAULT_STEPS
+
 # The released Echo-4o / BAGEL-7B-MoT shape (llm_config.json, vit_config.json of the checkpoint).
 FULL_LLM = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
@@ -50,6 +52,9 @@ FULL_VIT = {
     "num_attention_heads": 16, "num_channels": 3, "image_size": 980, "patch_size": 14,
     "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
 }
+# A CPU-sized run of the tiny model (the job defaults are for real weights).
+TINY_STEPS = 10
+TINY_SIDE = 256
 PROMPT = "A red panda sleeping on a wooden bed under a warm blanket, soft morning light through the window."
 
 
@@ -60,15 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     ap.add_argument("--attention", default="auto", help="auto | sdpa | xformers | flash_attn")
     ap.add_argument("--steps", type=int, default=None, help="schedule points (steps - 1 denoising steps); "
-                                                            "default 50 (tiny: 10)")
-    ap.add_argument("--size", default=None, help="H or HxW in pixels, multiples of 16; default 1024 (tiny: 256)")
+                                                            f"default {DEFAULT_STEPS} (tiny: {TINY_STEPS})")
+    ap.add_argument("--size", default=None, help=f"H or HxW in pixels, multiples of 16; default "
+                                                 f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} (tiny: {TINY_SIDE})")
     ap.add_argument("--refs", type=int, default=0, help="synthetic reference images (multi-reference mode)")
     ap.add_argument("--num-images", type=int, default=1)
     ap.add_argument("--layers", type=int, default=None, help="full model only: decoder layers to build (real width)")
     ap.add_argument("--vit-layers", type=int, default=None, help="full model only: ViT layers to build")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (median reported)")
-    ap.add_argument("--cfg-text-scale", type=float, default=4.0)
-    ap.add_argument("--cfg-img-scale", type=float, default=None)
+    ap.add_argument("--cfg-text-scale", type=float, default=None, help="default: the mode's (echo4o.jobs)")
+    ap.add_argument("--cfg-img-scale", type=float, default=None, help="default: the mode's (echo4o.jobs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return ap.parse_args(argv)
@@ -155,9 +161,10 @@ def build_full_random(args: argparse.Namespace, workdir: Path):
     """The released shape with random weights: built on ``meta``, then each module's tensors are allocated
     directly in ``--dtype`` on ``--device`` and filled there (no float32 or CPU copy of the model)."""
     from worker.engine.attention import resolve_backend
+    from worker.engine.loading import resolve_device, resolve_dtype
     from worker.engine.models.bagel import Bagel, SpecialTokens
     from worker.engine.models.vae import FluxVAE
-    from worker.engine.pipeline import Echo4oPipeline, resolve_device, resolve_dtype
+    from worker.engine.pipeline import Echo4oPipeline
     from worker.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     device = resolve_device(args.device)
@@ -279,8 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     setup_logging("WARNING")
     tiny = args.model == "tiny"
-    steps = args.steps or (10 if tiny else 50)
-    size = parse_size(args.size) if args.size else ((256, 256) if tiny else (1024, 1024))
+    steps = args.steps or (TINY_STEPS if tiny else DEFAULT_STEPS)
+    size = parse_size(args.size) if args.size else ((TINY_SIDE, TINY_SIDE) if tiny else DEFAULT_SIZE)
     import worker.engine.pipeline  # noqa: F401 - imported before the load timer starts
     import worker.engine.tiny  # noqa: F401
 
