@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gradio_client import Client, handle_file
@@ -9,6 +10,7 @@ from PIL import Image
 
 from echo4o.pnginfo import params_from_png
 from frontend_gradio.examples import write_reference_examples
+from tests.frontend.ui_support import long_job_fields
 
 
 def _images(gallery) -> list[Path]:
@@ -61,33 +63,32 @@ def test_gateway_error_comes_back_readable(ui) -> None:
     assert "prompt" in status and "(field: prompt)" in status
 
 
-def test_several_users_generate_at_once(ui, ui_stack) -> None:
+def test_several_users_generate_at_once(ui, ui_stack, parameters) -> None:
     """While one session's job runs, another session's request reaches the gateway: the UI follows jobs
     concurrently instead of one at a time (Gradio concurrency), and the gateway queues them."""
     first, second = Client(ui.url, verbose=False), Client(ui.url, verbose=False)
-    long_job = first.submit(prompt="first user: long job", aspect="1:1", num_steps=100, api_name="/generate")
-    running = _wait_for_job(ui_stack, "first user: long job", ("running",))
+    long_job = first.submit(prompt="first user: long job", **long_job_fields(parameters), api_name="/generate")
+    running_id = _job_id_once(long_job, ui_stack, 'data-state="running" data-step=')  # its first progress
     short_job = second.submit(prompt="second user: short job", aspect="custom", height=32, width=32, num_steps=2,
                               api_name="/generate")
-    queued = _wait_for_job(ui_stack, "second user: short job", ("queued", "running", "succeeded"))
+    short_id = _job_id_once(short_job, ui_stack, 'data-state="queued"')  # the gateway has it
     with ui_stack.client("user") as c:
-        assert c.get(f"/jobs/{running['id']}").json()["status"] == "running"  # both in flight at once
-        c.delete(f"/jobs/{running['id']}")
+        assert c.get(f"/jobs/{running_id}").json()["status"] == "running"  # both in flight at once
+        c.delete(f"/jobs/{running_id}")
     assert 'data-state="cancelled"' in long_job.result()[0]
     assert 'data-state="done"' in short_job.result()[0]
-    assert ui_stack.wait_job(queued["id"])["status"] == "succeeded"
+    assert ui_stack.wait_job(short_id)["status"] == "succeeded"
 
 
-def _wait_for_job(stack, prompt: str, statuses: tuple[str, ...]) -> dict:
-    """The newest job with this prompt once it has one of ``statuses`` (bounded by the stack's wait)."""
-    import time
-
-    deadline = time.monotonic() + 240
-    with stack.client("user") as c:
-        while time.monotonic() < deadline:
-            for job in c.get("/jobs", params={"limit": 10}).json()["data"]:
-                if job["params"]["prompt"] == prompt and job["status"] in statuses:
-                    return job
-            stack.check_alive()
-            time.sleep(0.1)
-    raise AssertionError(f"no job {prompt!r} in {statuses} within 240 s\n{stack.logs()}")
+def _job_id_once(job, stack, marker: str) -> str:
+    """Read the UI's streamed answers of a gradio_client ``job`` until its status box contains ``marker``;
+    the id of the gateway job it shows (the box shows the id's first 12 characters)."""
+    for status, *_ in job:
+        if marker in status:
+            prefix = re.search(r'class="e4o-job">job ([^<]+)<', status).group(1)
+            with stack.client("user") as c:
+                ids = [j["id"] for j in c.get("/jobs", params={"limit": 20}).json()["data"]]
+            (job_id,) = [i for i in ids if i.startswith(prefix)]
+            return job_id
+        assert 'data-state="error"' not in status and 'data-state="failed"' not in status, status
+    raise AssertionError(f"the UI's answers ended without {marker!r}\n{stack.logs()}")
