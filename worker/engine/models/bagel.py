@@ -45,7 +45,34 @@ class DenoiseLayout:
 
 
 class Bagel(nn.Module):
+    """BAGEL: one decoder-only transformer that reads text and images and generates images by flow matching.
+
+    Parts (attribute names are the released checkpoint's):
+
+    - ``language_model``: a Qwen2 LLM (:class:`Qwen2MoTForCausalLM`) whose every layer is a mixture of two
+      transformers: the understanding weights and a generation expert of the same shape (names ending in
+      ``_moe_gen``), with one final norm each.
+    - ``vit_model`` + ``connector`` + ``vit_pos_embed``: a SigLIP NaViT encoder (any aspect ratio, patch conv as
+      a Linear), a Linear-GELU-Linear connector into the LLM width and a 2-D sin-cos position table; an image
+      seen this way becomes *ViT tokens*.
+    - ``vae2llm`` + ``time_embedder`` + ``latent_pos_embed`` and ``llm2vae``: FLUX VAE latents cut into
+      ``p x p`` patches enter the LLM as *latent tokens* (Linear + timestep embedding + 2-D position), and the
+      LLM's hidden states at those rows leave through ``llm2vae`` as the predicted velocity.
+
+    MoT routing: text, the special tokens that frame images, and ViT tokens go through the understanding
+    weights; latent tokens (clean reference latents, or the noisy latent being denoised) go through the
+    ``_moe_gen`` expert. Both kinds share one attention over the whole sequence, so every token can attend to
+    every earlier one whichever weights produced its keys. Which rows use which expert is a :class:`Route`.
+
+    Inference here is split the way the sampler needs it: ``prefill_text`` / ``prefill_vit_image`` /
+    ``prefill_vae_image`` append one context segment to a :class:`KVCache`; ``denoise_layout`` fixes how a
+    latent query attends to one or more finished contexts (the CFG branches); ``velocity`` runs one step's
+    prediction for all branches in one packed forward. The VAE itself is not part of this module.
+    """
+
     def __init__(self, config: BagelConfig):
+        """Build every part from ``config`` (parameters uninitialised: load weights or randomise them after;
+        build under ``torch.device("meta")`` to allocate nothing)."""
         super().__init__()
         self.config = config
         hidden = config.llm.hidden_size
@@ -62,20 +89,25 @@ class Bagel(nn.Module):
     # ------------------------------------------------------------------------------------------ helpers
     @property
     def llm(self):
+        """The decoder stack (embeddings, MoT layers, norms, RoPE) without the text head."""
         return self.language_model.model
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the LLM-side weights (what hidden states are cast to)."""
         return self.vae2llm.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the latent projections live (with a device map: where inputs are placed)."""
         return self.vae2llm.weight.device
 
     def new_cache(self) -> KVCache:
+        """An empty context: no tokens, next RoPE position 0."""
         return KVCache(self.config.llm.num_hidden_layers)
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        """Token embeddings ``(len(ids), hidden)`` of ``ids``."""
         return self.llm.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     def pack_latent(self, latent: torch.Tensor) -> torch.Tensor:
@@ -90,6 +122,7 @@ class Bagel(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(1, c, h * p, w * p)
 
     def latent_position_ids(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Row-major indices into the latent position table for an ``(h, w)`` token grid."""
         h, w = grid
         return flattened_position_ids(h, w, 1, self.config.max_latent_size).to(self.device)
 
@@ -177,5 +210,6 @@ class Bagel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ init
     def reset_position_tables(self) -> None:
+        """Fill both position tables with their fixed 2-D sin-cos values (after a random initialisation)."""
         self.latent_pos_embed.reset_table()
         self.vit_pos_embed.reset_table()

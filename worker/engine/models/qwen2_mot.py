@@ -56,9 +56,6 @@ class Route:
         return out
 
 
-UND = Route()
-
-
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device`` (a no-op unless layers are spread over several devices)."""
     return t if t.device == device else t.to(device)
