@@ -41,8 +41,9 @@ def test_text_to_image_returns_a_pil_image_and_every_parameter(pipe):
     p = out.params
     assert p["mode"] == TEXT_TO_IMAGE
     assert (p["height"], p["width"], p["num_steps"], p["seed"]) == (32, 48, 3, 1)
-    assert (p["cfg_text_scale"], p["cfg_img_scale"]) == (4.0, 1.0)
-    assert p["cfg_interval"] == [0.4, 1.0] and p["cfg_renorm_type"] == "global"
+    generate = MODE_DEFAULTS["generate"]  # text scale 4, image scale 1, interval [0.4, 1], global renorm
+    assert (p["cfg_text_scale"], p["cfg_img_scale"]) == (generate.cfg_text_scale, generate.cfg_img_scale)
+    assert p["cfg_interval"] == list(generate.cfg_interval) and p["cfg_renorm_type"] == generate.cfg_renorm_type
     assert p["attention"] == pipe.attention_backend == "sdpa"
     assert p["dtype"] == "float32" and p["device"] == "cpu"
     assert set(out.timings) >= {"prefill_s", "denoise_s", "decode_s", "step_s"}

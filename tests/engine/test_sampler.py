@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from echo4o.jobs import RENORM_TYPES
 from worker.engine.sampler import cfg_combine, in_cfg_interval, needed_branches, step_sizes, timesteps
 
 
@@ -87,7 +88,7 @@ def test_branches_needed():
 
 
 def test_no_text_guidance_returns_v_unchanged():
-    for renorm in ("global", "channel", "text_channel"):
+    for renorm in RENORM_TYPES:
         out = cfg_combine(V, None, None, text_scale=1.0, img_scale=2.0, renorm_type=renorm, renorm_min=0.0)
         assert torch.equal(out, V)
 
