@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.engine.pipeline import Echo4oPipeline, Echo4oPipelineOutput
+    from worker.engine.pipeline import Echo4oPipeline, Echo4oPipelineOutput, GenerationParams
 
-__all__ = ["Echo4oPipeline", "Echo4oPipelineOutput"]
+__all__ = ["Echo4oPipeline", "Echo4oPipelineOutput", "GenerationParams"]
 
 
 def __getattr__(name: str) -> Any:
