@@ -43,9 +43,8 @@ from typing import Any
 
 import httpx
 
-from tests.support.worker_proc import REPO_ROOT, WorkerProcess
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from echo4o.jobs import TERMINAL_STATUSES
+from tests.support.worker_proc import POLL_S, REPO_ROOT, WAIT_S, WorkerProcess
 
 
 class StackError(RuntimeError):
@@ -92,8 +91,8 @@ class Stack:
         """An httpx client on the gateway: ``key`` is "user", "admin", "other", a key string or None."""
         return httpx.Client(base_url=self.url, headers=self.headers(key), timeout=timeout)
 
-    def wait_job(self, job_id: str, *, key: str | None = "user", timeout_s: float = 180.0,
-                 statuses: tuple[str, ...] = TERMINAL) -> dict[str, Any]:
+    def wait_job(self, job_id: str, *, key: str | None = "user", timeout_s: float = WAIT_S,
+                 statuses: tuple[str, ...] = TERMINAL_STATUSES) -> dict[str, Any]:
         """Poll ``GET /jobs/{id}`` until its status is one of ``statuses``; the Job JSON."""
         deadline = time.monotonic() + timeout_s
         with self.client(key) as c:
@@ -107,7 +106,7 @@ class Stack:
                 self.check_alive()
                 if time.monotonic() > deadline:
                     raise StackError(f"job {job_id} still {job['status']} after {timeout_s} s\n{self.logs()}")
-                time.sleep(0.05)
+                time.sleep(POLL_S)
 
     # --- processes -------------------------------------------------------------------------------------
     def check_alive(self) -> None:
@@ -158,7 +157,7 @@ def start_stack(
     broker_url: str | None = None,
     workers: int = 1,
     env: Mapping[str, str] | None = None,
-    ready_timeout_s: float = 300.0,
+    ready_timeout_s: float = WAIT_S,
 ) -> Stack:
     """Start a gateway and its worker(s); returns once ``/readyz`` is 200. Call ``stop()`` (or use
     :func:`live_stack`)."""

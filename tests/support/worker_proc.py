@@ -7,6 +7,11 @@ The child inherits the test's environment (so the same data dir, database and br
 ``start()`` then ``wait_ready()`` waits until the worker's row says ``ready`` (model loaded, consuming);
 if the process exits first, or the wait runs out, the error carries the tail of its log. ``stop()`` asks
 for a warm shutdown (SIGTERM) and kills it if it does not exit; ``kill()`` is SIGKILL (a crash).
+
+``wait_for_job`` waits for a job's status, ``wait_for_progress`` for a running job's first steps (a test
+that cancels or kills a job mid-run acts on that event, never after a fixed sleep). Every wait polls a real
+condition and has a generous deadline, :data:`WAIT_S`: on one loaded core a worker can be many times slower
+than usual, and the deadline only turns a hang into a failure that shows the worker's log.
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+from echo4o.jobs import TERMINAL_STATUSES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Deadline of every wait on a worker (start, a job's status, a job's progress), in seconds.
+WAIT_S = 240.0
+#: Pause between two reads of the condition a wait polls.
+POLL_S = 0.05
 
 
 class WorkerProcessError(RuntimeError):
@@ -99,7 +112,8 @@ class WorkerProcess:
         except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # database or table not created yet
             return None
 
-    def wait_ready(self, timeout_s: float = 240.0) -> WorkerProcess:
+    def wait_ready(self, timeout_s: float = WAIT_S) -> WorkerProcess:
+        """Wait until the worker's row says ``ready`` or ``busy``; fails with its log if it exits first."""
         deadline = time.monotonic() + timeout_s
         while True:
             code = self.proc.poll() if self.proc else None
@@ -109,7 +123,7 @@ class WorkerProcess:
                 return self
             if time.monotonic() > deadline:
                 raise WorkerProcessError(f"worker not ready after {timeout_s:.0f} s; log:\n{self.tail()}")
-            time.sleep(0.2)
+            time.sleep(POLL_S)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -163,23 +177,50 @@ class WorkerProcess:
         self.stop()
 
 
-def wait_for_job(job_id: str, *, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-                 timeout_s: float = 240.0, database_url: str | None = None, worker: WorkerProcess | None = None):
-    """Poll the job row until its status is one of ``statuses``; returns the row. Fails with the worker's
-    log tail when it runs out of time or the worker died."""
+def _poll_job(job_id: str, done: Callable[[Any], bool], *, what: str, timeout_s: float,
+              database_url: str | None, worker: WorkerProcess | None):
+    """Read the job row until ``done(row)``; returns the row. Fails, with the worker's log tail, when the
+    worker died or ``timeout_s`` passed."""
     from echo4o.db import crud, session_scope
 
     deadline = time.monotonic() + timeout_s
     while True:
         with session_scope(database_url) as s:
             job = crud.get_job(session=s, job_id=job_id)
-        if job is not None and job.status in statuses:
+        if job is not None and done(job):
             return job
         if worker is not None and not worker.alive():
             raise WorkerProcessError(f"worker died while job {job_id} was {job and job.status}; log:\n{worker.tail()}")
         if time.monotonic() > deadline:
             log = f"; worker log:\n{worker.tail()}" if worker is not None else ""
             raise WorkerProcessError(
-                f"job {job_id} still {job and job.status} (step {job and job.progress_step}) after {timeout_s} s{log}"
+                f"job {job_id} still {job and job.status} (step {job and job.progress_step}) after {timeout_s} s, "
+                f"waiting for {what}{log}"
             )
-        time.sleep(0.05)
+        time.sleep(POLL_S)
+
+
+def wait_for_job(job_id: str, *, statuses: tuple[str, ...] = TERMINAL_STATUSES, timeout_s: float = WAIT_S,
+                 database_url: str | None = None, worker: WorkerProcess | None = None):
+    """Poll the job row until its status is one of ``statuses``; returns the row. Fails with the worker's
+    log tail when it runs out of time or the worker died."""
+    return _poll_job(job_id, lambda job: job.status in statuses, what=f"status in {statuses}",
+                     timeout_s=timeout_s, database_url=database_url, worker=worker)
+
+
+def wait_for_progress(job_id: str, *, min_step: int = 1, timeout_s: float = WAIT_S,
+                      database_url: str | None = None, worker: WorkerProcess | None = None):
+    """Poll the job row until the job runs and has reported step ``min_step`` (so it is mid-sampling);
+    returns the row. Fails, naming the outcome, when the job ended first: the test's job was too short
+    for what it wanted to do mid-run."""
+
+    def reached(job: Any) -> bool:
+        if job.status in TERMINAL_STATUSES:
+            raise WorkerProcessError(
+                f"job {job_id} ended ({job.status}, step {job.progress_step}/{job.progress_total}) before step "
+                f"{min_step} was seen running: give it more steps so the test can act mid-run"
+            )
+        return job.status == "running" and job.progress_step >= min_step
+
+    return _poll_job(job_id, reached, what=f"step {min_step}", timeout_s=timeout_s, database_url=database_url,
+                     worker=worker)

@@ -13,8 +13,19 @@ import redis
 
 from echo4o import queue
 from echo4o.db import crud, session_scope, upgrade_to_head
-from echo4o.jobs import parse_job
+from echo4o.jobs import ACTIVE_STATUSES, MAX_NUM_IMAGES, MAX_STEPS, MIN_SIDE, parse_job
 from echo4o.settings import get_settings
+from tests.support.worker_proc import WorkerProcess, wait_for_job
+
+#: A job that outlasts any cancel: the most steps and images at the smallest size, hundreds of tiny-model
+#: steps (seconds even on a fast machine). Tests cancel it once it has reported its first step.
+UNTIL_CANCELLED: dict[str, int] = {
+    "height": MIN_SIDE, "width": MIN_SIDE, "num_steps": MAX_STEPS, "num_images": MAX_NUM_IMAGES,
+}
+#: A job to SIGKILL mid-run and then run again to the end: the most steps at the smallest size, one image.
+KILLABLE: dict[str, int] = {"height": MIN_SIDE, "width": MIN_SIDE, "num_steps": MAX_STEPS}
+#: A job of a few steps.
+QUICK: dict[str, int] = {"height": 32, "width": 32, "num_steps": 3}
 
 
 def worker_env(data_dir: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
@@ -95,3 +106,15 @@ def private_redis_url(offset: int) -> str:
     finally:
         client.close()
     return url
+
+
+def settle_jobs(worker: WorkerProcess) -> None:
+    """Cancel every queued or running job of the current database and wait until each has ended, so a test
+    sharing ``worker`` with others starts (and leaves) it idle, with nothing waiting."""
+    with session_scope() as s:
+        active = [job.id for status in ACTIVE_STATUSES
+                  for job in crud.list_jobs(session=s, status=status, limit=1000)[0]]
+    for job_id in active:
+        cancel(job_id)
+    for job_id in active:
+        wait_for_job(job_id, worker=worker)

@@ -11,11 +11,8 @@ import pytest
 from echo4o import queue
 from echo4o.pnginfo import params_from_png
 from echo4o.settings import get_settings
-from tests.support.worker_proc import WorkerProcess, wait_for_job
-from tests.worker.jobs_support import submit, use_env, worker_env
-
-LONG = {"height": 32, "width": 32, "num_steps": 12}
-QUICK = {"height": 32, "width": 32, "num_steps": 3}
+from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
+from tests.worker.jobs_support import KILLABLE, QUICK, submit, use_env, worker_env
 
 
 def test_embedded_broker_runs_jobs_and_recovers_a_killed_workers_job(
@@ -33,14 +30,12 @@ def test_embedded_broker_runs_jobs_and_recovers_a_killed_workers_job(
         assert params_from_png(data_dir / job.result["images"][0])["seed"] == 9
         assert (data_dir / "broker.sqlite").is_file()
 
-        long_id = submit(prompt="interrupted", seed=4, **LONG)
-        job = wait_for_job(long_id, statuses=("running",), worker=first)
-        while job.progress_step < 1:
-            job = wait_for_job(long_id, statuses=("running",), worker=first)
+        long_id = submit(prompt="interrupted", seed=4, **KILLABLE)
+        wait_for_progress(long_id, worker=first)  # mid-sampling
         first.kill()
 
     with WorkerProcess(model=tiny_model, log_path=tmp_path / "second.log") as second:
-        job = wait_for_job(long_id, timeout_s=240, worker=second)
+        job = wait_for_job(long_id, worker=second)
         assert job.status == "succeeded", (job.error_code, job.error_message)
         assert job.attempts == 2 and job.worker == second.worker_id
         assert "requeued a job whose worker is gone" in second.logs()

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from echo4o.settings import get_settings
-from tests.support.worker_proc import WorkerProcess, wait_for_job
-from tests.worker.jobs_support import private_redis_url, submit, use_env, worker_env
+from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
+from tests.worker.jobs_support import KILLABLE, private_redis_url, submit, use_env, worker_env
 
 JOB_TIMEOUT_S = 60  # the rerun must fit in it on a loaded CPU; Redis redelivers after JOB_TIMEOUT_S + 1
-LONG = {"height": 32, "width": 32, "num_steps": 12}
 
 
 def test_killed_worker_job_is_redelivered_to_another(
@@ -29,16 +28,14 @@ def test_killed_worker_job_is_redelivered_to_another(
     assert get_settings().broker_visibility_timeout_s == JOB_TIMEOUT_S + 1
 
     with WorkerProcess(model=tiny_model, log_path=tmp_path / "victim.log") as victim:
-        job_id = submit(prompt="redelivered", seed=3, **LONG)
-        job = wait_for_job(job_id, statuses=("running",), worker=victim)
-        while job.progress_step < 1:  # mid-sampling
-            job = wait_for_job(job_id, statuses=("running",), worker=victim)
+        job_id = submit(prompt="redelivered", seed=3, **KILLABLE)
+        job = wait_for_progress(job_id, worker=victim)  # mid-sampling
         assert job.worker == victim.worker_id
         victim.kill()
 
     # started after the kill: the job's only way to this worker is redelivery by the broker
     with WorkerProcess(model=tiny_model, log_path=tmp_path / "rescuer.log") as rescuer:
-        job = wait_for_job(job_id, timeout_s=240, worker=rescuer)
+        job = wait_for_job(job_id, worker=rescuer)
         assert job.status == "succeeded", (job.error_code, job.error_message)
         assert job.attempts == 2 and job.worker == rescuer.worker_id
         assert (tmp_path / "data" / job.result["images"][0]).is_file()

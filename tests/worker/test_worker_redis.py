@@ -1,5 +1,6 @@
 """Jobs through real Redis into a real `echo4o worker` subprocess running the tiny model: one stack for the
-module (its own data dir, Redis database and worker)."""
+module (its own data dir, Redis database and worker). Each test starts with the worker idle and no job
+waiting, and leaves it so (``settle_jobs``), whatever order the tests run in."""
 
 from __future__ import annotations
 
@@ -13,21 +14,20 @@ from PIL import Image
 from echo4o.db import crud, session_scope
 from echo4o.db.models import Worker
 from echo4o.pnginfo import params_from_png
-from tests.support.worker_proc import WorkerProcess, wait_for_job
+from tests.support.worker_proc import POLL_S, WAIT_S, WorkerProcess, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import (
+    QUICK,
+    UNTIL_CANCELLED,
     cancel,
     environment,
     job_row,
     private_redis_url,
+    settle_jobs,
     submit,
     submit_raw,
     use_env,
     worker_env,
 )
-
-# a job of several seconds on the tiny model (time to cancel it mid-way), and a quick one
-LONG = {"height": 32, "width": 32, "num_steps": 12}
-QUICK = {"height": 32, "width": 32, "num_steps": 3}
 
 
 def _heartbeat(worker_id: str):
@@ -57,9 +57,14 @@ def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture
-def stack(stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def stack(
+    stack_env: dict[str, str], module_worker: WorkerProcess, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
+    """The module's settings, with its worker idle and no job queued or running before and after the test."""
     use_env(monkeypatch, stack_env)
-    return stack_env
+    settle_jobs(module_worker)
+    yield stack_env
+    settle_jobs(module_worker)
 
 
 def test_generate_succeeds_with_png_params_progress_and_timings(stack, module_worker: WorkerProcess) -> None:
@@ -110,11 +115,9 @@ def test_multiref_with_two_references(stack, module_worker: WorkerProcess) -> No
 
 
 def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) -> None:
-    running = submit(prompt="long", **LONG)
+    running = submit(prompt="long", **UNTIL_CANCELLED)
     queued = submit(prompt="waits behind it", **QUICK)
-    job = wait_for_job(running, statuses=("running",), worker=module_worker)
-    while job.progress_step < 1:
-        job = wait_for_job(running, statuses=("running",), worker=module_worker)
+    wait_for_progress(running, worker=module_worker)  # mid-sampling
 
     assert module_worker.status() == "busy"
     # one worker, prefetch 1: the second job is still waiting in Redis, so it is cancelled at once
@@ -134,7 +137,7 @@ def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) 
 
 
 def test_higher_priority_runs_first_in_the_order_queue_position_reports(stack, module_worker: WorkerProcess) -> None:
-    blocker = submit(prompt="blocker", **LONG)
+    blocker = submit(prompt="blocker", **UNTIL_CANCELLED)
     wait_for_job(blocker, statuses=("running",), worker=module_worker)
     # while it runs the worker takes nothing more (prefetch 1), so these wait in Redis's priority lists
     low = submit(prompt="low", priority=0, **QUICK)
@@ -171,10 +174,11 @@ def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_wo
     assert module_worker.logs().count("worker.engine.pipeline: model loaded") == 1  # once per process, not per job
     # the heartbeat keeps moving (every ECHO4O_WORKER_HEARTBEAT_S = 1 s here)
     first = _heartbeat(module_worker.worker_id)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + WAIT_S  # generous: a loaded core delays the heartbeat thread
     while _heartbeat(module_worker.worker_id) <= first:
-        assert time.monotonic() < deadline, "the worker's heartbeat did not advance in 60 s"
-        time.sleep(0.2)
+        assert module_worker.alive(), module_worker.tail()
+        assert time.monotonic() < deadline, f"the worker's heartbeat did not advance in {WAIT_S} s"
+        time.sleep(POLL_S)  # pacing of the poll; the loop waits for the row to change
     ok = submit(prompt="still serving", **QUICK)
     job = wait_for_job(ok, worker=module_worker)
     assert job.status == "succeeded" and job.worker == module_worker.worker_id
