@@ -10,6 +10,7 @@ from playwright.sync_api import expect
 
 from echo4o.pnginfo import params_from_png
 from frontend_gradio.examples import write_reference_examples
+from tests.frontend.ui_support import long_job_fields
 
 pytestmark = pytest.mark.browser
 
@@ -103,13 +104,16 @@ def test_multi_reference_with_two_uploads(page, ui, ui_stack, artifacts: Path, t
     assert len(job["params"]["references"]) == 2
 
 
-def test_cancel_a_running_job(page, ui, ui_stack, artifacts: Path) -> None:
+def test_cancel_a_running_job(page, ui, ui_stack, parameters, artifacts: Path) -> None:
+    long = long_job_fields(parameters)  # the longest job allowed: the cancel lands mid-run even on a fast machine
     open_ui(page, ui)
     page.fill("#t2i-prompt textarea", "a long job to cancel")
-    choose(page, "t2i-aspect", "1:1")  # 1024x1024, 100 steps: minutes on CPU
-    set_slider(page, "t2i-steps", 100)
+    choose(page, "t2i-aspect", long["aspect"])
+    set_slider(page, "t2i-steps", long["num_steps"])
+    set_slider(page, "t2i-num-images", long["num_images"])
     page.click("#t2i-generate")
-    page.wait_for_selector("#t2i-status [data-state=running]", timeout=JOB_TIMEOUT_MS)
+    # the first progress event, as the page shows it (step counter and bar)
+    page.wait_for_selector("#t2i-status [data-state=running][data-step]", timeout=JOB_TIMEOUT_MS)
     page.screenshot(path=str(artifacts / "cancel-running.png"), full_page=True)
     page.click("#t2i-cancel")
     page.wait_for_selector("#t2i-status [data-state=cancelled]", timeout=JOB_TIMEOUT_MS)
@@ -117,10 +121,19 @@ def test_cancel_a_running_job(page, ui, ui_stack, artifacts: Path) -> None:
 
     job = ui_stack.wait_job(latest_job(ui_stack)["id"])
     assert job["params"]["prompt"] == "a long job to cancel" and job["status"] == "cancelled"
+    assert (job["params"]["num_steps"], job["params"]["num_images"]) == (long["num_steps"], long["num_images"])
     assert job["progress"]["step"] < job["progress"]["total"]
 
 
 def test_admin_tab_only_with_an_admin_key(page, ui, ui_stack, artifacts: Path) -> None:
+    # its own precondition: a finished job of the user, which the admin's "All jobs" must list
+    with ui_stack.client("user") as c:
+        resp = c.post("/generate", json={"prompt": "a job for the admin to see", "height": 32, "width": 32,
+                                         "num_steps": 2})
+    assert resp.status_code == 202, resp.text
+    job = ui_stack.wait_job(resp.json()["id"])
+    assert job["status"] == "succeeded", job
+
     open_ui(page, ui)
     page.locator("#connection").get_by_text("the UI's key: user").wait_for()
     expect(admin_tab(page)).to_have_count(0)  # retries: the tab's visibility is its own UI update
@@ -133,7 +146,7 @@ def test_admin_tab_only_with_an_admin_key(page, ui, ui_stack, artifacts: Path) -
     admin_tab(page).click()
     cell(page, "admin-workers", "ready").wait_for()
     page.get_by_role("tab", name="All jobs").click()
-    cell(page, "admin-jobs", "succeeded").wait_for()  # every user's jobs
+    cell(page, "admin-jobs", job["id"][:12]).wait_for()  # every user's jobs, this one among them
     page.get_by_role("tab", name="Workers, queue and models").click()
     page.screenshot(path=str(artifacts / "admin-key-admin-tab.png"), full_page=True)
 
