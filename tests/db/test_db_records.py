@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -145,8 +144,11 @@ def test_workers_heartbeat_and_readiness(db_url: str) -> None:
         crud.upsert_worker(session=s, worker_id="h:2", hostname="h", queues="train", status="ready")
         assert [w.id for w in crud.list_ready_workers(session=s)] == ["h:1", "h:2"]
         assert [w.id for w in crud.list_ready_workers(session=s, queue="gpu")] == ["h:1"]
-        before = crud.list_workers(session=s)[0].heartbeat_at
-        time.sleep(0.01)
+        # an older heartbeat to move from (no sleep: the clock need not have ticked)
+        s.execute(sa.update(Worker).where(Worker.id == "h:1").values(heartbeat_at=utcnow() - timedelta(minutes=1)))
+        s.commit()
+        s.expire_all()
+        before = s.get(Worker, "h:1").heartbeat_at
         assert crud.worker_heartbeat(session=s, worker_id="h:1", status="busy")
         s.expire_all()
         w = s.get(Worker, "h:1")
