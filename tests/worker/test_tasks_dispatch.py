@@ -1,0 +1,33 @@
+"""Task dispatch by job kind (worker.tasks.JOB_HANDLERS), in process on the test's SQLite records: every kind
+has a handler, image kinds run the pipeline, the others fail as not_supported naming the queue to upgrade."""
+
+from __future__ import annotations
+
+import pytest
+
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
+from worker.tasks import JOB_HANDLERS, execute_image_job, execute_job
+
+
+def test_every_job_kind_has_a_handler_and_image_kinds_run_the_pipeline() -> None:
+    assert set(JOB_HANDLERS) == set(JOB_KINDS)
+    assert [kind for kind, handler in JOB_HANDLERS.items() if handler is execute_image_job] == list(IMAGE_KINDS)
+
+
+@pytest.mark.parametrize("kind", [k for k in JOB_KINDS if k not in IMAGE_KINDS])
+def test_a_kind_this_worker_cannot_run_fails_naming_its_queue(kind: str) -> None:
+    upgrade_to_head()
+    with session_scope() as s:
+        job_id = crud.create_job(session=s, kind=kind, params={}, model_version="none").id
+    assert execute_job(job_id) == "failed"
+    with session_scope() as s:
+        row = crud.get_job(session=s, job_id=job_id)
+    assert (row.status, row.error_code) == ("failed", "not_supported")
+    assert row.error_message.startswith(f"{kind} jobs are not supported")
+    assert row.error_message.endswith(f"upgrade the workers on queue {QUEUE_OF_KIND[kind]}")
+
+
+def test_a_message_without_a_job_row_is_dropped() -> None:
+    upgrade_to_head()
+    assert execute_job("0" * 32) == "missing"
