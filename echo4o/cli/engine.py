@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -27,7 +27,7 @@ KNOWN_NAMES = {"yejy53/echo-4o": "echo4o", "bytedance-seed/bagel-7b-mot": "bagel
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers", "flash_attn")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -53,29 +53,46 @@ def make_tiny(
 
 # ------------------------------------------------------------------------------------------------ generate
 
+#: generate's options and the job field each sets (the field names are those of echo4o.jobs and of the PNG).
+_FLAG_OF_FIELD = {
+    "prompt": "--prompt", "seed": "--seed", "num_steps": "--steps", "height": "--height", "width": "--width",
+    "aspect_ratio": "--aspect", "cfg_text_scale": "--cfg-text-scale", "cfg_img_scale": "--cfg-img-scale",
+    "cfg_interval": "--cfg-interval", "timestep_shift": "--timestep-shift", "cfg_renorm_type": "--cfg-renorm-type",
+    "cfg_renorm_min": "--cfg-renorm-min", "num_images": "--num-images", "references": "--ref",
+}
+#: Loading options a PNG records (the pipeline's params) and generate's flags for them.
+_LOAD_FIELDS = ("model", "device", "dtype", "attention")
+
 
 @app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw (with --ref: the instruction)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output PNG (several images: OUT-0.png, OUT-1.png, ...)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p",
+                                      help="What to draw (with --ref: the instruction). Required unless --from."),
+    from_png: Path | None = typer.Option(
+        None, "--from", help="Re-run the parameters embedded in a PNG written by echo4o (prompt, seed, size, "
+                             "guidance, references, model, device, dtype, attention); the other options given "
+                             "override them. Same model and device: the same image, byte for byte."),
     model: str | None = typer.Option(None, "--model", "-m",
                                      help="Model folder or Hub id. Default: ECHO4O_MODEL."),
     ref: list[Path] = typer.Option([], "--ref", help="Reference image (repeat for several, in order)."),
-    seed: int | None = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Seed. Default: drawn and printed."),
-    steps: int = typer.Option(50, "--steps", min=2, max=1000, help="Schedule points (steps - 1 denoising steps)."),
-    height: int | None = typer.Option(None, "--height", help="Multiple of 16, at most 1024 (with --width)."),
-    width: int | None = typer.Option(None, "--width", help="Multiple of 16, at most 1024 (with --height)."),
-    aspect: str | None = typer.Option(None, "--aspect", help="Size preset: 1:1, 4:3, 3:4, 16:9 or 9:16."),
-    cfg_text_scale: float = typer.Option(4.0, "--cfg-text-scale", help="Text guidance scale."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed. Default: drawn and printed."),
+    steps: int | None = typer.Option(None, "--steps", help="Schedule points (steps - 1 denoising steps). Default: 50."),
+    height: int | None = typer.Option(None, "--height", help="Output height in pixels (with --width)."),
+    width: int | None = typer.Option(None, "--width", help="Output width in pixels (with --height)."),
+    aspect: str | None = typer.Option(None, "--aspect", help="Size preset instead of --height/--width, e.g. 16:9."),
+    cfg_text_scale: float | None = typer.Option(None, "--cfg-text-scale", help="Text guidance scale. Default: 4.0."),
     cfg_img_scale: float | None = typer.Option(None, "--cfg-img-scale",
                                                help="Image guidance scale. Default: 1.0, or 2.0 with --ref."),
     cfg_interval: tuple[float, float] | None = typer.Option(
         None, "--cfg-interval", help="Guidance applies for t in (LOW, HIGH]. Default: 0.4 1.0, or 0 1 with --ref."),
-    timestep_shift: float = typer.Option(3.0, "--timestep-shift", help="Schedule shift s."),
+    timestep_shift: float | None = typer.Option(None, "--timestep-shift", help="Schedule shift s. Default: 3.0."),
     cfg_renorm_type: str | None = typer.Option(
         None, "--cfg-renorm-type", help="global, channel or text_channel. Default: global, text_channel with --ref."),
-    cfg_renorm_min: float = typer.Option(0.0, "--cfg-renorm-min", help="Floor of the renorm factor."),
-    num_images: int = typer.Option(1, "--num-images", "-n", min=1, max=16, help="Images to generate."),
+    cfg_renorm_min: float | None = typer.Option(None, "--cfg-renorm-min",
+                                                help="Floor of the renorm factor. Default: 0."),
+    num_images: int | None = typer.Option(None, "--num-images", "-n",
+                                          help="Images to draw from the seed, one after another. Default: 1."),
     attention: str | None = typer.Option(None, "--attention", help="auto, sdpa, xformers or flash_attn. "
                                                                    "Default: ECHO4O_ATTENTION."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default: ECHO4O_DEVICE."),
@@ -83,53 +100,41 @@ def generate(
                                                            "Default: ECHO4O_DTYPE."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Generate an image from a prompt (and reference images); the PNG carries every parameter."""
-    settings = get_settings()
-    from echo4o.jobs import ASPECT_PRESETS, MAX_SIDE, SIDE_MULTIPLE, draw_seed
+    """Generate an image from a prompt (and reference images); the PNG's text chunks carry every parameter.
 
-    if aspect is not None:
-        if aspect not in ASPECT_PRESETS:
-            _fail(f"--aspect must be one of {', '.join(ASPECT_PRESETS)}; got {aspect!r}")
-        if height is not None or width is not None:
-            _fail("give either --aspect or --height/--width, not both")
-        height, width = ASPECT_PRESETS[aspect]
-    if (height is None) != (width is None):
-        _fail("--height and --width go together (or use --aspect)")
-    for flag, value in (("--height", height), ("--width", width)):
-        # checked before the (slow) model load; the pipeline checks again against the model's own limits
-        if value is not None and not (SIDE_MULTIPLE <= value <= MAX_SIDE and value % SIDE_MULTIPLE == 0):
-            _fail(f"{flag} must be a multiple of {SIDE_MULTIPLE} in {SIDE_MULTIPLE}..{MAX_SIDE}; got {value}")
-    attention = attention or settings.attention
-    if attention not in ATTENTION_CHOICES:
-        _fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
+    The options become the same job (echo4o.jobs) the gateway queues, validated by the same rules."""
+    settings = get_settings()
     if out.suffix.lower() != ".png":
         _fail(f"--out must be a .png file (the parameters live in its text chunks); got {out}")
-    from PIL import Image, UnidentifiedImageError
+    embedded = _read_from_png(from_png) if from_png is not None else {}
 
-    references = []
-    for i, path in enumerate(ref):
-        try:
-            with Image.open(path) as img:
-                img.load()
-                references.append(img.copy())
-        except FileNotFoundError:
-            _fail(f"--ref #{i + 1}: {path} does not exist")
-        except (UnidentifiedImageError, OSError) as exc:
-            _fail(f"--ref #{i + 1}: {path} is not a readable image ({exc})")
-    seed = draw_seed() if seed is None else seed
+    given = {"prompt": prompt, "seed": seed, "num_steps": steps, "height": height, "width": width,
+             "aspect_ratio": aspect, "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale,
+             "cfg_interval": cfg_interval, "timestep_shift": timestep_shift, "cfg_renorm_type": cfg_renorm_type,
+             "cfg_renorm_min": cfg_renorm_min, "num_images": num_images}
+    given = {k: v for k, v in given.items() if v is not None}
+    base = {k: v for k, v in embedded.items() if k in _FLAG_OF_FIELD and k != "references"}
+    if {"height", "width", "aspect_ratio"} & set(given):  # a size on the command line replaces the embedded one
+        base = {k: v for k, v in base.items() if k not in ("height", "width", "aspect_ratio")}
+    if "prompt" not in base and "prompt" not in given:
+        _fail("--prompt is required (or --from a PNG that carries one)")
+
+    references = [p.expanduser().resolve() for p in ref] if ref else _embedded_references(embedded, from_png)
+    job, data_dir = _build_job({**base, **given}, references)
+    try:
+        kwargs = job.to_pipeline_kwargs(data_dir) if references else job.to_pipeline_kwargs()
+    except ValueError as exc:  # a reference that cannot be opened, named as references.<i>
+        _fail(f"--ref: {exc}")
+    loading = _loading_options(model=model, device=device, dtype=dtype, attention=attention, embedded=embedded)
 
     from tqdm import tqdm
 
     from echo4o.pnginfo import write_png
     from worker.engine import pipeline as engine_pipeline
 
-    model = model or settings.model
     try:
         pipe = engine_pipeline.Echo4oPipeline.from_pretrained(
-            model,
-            device=device or settings.device,
-            dtype=dtype or settings.dtype,
-            attention=attention,
+            loading["model"], device=loading["device"], dtype=loading["dtype"], attention=loading["attention"],
             token=settings.hf_token.get_secret_value() if settings.hf_token else None,
         )
     except (ValueError, FileNotFoundError) as exc:
@@ -144,27 +149,12 @@ def generate(
         if quiet:
             return
         if bar is None:
-            bar = tqdm(total=total * num_images, desc="denoising", unit="step", file=sys.stderr, leave=True)
+            bar = tqdm(total=total * job.num_images, desc="denoising", unit="step", file=sys.stderr, leave=True)
         bar.update(1)
 
     try:
-        result = pipe(
-            prompt,
-            images=references or None,
-            height=height,
-            width=width,
-            num_steps=steps,
-            cfg_text_scale=cfg_text_scale,
-            cfg_img_scale=cfg_img_scale,
-            cfg_interval=cfg_interval,
-            timestep_shift=timestep_shift,
-            cfg_renorm_type=cfg_renorm_type,
-            cfg_renorm_min=cfg_renorm_min,
-            seed=seed,
-            num_images=num_images,
-            callback=on_step,
-        )
-    except ValueError as exc:
+        result = pipe(**kwargs, callback=on_step)
+    except ValueError as exc:  # a limit of this model (e.g. a smaller largest size than the job allows)
         _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo("\ncancelled", err=True)
@@ -174,18 +164,116 @@ def generate(
             bar.close()
 
     params = dict(result.params)
-    if ref:
-        params["references"] = [p.name for p in ref]
-    outputs = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+    if references:  # relative to the output's folder, where `--from` looks for them first
+        params["references"] = [_relative_to(path, out.expanduser().resolve().parent) for path in references]
+    n = job.num_images
+    outputs = [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
     for i, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
-        write_png(image, path, {**params, "image_index": i} if num_images > 1 else params)
+        write_png(image, path, {**params, "image_index": i} if n > 1 else params)
         typer.echo(f"wrote {path}")
     timings = result.timings
     typer.echo(
-        f"seed {params['seed']}, {params['width']}x{params['height']}, {steps - 1} steps, "
+        f"seed {params['seed']}, {params['width']}x{params['height']}, {job.num_steps - 1} steps, "
         f"attention {params.get('attention')}, {timings.get('step_s', 0):.3f}s/step, "
         f"{timings.get('total_s', 0):.1f}s total"
     )
+
+
+def _read_from_png(path: Path) -> dict[str, Any]:
+    """The parameters embedded in ``path`` (see echo4o.pnginfo); exit 2 naming the file when it has none."""
+    from echo4o.pnginfo import params_from_png
+
+    try:
+        return params_from_png(path)
+    except ValueError as exc:
+        _fail(f"--from: {exc}. Give a PNG written by `echo4o generate` or a worker")
+
+
+def _embedded_references(embedded: dict[str, Any], png: Path | None) -> list[Path]:
+    """References recorded in a PNG: relative to its folder (as `echo4o generate` records them), else to
+    ECHO4O_DATA_DIR (as the gateway stores uploads); absolute ones as they are."""
+    names = embedded.get("references") or []
+    if png is None or not names:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        _fail(f"--from: {png} records references as {names!r}, not a list of file names")
+    folder, data_dir = png.expanduser().resolve().parent, get_settings().data_dir
+    paths = []
+    for name in names:
+        beside = (folder / name).resolve()
+        paths.append(beside if beside.exists() or Path(name).is_absolute() else (data_dir / name).resolve())
+    return paths
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` (with ``..`` where needed), as a POSIX string; absolute across drives."""
+    import os
+
+    try:
+        return Path(os.path.relpath(path, folder)).as_posix()
+    except ValueError:  # Windows: another drive
+        return path.as_posix()
+
+
+def _build_job(params: dict[str, Any], references: list[Path]) -> tuple[Any, Path | None]:
+    """The GenerateJob (no references) or MultirefJob for ``params``, validated by echo4o.jobs; for a MultirefJob
+    also the data dir its relative references live in (their common folder). Exit 2, one line per field, when
+    the job model refuses them."""
+    from pydantic import ValidationError
+
+    from echo4o.jobs import GenerateJob, MultirefJob
+
+    data_dir = None
+    if references:
+        import os
+
+        data_dir = Path(os.path.commonpath([p.parent for p in references]))
+        params = {**params, "references": [p.relative_to(data_dir).as_posix() for p in references]}
+    try:
+        job = (MultirefJob if references else GenerateJob).model_validate(params)
+    except ValidationError as exc:
+        typer.echo("\n".join(_validation_lines(exc)), err=True)
+        raise typer.Exit(2) from None
+    return job, data_dir
+
+
+def _validation_lines(exc: Any) -> list[str]:
+    """``error: <field> (<flag>): <problem>``, one line per problem, worded by echo4o.jobs."""
+    from types import SimpleNamespace
+
+    from echo4o.jobs import describe_validation_error
+
+    lines = []
+    for e in exc.errors():
+        flag = _FLAG_OF_FIELD.get(str(e["loc"][0])) if e.get("loc") else None
+        text = describe_validation_error(SimpleNamespace(errors=lambda e=e: [e]))
+        lines.append(f"error: {flag}: {text}" if flag else f"error: {text}")
+    return lines
+
+
+def _loading_options(*, model: str | None, device: str | None, dtype: str | None, attention: str | None,
+                     embedded: dict[str, Any]) -> dict[str, str]:
+    """model, device, dtype and attention: the option, else the value a ``--from`` PNG records, else the setting.
+    Checked by the settings' own rules (exit 2 naming the option), so a bad one fails before the model loads."""
+    from pydantic import ValidationError
+
+    from echo4o.settings import Settings
+
+    given = {"model": model, "device": device, "dtype": dtype, "attention": attention}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    for key in _LOAD_FIELDS:
+        if key not in chosen and isinstance(embedded.get(key), str):
+            chosen[key] = embedded[key]
+    try:
+        settings = Settings(**chosen)
+    except ValidationError as exc:
+        for e in exc.errors():
+            field = str(e["loc"][0]) if e.get("loc") else "settings"
+            source = f"--{field}" if given.get(field) is not None else f"{field} recorded in the --from PNG"
+            msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+            typer.echo(f"error: {source}: {msg} (got {e.get('input')!r})", err=True)
+        raise typer.Exit(2) from None
+    return {k: getattr(settings, k) for k in _LOAD_FIELDS}
 
 
 # ------------------------------------------------------------------------------------------------ download
