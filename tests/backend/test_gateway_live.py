@@ -1,5 +1,10 @@
 """The gateway end to end: a uvicorn subprocess, Redis as broker, a real `echo4o worker` subprocess running the
-tiny model, job records on SQLite and on PostgreSQL (the whole module runs once per database)."""
+tiny model, job records on SQLite and on PostgreSQL (the whole module runs once per database).
+
+Each test makes the jobs it asserts about and leaves none active (``_no_job_left_active`` cancels leftovers of a
+test that failed), so the tests pass alone and in any order. A test that needs the only worker busy starts a
+job long enough to still be running on a slow machine (:func:`start_long_job`) and waits for its first
+progress event before going on."""
 
 from __future__ import annotations
 
@@ -7,17 +12,20 @@ import base64
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import httpx
 import pytest
 from PIL import Image
 
-from echo4o.jobs import GenerateJob
+from echo4o.jobs import ACTIVE_STATUSES, MAX_NUM_IMAGES, MAX_STEPS, GenerateJob
 from echo4o.pnginfo import params_from_png
 from tests.support.stack import Stack, fresh_database, live_stack
 
 SMALL = {"height": 32, "width": 32, "num_steps": 2}
+# The most steps a job may have, at a size that costs about a second per step on a CPU: still running long
+# after its first step, so a cancel or a second submit lands while it holds the only worker.
+LONG = {"height": 256, "width": 256, "num_steps": MAX_STEPS}
 
 
 def _start(request: pytest.FixtureRequest, database: str) -> Iterator[Stack]:
@@ -51,6 +59,23 @@ def stack(request: pytest.FixtureRequest) -> Stack:
     up, the slow part on a CPU) run on the SQLite stack only."""
     return request.getfixturevalue(f"{request.param}_stack")
 
+
+@pytest.fixture(autouse=True)
+def _no_job_left_active(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, cancel whatever it left queued or running (only a failed test leaves any) and wait
+    for it to end, so the next test finds the worker idle."""
+    stacks: list[Stack] = [request.getfixturevalue(n) for n in ("stack", "sqlite_stack") if n in request.fixturenames]
+    yield
+    for stack in stacks:
+        with stack.client("admin") as c:
+            active = [j for status in ACTIVE_STATUSES
+                      for j in c.get("/jobs", params={"status": status, "all": True, "limit": 200}).json()["data"]]
+            for job in active:
+                c.delete(f"/jobs/{job['id']}")
+        for job in active:
+            stack.wait_job(job["id"], key="admin")
+
+
 def png(color: str, size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
@@ -61,6 +86,43 @@ def submit(c: httpx.Client, **fields) -> dict:
     r = c.post("/generate", json={"prompt": "a red cube on a table", **SMALL, **fields})
     assert r.status_code == 202, r.text
     return r.json()
+
+
+def sse(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """(event name, data) of each Server-Sent Event in ``lines``, as they arrive."""
+    name = None
+    for line in lines:
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and name:
+            yield name, json.loads(line.split(":", 1)[1])
+            name = None
+
+
+def read_events(c: httpx.Client, url: str) -> list[tuple[str, dict]]:
+    """Every event of a job's stream, up to the one that ends it."""
+    with c.stream("GET", url) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return list(sse(r.iter_lines()))
+
+
+def wait_first_progress(c: httpx.Client, job: dict) -> dict:
+    """Follow the job's event stream until its first ``progress`` event (step 1 done); that event's data."""
+    with c.stream("GET", job["events_url"]) as r:
+        assert r.status_code == 200, r.read()
+        for name, data in sse(r.iter_lines()):
+            if name == "progress":
+                return data
+            assert name == "queued", f"job {job['id']} ended ({name}: {data}) before reporting a step"
+    raise AssertionError(f"the event stream of job {job['id']} ended without an end event")
+
+
+def start_long_job(c: httpx.Client) -> dict:
+    """Submit a LONG job and return once it has finished its first step: from then on it holds the worker."""
+    job = submit(c, **LONG)
+    first = wait_first_progress(c, job)
+    assert first["step"] == 1 and first["total"] >= MAX_STEPS - 1, first
+    return job
 
 
 def fetch_png(c: httpx.Client, job: dict, n: int = 0) -> bytes:
@@ -101,25 +163,30 @@ def test_generate_submit_poll_fetch(stack: Stack) -> None:
 def test_multiref_multipart_and_json(sqlite_stack: Stack) -> None:
     stack = sqlite_stack
     with stack.client() as c:
+        blocker = start_long_job(c)  # both multi-reference jobs queue behind it
         r = c.post("/multiref", data={"prompt": "put the red one on the blue one", **SMALL},
                    files=[("images", ("a.jpg", png("red", (48, 32), "JPEG"), "image/jpeg")),
                           ("images", ("b.webp", png("blue", (32, 48), "WEBP"), "image/webp"))])
         assert r.status_code == 202, r.text
         multipart_id = r.json()["id"]
 
-        # the JSON form, sent while the only worker is busy with the first job: checked, stored and queued,
-        # then cancelled before it runs (a multi-reference run costs tens of seconds on a CPU)
+        # the JSON form: checked, stored and queued, then cancelled before it runs
         body = {"prompt": "blend them", **SMALL,
                 "images": [base64.b64encode(png("green")).decode(),
                            "data:image/png;base64," + base64.b64encode(png("yellow", (40, 32))).decode()]}
         r = c.post("/multiref", json=body)
         assert r.status_code == 202, r.text
         queued = c.get(f"/jobs/{r.json()['id']}").json()
+        assert (queued["status"], queued["queue_position"]) == ("queued", 2)  # behind the multipart job
         assert queued["kind"] == "multiref" and queued["params"]["prompt"] == "blend them"
         assert queued["params"]["references"] == [f"uploads/{queued['id']}/0.png", f"uploads/{queued['id']}/1.png"]
         with Image.open(stack.data_dir / queued["params"]["references"][1]) as img:
             assert img.format == "PNG" and img.size == (40, 32)
         assert c.delete(f"/jobs/{queued['id']}").json()["status"] == "cancelled"
+        # the blocker still held the only worker, so the cancelled job cannot have started
+        assert c.get(f"/jobs/{blocker['id']}").json()["status"] == "running"
+        assert c.delete(f"/jobs/{blocker['id']}").json()["status"] == "running"  # stops at its next step
+        assert stack.wait_job(blocker["id"])["status"] == "cancelled"
 
         job = stack.wait_job(multipart_id)
         assert job["status"] == "succeeded", job
@@ -133,19 +200,6 @@ def test_multiref_multipart_and_json(sqlite_stack: Stack) -> None:
         with Image.open(refs[1]) as img:
             assert img.format == "PNG" and img.size == (32, 48)
         assert c.get(f"/jobs/{queued['id']}").json()["started_at"] is None
-
-def read_events(c: httpx.Client, url: str) -> list[tuple[str, dict]]:
-    events, name = [], None
-    with c.stream("GET", url) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and name:
-                events.append((name, json.loads(line.split(":", 1)[1])))
-                name = None
-    return events
-
 
 def test_events_show_every_step_then_done(stack: Stack) -> None:
     with stack.client() as c:
@@ -168,21 +222,21 @@ def test_events_show_every_step_then_done(stack: Stack) -> None:
 
 def test_cancel_a_running_and_a_queued_job(stack: Stack) -> None:
     with stack.client() as c:
-        # long enough to be caught running (about a second per step on a CPU)
-        slow = submit(c, height=256, width=256, num_steps=40)
-        running = stack.wait_job(slow["id"], statuses=("running",))
-        while running["progress"]["step"] < 1:
-            running = stack.wait_job(slow["id"], statuses=("running",))
+        slow = start_long_job(c)
         queued = submit(c)  # the only worker is busy: this one waits
         r = c.delete(f"/jobs/{queued['id']}")
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         assert r.json()["started_at"] is None
 
+        # a running job is asked to stop: the answer still says running, the stream then ends with `cancelled`
         r = c.delete(f"/jobs/{slow['id']}")
-        assert r.status_code == 200 and r.json()["status"] in ("running", "cancelled")
-        ended = stack.wait_job(slow["id"])
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        events = read_events(c, slow["events_url"])
+        assert events[-1] == ("cancelled", {"id": slow["id"]})
+        assert {n for n, _ in events[:-1]} <= {"progress"}
+        ended = c.get(f"/jobs/{slow['id']}").json()
         assert ended["status"] == "cancelled"
-        assert ended["progress"]["step"] < ended["progress"]["total"]
+        assert 1 <= ended["progress"]["step"] < ended["progress"]["total"]
         assert ended["result"] is None
 
         # the worker goes on; the cancelled queued job never ran
@@ -232,34 +286,40 @@ def test_openai_client_round_trips_both_endpoints(sqlite_stack: Stack) -> None:
         client.images.generate(prompt="x", size="33x32")
     assert info.value.body["param"] == "size"
     with pytest.raises(UnprocessableEntityError) as info:
-        client.images.generate(prompt="x", n=5)
+        client.images.generate(prompt="x", n=MAX_NUM_IMAGES + 1)
     assert info.value.body["param"] == "n"
 
 
-BAD_GENERATE = [
-    ({"height": 40, "width": 32}, "height"),
-    ({"height": 1040, "width": 1040}, "height"),
-    ({"num_steps": 101}, "num_steps"),
-    ({"num_steps": 0}, "num_steps"),
-    ({"cfg_text_scale": 31}, "cfg_text_scale"),
-    ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
-    ({"timestep_shift": -1}, "timestep_shift"),
-    ({"cfg_renorm_type": "banana"}, "cfg_renorm_type"),
-    ({"prompt": "x" * 4001}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**32}, "seed"),
-    ({"num_images": 5}, "num_images"),
-    ({"priority": 10}, "priority"),
-    ({"aspect_ratio": "2:1"}, "aspect_ratio"),
-    ({"model_version": "no-such-model"}, "model_version"),
-    ({"unknown_field": 1}, "unknown_field"),
-]
+def bad_generate(limits: dict) -> list[tuple[dict, str]]:
+    """Generate fields just outside the limits the gateway serves at GET /parameters, and the field at fault."""
+    off_grid = limits["side_min"] + limits["side_multiple"] // 2
+    too_big = limits["side_max"] + limits["side_multiple"]
+    return [
+        ({"height": off_grid, "width": 32}, "height"),
+        ({"height": too_big, "width": too_big}, "height"),
+        ({"num_steps": limits["steps_max"] + 1}, "num_steps"),
+        ({"num_steps": limits["steps_min"] - 1}, "num_steps"),
+        ({"cfg_text_scale": limits["scale_max"] + 1}, "cfg_text_scale"),
+        ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
+        ({"timestep_shift": -1}, "timestep_shift"),
+        ({"cfg_renorm_type": "banana"}, "cfg_renorm_type"),
+        ({"prompt": "x" * (limits["prompt_chars_max"] + 1)}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"seed": -1}, "seed"),
+        ({"seed": limits["seed_max"] + 1}, "seed"),
+        ({"num_images": limits["num_images_max"] + 1}, "num_images"),
+        ({"priority": limits["priority_max"] + 1}, "priority"),
+        ({"aspect_ratio": "2:1"}, "aspect_ratio"),
+        ({"model_version": "no-such-model"}, "model_version"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ]
 
 
 def test_each_bad_input_is_a_4xx_naming_the_field_and_the_worker_stays_up(stack: Stack) -> None:
     with stack.client() as c:
-        for fields, param in BAD_GENERATE:
+        limits = c.get("/parameters").json()["limits"]
+        jobs_before = c.get("/jobs").json()["count"]
+        for fields, param in bad_generate(limits):
             r = c.post("/generate", json={"prompt": "ok", **SMALL, **fields})
             assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, (fields, r.text)
         for raw, param in ((b'{"prompt": "x", "cfg_img_scale": NaN}', "cfg_img_scale"),
@@ -282,7 +342,7 @@ def test_each_bad_input_is_a_4xx_naming_the_field_and_the_worker_stays_up(stack:
             (multiref([bomb.getvalue()]), 413, "images.0"),
             (multiref([png("red"), noisy.getvalue()]), 413, "images.1"),
             (multiref([png("red")[:60]]), 422, "images.0"),
-            (multiref([png("red")] * 7), 422, "images"),
+            (multiref([png("red")] * (limits["references_max"] + 1)), 422, "images"),
             (multiref([]), 422, "images"),
             (multiref([png("red")], num_steps="many"), 422, "num_steps"),
             (multiref([png("red")], references="uploads/x/0.png"), 422, "references"),
@@ -292,10 +352,11 @@ def test_each_bad_input_is_a_4xx_naming_the_field_and_the_worker_stays_up(stack:
         ]
         for r, status, param in cases:
             assert r.status_code == status and r.json()["error"]["param"] == param, (status, param, r.text)
-        # nothing bad reached the queue, and the worker still serves
-        assert c.get("/jobs", params={"status": "failed"}).json()["count"] == 0
+        # no bad request became a job, and the worker still serves
+        assert c.get("/jobs").json()["count"] == jobs_before
         ok = submit(c)
         assert stack.wait_job(ok["id"])["status"] == "succeeded"
+        assert c.get("/jobs").json()["count"] == jobs_before + 1
     assert httpx.get(f"{stack.url}/readyz").status_code == 200
 
 
@@ -326,9 +387,21 @@ def test_health_models_metrics_and_admin_views(stack: Stack) -> None:
     count = [ln for ln in text.splitlines() if ln.startswith("echo4o_step_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1
     assert 'echo4o_http_request_duration_seconds_count{method="POST",route="/generate",status="202"}' in text
-    with stack.client("admin") as c:
-        workers = c.get("/admin/workers").json()
+    with stack.client("admin") as admin:
+        workers = admin.get("/admin/workers").json()
+        # ready or busy: the heartbeat thread may rewrite the status it read just before the last job changed it
         assert workers["count"] == 1 and workers["data"][0]["status"] in ("ready", "busy")
-        assert c.get("/admin/queue").json()["running"] in (0, 1)
-    with stack.client("user") as c:
-        assert c.get("/admin/workers").status_code == 403
+        assert admin.get("/admin/queue").json() == {"queued": 0, "running": 0, "data": []}
+        with stack.client("user") as c:
+            long = start_long_job(c)
+            waiting = submit(c)
+            queue = admin.get("/admin/queue").json()
+            # this test's two jobs, and only them: the long one on the only worker, the other next in line
+            assert (queue["running"], queue["queued"]) == (1, 1)
+            assert [(j["id"], j["status"], j["queue_position"]) for j in queue["data"]] == [
+                (long["id"], "running", None), (waiting["id"], "queued", 1)]
+            assert c.get("/admin/workers").status_code == 403
+            assert c.get("/admin/queue").status_code == 403
+            for job in (waiting, long):
+                c.delete(f"/jobs/{job['id']}")
+        assert [stack.wait_job(j["id"])["status"] for j in (waiting, long)] == ["cancelled", "cancelled"]
