@@ -216,6 +216,7 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
     from celery import signals
 
     from worker.celery_app import QUEUES, get_app
+    from worker.engine.loading import CheckpointError
 
     settings = get_settings()
     bad = [q for q in queues if q not in QUEUES]
@@ -262,8 +263,8 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
         except SystemExit as exc:
             return int(exc.code or 0)
         return 0
-    except ValueError:  # a configuration problem; the CLI prints its message
-        raise
+    except (ValueError, CheckpointError):  # a bad setting, or weights that cannot be had: the CLI prints the
+        raise  # message (it names the fix) as one line and exits with a code of its own
     except Exception:
         log.exception("worker failed", extra={"worker": runtime.worker_id})
         raise

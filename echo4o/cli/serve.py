@@ -62,40 +62,54 @@ def serve(
                 log.warning("no API keys exist yet: every request will get 401. Create one with "
                             "`echo4o keys create --admin`, or run a local demo with ECHO4O_AUTH=off")
 
-    worker = None
-    if settings.embedded_broker:
-        # the child must see the same data dir (embedded broker and SQLite live there) whatever its cwd
-        os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
-        worker = _start_embedded_worker(log)
-
     import uvicorn
 
     from backend.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None,
+        access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=5))
+    worker, startup_failure = None, threading.Event()
+    if settings.embedded_broker:
+        # the child must see the same data dir (embedded broker and SQLite live there) whatever its cwd
+        os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
+        worker = _start_embedded_worker(log, server, startup_failure)
 
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; with these handlers that returns here, so the
     # embedded worker is stopped (warm) before the command exits instead of being orphaned
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _note_signal)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                    access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=5)
+        server.run()
     finally:
         if worker is not None:
             _stop_worker(worker, log)
+    if worker is not None and startup_failure.is_set():
+        # the worker printed the one `error:` line naming the fix; a gateway whose only worker cannot start
+        # would accept jobs that never run
+        log.warning("gateway stopped: its only worker could not start", extra={"exit_code": worker.returncode})
+        raise typer.Exit(worker.returncode)
 
 
 def _note_signal(signum: int, _frame: object) -> None:
     """Shutdown signals after uvicorn has stopped: nothing left to do but the cleanup in ``serve``."""
 
 
-def _start_embedded_worker(log) -> subprocess.Popen[bytes]:  # noqa: ANN001 - a logging.Logger
+def _start_embedded_worker(log, server, startup_failure: threading.Event) -> subprocess.Popen[bytes]:  # noqa: ANN001
+    """Start ``echo4o worker --queues gpu`` as a child. When it exits with a startup-failure code (a bad setting,
+    a model that cannot be had), ``startup_failure`` is set and ``server`` (a uvicorn.Server) told to stop."""
+    from echo4o.cli.worker import STARTUP_FAILURES
+
     args = [sys.executable, "-m", "echo4o", "worker", "--queues", "gpu"]
     proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
     log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
 
     def watch() -> None:
         code = proc.wait()
-        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        if code in STARTUP_FAILURES:
+            startup_failure.set()
+            server.should_exit = True
+        elif code not in (0, -signal.SIGTERM, -signal.SIGINT):
             log.error("embedded worker exited; jobs will stay queued until a worker runs. Its log is above; "
                       "start one with `echo4o worker --queues gpu`", extra={"pid": proc.pid, "exit_code": code})
 

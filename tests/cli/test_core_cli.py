@@ -55,3 +55,31 @@ def test_bad_setting_is_one_clear_line() -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: ECHO4O_DTYPE:") and "float7" in lines[0]
+
+
+def test_device_the_engine_cannot_load_onto_is_refused_at_start() -> None:
+    out = run("config", env={"ECHO4O_DEVICE": "mps"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: ECHO4O_DEVICE: must be auto, cpu, cuda or cuda:N (N: a CUDA device index, e.g. cuda:0) (got 'mps')"
+    ]
+
+
+def test_engine_options_are_checked_like_the_engine_spells_them() -> None:
+    ok = run("config", "--json", env={"ECHO4O_DEVICE": "CUDA:1", "ECHO4O_DTYPE": "torch.BFloat16",
+                                      "ECHO4O_ATTENTION": "SDPA"})
+    assert ok.returncode == 0, ok.stderr
+    values = json.loads(ok.stdout)
+    assert (values["device"], values["dtype"], values["attention"]) == ("cuda:1", "bfloat16", "sdpa")
+    bad = run("config", env={"ECHO4O_ATTENTION": "flash3"})
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ECHO4O_ATTENTION: Input should be 'auto', 'sdpa', 'xformers' or 'flash_attn'")
+
+
+def test_no_library_noise_on_stderr() -> None:
+    # xformers (installed) warns that it cannot load its CUDA extensions on a CPU machine; the worker command
+    # imports the engine, and with it xformers, before it parses --queues
+    for args in (["--help"], ["config"], ["worker", "--queues", "nope"]):
+        out = run(*args)
+        assert "can't load C++/CUDA extensions" not in out.stderr, args
+        assert "WARNING[XFORMERS]" not in out.stderr, args
