@@ -1,1 +1,2 @@
-"""Celery workers that own the GPU and run generation, fine-tuning and benchmark jobs."""
+"""Celery workers that own the GPU and run generation jobs (text-to-image and multi-reference). Fine-tuning and
+benchmark jobs are planned: today a worker fails them as ``not_supported``."""

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 app = typer.Typer(
     name="echo4o",
-    help="Serve, try out, fine-tune and benchmark the Echo-4o image-generation model.",
+    help="Serve and try out the Echo-4o image-generation model (fine-tuning and benchmark jobs are planned).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -18,7 +18,10 @@ STARTUP_FAILURES = (EXIT_BAD_SETTING, EXIT_MODEL_UNAVAILABLE)
 
 @app.command()
 def worker(
-    queues: str = typer.Option("gpu", "--queues", "-Q", help="Comma-separated queues to serve: gpu, train."),
+    queues: str = typer.Option(
+        "gpu", "--queues", "-Q",
+        help="Comma-separated queues to serve: gpu (image jobs), train (planned: fine-tuning, fails every job today).",
+    ),
     gpu: int | None = typer.Option(None, "--gpu", min=0, help="CUDA device index N: runs on cuda:N."),
     model: str | None = typer.Option(
         None, "--model", help="Model folder (BAGEL layout, or one made by `echo4o make-tiny`) or Hub id."
