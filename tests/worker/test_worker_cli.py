@@ -12,12 +12,6 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_concurrency_other_than_one_is_refused() -> None:
-    res = _run("--concurrency", "2")
-    assert res.returncode == 2
-    assert "--concurrency must be 1" in res.stderr and "--gpu N" in res.stderr
-
-
 def test_unknown_queue_is_refused() -> None:
     res = _run("--queues", "gpu,cpu")
     assert res.returncode == 2
@@ -27,5 +21,6 @@ def test_unknown_queue_is_refused() -> None:
 def test_help_lists_the_options() -> None:
     res = _run("--help")
     assert res.returncode == 0
-    for option in ("--queues", "--gpu", "--model", "--concurrency"):
+    for option in ("--queues", "--gpu", "--model"):
         assert option in res.stdout
+    assert "--concurrency" not in res.stdout  # one job at a time; one worker per GPU instead
