@@ -7,8 +7,9 @@ Every PNG the worker or the CLI writes carries:
   everything else as JSON, so that any PNG viewer shows them;
 - ``Software``: ``echo4o <version>``.
 
-``params_from_png`` reads them back (the gateway, tests, ``echo4o generate --from PNG`` style tools):
-the JSON chunk when present, else the per-field chunks.
+``params_from_png`` reads them back (``echo4o generate --from PNG`` re-runs them; the UI and tests read
+them): the JSON chunk when present, else the per-field chunks. Only PNGs carry them: the gateway's WebP and
+JPEG conversions are for viewing.
 """
 
 from __future__ import annotations

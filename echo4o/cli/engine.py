@@ -1,7 +1,9 @@
 """``echo4o make-tiny``, ``echo4o generate`` and ``echo4o download``: the engine from the command line.
 
 Heavy imports (torch, the engine, huggingface_hub) happen inside the command functions, so ``echo4o --help``
-stays fast. Defaults for model, device, dtype and attention come from :func:`echo4o.settings.get_settings`.
+stays fast. ``generate`` turns its options into the job model of :mod:`echo4o.jobs` (the one the gateway queues)
+and loads through ``Echo4oPipeline.from_pretrained``; model, device, dtype and attention come from the options,
+else from a ``--from`` PNG, else from :func:`echo4o.settings.get_settings`.
 """
 
 from __future__ import annotations
