@@ -8,8 +8,8 @@ Every PNG the worker or the CLI writes carries:
 - ``Software``: ``echo4o <version>``.
 
 ``params_from_png`` reads them back (``echo4o generate --from PNG`` re-runs them; the UI and tests read
-them): the JSON chunk when present, else the per-field chunks. Only PNGs carry them: the gateway's WebP and
-JPEG conversions are for viewing.
+them): the JSON chunk when present, else the per-field chunks. Only PNGs are read back (the gateway's JPEG
+conversion keeps the JSON as its comment; its WebP carries no parameters).
 """
 
 from __future__ import annotations
