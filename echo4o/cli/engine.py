@@ -300,25 +300,14 @@ def download(
     target = root / name / version
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
 
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from worker.engine.loading import CheckpointError, download_checkpoint
 
+    typer.echo(f"downloading {repo_id}@{revision} into {target}")
     try:
-        info = HfApi().model_info(repo_id, revision=revision, token=token)
-    except RepositoryNotFoundError:
-        _fail(f"{repo_id} is not on the Hugging Face Hub, or it is private: check the id, or set ECHO4O_HF_TOKEN",
-              code=1)
-    except Exception as exc:  # noqa: BLE001 - the HTTP client's connection errors have no common base here
-        _fail(f"cannot reach the Hugging Face Hub for {repo_id} ({type(exc).__name__}: {_first_line(exc)}). "
-              "Check the network (or HF_ENDPOINT / proxy settings), or copy the weights by hand into "
-              f"{target} and point ECHO4O_MODEL at it", code=1)
-    commit = info.sha or revision
-    typer.echo(f"downloading {repo_id}@{commit} into {target}")
-    try:
-        snapshot_download(repo_id, revision=commit, local_dir=target, token=token)
-    except Exception as exc:  # noqa: BLE001 - as above
-        _fail(f"download of {repo_id} failed ({type(exc).__name__}: {_first_line(exc)}); run the same command "
-              "again to resume", code=1)
+        _path, commit = download_checkpoint(repo_id, revision=revision, local_dir=target, token=token)
+    except CheckpointError as exc:
+        _fail(f"{_first_line(exc)} Or copy the weights by hand into {target} and point ECHO4O_MODEL at it; "
+              "running the same command again resumes a broken download.", code=1)
     manifest = write_manifest(target, name=name, version=version, source=f"hf://{repo_id}@{commit}",
                               hash_files=True)
     total = sum(f["bytes"] for f in manifest["files"].values())

@@ -38,7 +38,7 @@ def test_download_without_network_is_a_clear_error(tmp_path: Path):
     out = run("download", "Yejy53/Echo-4o", "--dir", str(tmp_path),
               env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert out.returncode == 1, out.stderr
-    assert "cannot reach the Hugging Face Hub for Yejy53/Echo-4o" in out.stderr
+    assert "cannot fetch Yejy53/Echo-4o from the Hugging Face Hub" in out.stderr
     assert "copy the weights by hand" in out.stderr and str(tmp_path / "echo4o" / "main") in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "echo4o").exists()

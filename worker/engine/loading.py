@@ -84,13 +84,28 @@ def check_layout(path: Path) -> None:
 
 
 def _download(repo_id: str, *, token: str | None, cache_dir: str | None, endpoint: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    path, _commit = download_checkpoint(repo_id, token=token, cache_dir=cache_dir, endpoint=endpoint)
+    return path
+
+
+def download_checkpoint(repo_id: str, *, revision: str | None = None, local_dir: str | os.PathLike | None = None,
+                        token: str | None = None, cache_dir: str | None = None,
+                        endpoint: str | None = None) -> tuple[Path, str]:
+    """Fetch the released layout's files (``HUB_FILES``, nothing else the repository holds) of ``repo_id`` at
+    ``revision`` (default: the main branch) into the Hugging Face cache, or into ``local_dir`` when given.
+
+    Returns the folder and the commit it holds. The one Hub download path of the project: model loading and
+    ``echo4o download`` both come here. Raises :class:`CheckpointError` with the fix for every failure.
+    """
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    log.info("fetching model from the Hugging Face Hub", extra={"repo_id": repo_id})
+    log.info("fetching model from the Hugging Face Hub", extra={"repo_id": repo_id, "revision": revision})
     try:
-        local = snapshot_download(repo_id, allow_patterns=list(HUB_FILES), token=token, cache_dir=cache_dir,
-                                  endpoint=endpoint)
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, token=token)
+        commit = info.sha or revision or "main"
+        local = snapshot_download(repo_id, revision=commit, allow_patterns=list(HUB_FILES), token=token,
+                                  cache_dir=cache_dir, local_dir=local_dir, endpoint=endpoint)
     except GatedRepoError as exc:
         raise CheckpointError(f"Hub repository {repo_id} is gated: accept its terms on huggingface.co and set "
                               f"ECHO4O_HF_TOKEN (or HF_TOKEN) to a token with access ({exc})") from exc
@@ -105,7 +120,7 @@ def _download(repo_id: str, *, token: str | None, cache_dir: str | None, endpoin
         ) from exc
     path = Path(local)
     check_layout(path)
-    return path
+    return path, commit
 
 
 # ---------------------------------------------------------------------------------------------------
