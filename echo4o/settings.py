@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     ui_concurrency: int = Field(16, ge=1, le=1024, description="Jobs the UI follows at once (Gradio concurrency).")
     ui_max_queue: int = Field(64, ge=1, description="Requests waiting in the UI's Gradio queue before refusing.")
 
+    # --- benchmark judge (echo4o bench) ---------------------------------------------------------
+    judge_url: str = Field(
+        "", description="OpenAI-compatible API root of the benchmark judge, e.g. https://api.openai.com/v1 or a "
+                        "local vLLM/SGLang/Ollama server's /v1. Empty: no judge (images are made, not scored)."
+    )
+    judge_model: str = Field("gpt-4.1-2025-04-14", description="Judge model name (GPT-4.1, as in the paper).")
+    judge_api_key: SecretStr | None = Field(None, description="API key of the judge; empty for a local server.")
+
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "echo4o.cli.worker",
     "echo4o.cli.serve",
     "echo4o.cli.ui",
+    "echo4o.cli.bench",
 )
 
 for _name in COMMAND_MODULES:

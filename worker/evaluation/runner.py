@@ -33,6 +33,24 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from echo4o.jobs import (
+    DEFAULT_RENORM_MIN,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    DEFAULT_TIMESTEP_SHIFT,
+    MAX_RENORM_MIN,
+    MAX_SCALE,
+    MAX_SHIFT,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    MIN_STEPS,
+    SEED_MAX,
+    SIDE_MULTIPLE,
+    GenerateJob,
+    MultirefJob,
+    RenormType,
+)
 from worker.evaluation.judge import Judge, JudgeConfig, Verdict, VerdictCache, image_sha256
 from worker.evaluation.protocols import protocol_for
 from worker.evaluation.scoring import score_results
@@ -49,31 +67,39 @@ IMAGES_DIR = "images"
 
 
 class GenerationSettings(BaseModel):
-    """Sampling settings of a benchmark run. Defaults are the published evaluation script's (Echo-4o's
-    ``eval/gen/gen_images_mp.py``): 1024 px, 50 steps, text CFG 4 over the whole schedule, shift 3, renorm floor 0,
-    seed 42. Image ``k`` of every prompt uses seed ``seed + k``. Prompts with reference images (custom) leave image
-    CFG, interval, renorm and size to the engine's multi-reference defaults."""
+    """Sampling settings of a benchmark run, bounded by the job contract's limits (``echo4o.jobs``): every image is
+    an ordinary ``GenerateJob`` / ``MultirefJob`` payload (:meth:`job`). Defaults are the published evaluation
+    script's (Echo-4o's ``eval/gen/gen_images_mp.py``): 1024 px, 50 steps, text CFG 4 over the whole schedule,
+    shift 3, renorm floor 0, seed 42. Image ``k`` of every prompt uses seed ``seed + k``. Prompts with reference
+    images (custom) leave image CFG, interval, renorm and size to the multi-reference defaults."""
 
-    height: int = Field(1024, ge=64, le=2048, description="Image height in pixels (text-to-image).")
-    width: int = Field(1024, ge=64, le=2048, description="Image width in pixels (text-to-image).")
-    num_steps: int = Field(50, ge=2, le=500, description="Schedule points (num_timesteps).")
-    cfg_text_scale: float = Field(4.0, ge=0, description="Text classifier-free guidance scale.")
-    cfg_img_scale: float = Field(1.0, ge=0, description="Image guidance scale (1: none, text-to-image).")
+    height: int = Field(DEFAULT_SIZE[0], ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE,
+                        description="Image height in pixels (text-to-image).")
+    width: int = Field(DEFAULT_SIZE[1], ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE,
+                       description="Image width in pixels (text-to-image).")
+    num_steps: int = Field(DEFAULT_STEPS, ge=MIN_STEPS, le=MAX_STEPS, description="Schedule points (num_timesteps).")
+    cfg_text_scale: float = Field(4.0, ge=0, le=MAX_SCALE, description="Text classifier-free guidance scale.")
+    cfg_img_scale: float = Field(1.0, ge=0, le=MAX_SCALE, description="Image guidance scale (1: none, text-to-image).")
     cfg_interval: tuple[float, float] = Field((0.0, 1.0), description="Timesteps where CFG applies.")
-    timestep_shift: float = Field(3.0, gt=0, description="Timestep shift of the schedule.")
-    cfg_renorm_type: str = Field("global", description="CFG renormalisation: global, channel or text_channel.")
-    cfg_renorm_min: float = Field(0.0, ge=0, description="Floor of the renormalisation factor.")
-    seed: int = Field(42, ge=0, description="Seed of image 0 of each prompt; image k uses seed + k.")
+    timestep_shift: float = Field(DEFAULT_TIMESTEP_SHIFT, gt=0, le=MAX_SHIFT,
+                                  description="Timestep shift of the schedule.")
+    cfg_renorm_type: RenormType = Field("global", description="CFG renormalisation.")
+    cfg_renorm_min: float = Field(DEFAULT_RENORM_MIN, ge=0, le=MAX_RENORM_MIN,
+                                  description="Floor of the renormalisation factor.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of image 0 of each prompt; image k uses seed + k.")
     images_per_prompt: int = Field(1, ge=1, le=16, description="Images generated (and judged) per prompt.")
 
-    def pipeline_kwargs(self, record: PromptRecord) -> dict[str, Any]:
-        """Keyword arguments of ``Echo4oPipeline.__call__`` for ``record`` (seed excluded)."""
-        kwargs: dict[str, Any] = {"num_steps": self.num_steps, "cfg_text_scale": self.cfg_text_scale,
-                                  "timestep_shift": self.timestep_shift, "cfg_renorm_min": self.cfg_renorm_min}
-        if not record.reference_images:
-            kwargs.update(height=self.height, width=self.width, cfg_img_scale=self.cfg_img_scale,
-                          cfg_interval=list(self.cfg_interval), cfg_renorm_type=self.cfg_renorm_type)
-        return kwargs
+    def job(self, record: PromptRecord, seed: int, references: Sequence[str] = ()) -> GenerateJob | MultirefJob:
+        """The job payload of one image of ``record``: a ``MultirefJob`` over ``references`` (paths relative to
+        the job's data dir) when the prompt has reference images, else a ``GenerateJob``. Validated by the job
+        contract, as the gateway and the workers validate it."""
+        common: dict[str, Any] = {"prompt": record.prompt, "num_steps": self.num_steps, "seed": seed,
+                                  "cfg_text_scale": self.cfg_text_scale, "timestep_shift": self.timestep_shift,
+                                  "cfg_renorm_min": self.cfg_renorm_min}
+        if record.reference_images:
+            return MultirefJob(references=list(references), **common)
+        return GenerateJob(height=self.height, width=self.width, cfg_img_scale=self.cfg_img_scale,
+                           cfg_interval=self.cfg_interval, cfg_renorm_type=self.cfg_renorm_type, **common)
 
 
 # GenEval's protocol judges 4 images per prompt; GenEval++ and Imagine-Bench name one image per prompt.
@@ -89,9 +115,14 @@ def pipeline_generate(pipe: Any, settings: GenerationSettings) -> GenerateFn:
     """A generate function over a loaded ``Echo4oPipeline`` (or anything with its call signature)."""
 
     def generate(record: PromptRecord, seeds: Sequence[int]) -> list[Image.Image]:
-        refs = [Image.open(p).convert("RGB") for p in record.reference_images]
-        kwargs = settings.pipeline_kwargs(record)
-        return [pipe(prompt=record.prompt, images=refs or None, seed=seed, **kwargs).images[0] for seed in seeds]
+        paths = [Path(p).resolve() for p in record.reference_images]
+        root = Path(os.path.commonpath([p.parent for p in paths])) if paths else None
+        images = []
+        for seed in seeds:
+            job = settings.job(record, seed, [p.relative_to(root).as_posix() for p in paths] if root else ())
+            kwargs = job.to_pipeline_kwargs(root) if isinstance(job, MultirefJob) else job.to_pipeline_kwargs()
+            images.append(pipe(**kwargs).images[0])
+        return images
 
     return generate
 
