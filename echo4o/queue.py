@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.exceptions import OperationalError
+
 from echo4o.celery_app import TASK_OF_QUEUE, broker_priority, get_app
 from echo4o.jobs import DEFAULT_PRIORITY, QUEUE_OF_KIND
 from echo4o.logging import get_logger
@@ -44,10 +46,13 @@ def submit(job_id: str, kind: str, priority: int = DEFAULT_PRIORITY) -> str:
             queue=queue,
             routing_key=queue,
             priority=broker_priority(priority),
+            # nothing reads a task's result (the job row is the record), and waiting for one would subscribe
+            # to the result backend, which retries for ~20 s and then raises RuntimeError when Redis is down
+            ignore_result=True,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         )
-    except app.connection_for_write().connection_errors as exc:
+    except (OperationalError, *app.connection_for_write().connection_errors) as exc:  # kombu wraps after retries
         raise BrokerUnavailable(
             f"cannot reach the broker {_broker_label()} ({exc}): start it or fix ECHO4O_BROKER_URL"
         ) from exc
