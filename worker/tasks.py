@@ -5,8 +5,8 @@ own (bad payload, engine ``ValueError``, a crash inside the engine): the job is 
 and the worker takes the next one.
 
 Each queue's task runs the job with the handler of its kind, :data:`JOB_HANDLERS`: the image kinds
-(``echo4o.jobs.IMAGE_KINDS``) run the pipeline; the other kinds fail as ``not_supported``, naming the queue
-whose workers need an upgrade.
+(``echo4o.jobs.IMAGE_KINDS``) run the pipeline; the other kinds (fine-tuning, benchmarks: planned) fail as
+``not_supported``, naming the kind and its queue.
 
 Torch-free at import time (the engine is imported by :mod:`worker.runtime` when the worker starts).
 """
@@ -74,12 +74,12 @@ def execute_job(job_id: str, *, redelivered: bool = False) -> str:
 
 
 def _not_supported(kind: str) -> JobHandler:
-    """A handler that fails jobs of ``kind`` as ``not_supported``, naming the queue to upgrade."""
+    """A handler that fails jobs of ``kind`` as ``not_supported``, naming the kind and its queue."""
     where = f" on queue {QUEUE_OF_KIND[kind]}" if kind in QUEUE_OF_KIND else ""
 
     def fail_unsupported(job_id: str, *, redelivered: bool = False) -> str:
         return _fail(
-            job_id, "not_supported", f"{kind} jobs are not supported by this worker version; upgrade the workers{where}"
+            job_id, "not_supported", f"{kind} jobs are not supported yet: no worker version{where} runs them (planned)"
         )
 
     return fail_unsupported
@@ -149,8 +149,8 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
         runtime.set_status("ready")
 
 
-#: The handler of each job kind: image kinds run the pipeline; kinds this worker version cannot run yet
-#: (fine-tuning, benchmarks) fail with a reason.
+#: The handler of each job kind: image kinds run the pipeline; the kinds no worker runs yet (fine-tuning,
+#: benchmarks: planned) fail as ``not_supported``.
 JOB_HANDLERS: dict[str, JobHandler] = {
     kind: execute_image_job if kind in IMAGE_KINDS else _not_supported(kind) for kind in JOB_KINDS
 }
