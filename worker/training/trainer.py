@@ -325,7 +325,9 @@ class Trainer:
         self.model.train()
         if cfg.mode == "lora":
             self.lora = lora_lib.lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-            lora_lib.add_lora(self.model, self.lora)
+            with torch.random.fork_rng(devices=[]):  # the adapter's initial values follow the seed
+                torch.manual_seed(cfg.seed)
+                lora_lib.add_lora(self.model, self.lora)
         else:
             self.lora = None
             for name, p in self.model.named_parameters():

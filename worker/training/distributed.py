@@ -1,0 +1,63 @@
+"""Several training processes: the torchrun entry point.
+
+``torchrun --nproc_per_node=N -m worker.training.distributed CONFIG.json`` (or ``accelerate launch -m ...``)
+starts N processes; each reads the same :class:`~worker.training.trainer.TrainConfig` JSON, joins the process
+group (``nccl`` on CUDA, ``gloo`` on the CPU) and runs :class:`~worker.training.trainer.Trainer` with its rank:
+every step each process computes its share of the global batch and the gradients are averaged over processes
+(as DDP does), so the update equals the one process computes on the whole batch. Rank 0 writes checkpoints,
+TensorBoard events and the manifest. Multi-host: the same command on every host with ``--nnodes``,
+``--node_rank`` and ``--rdzv_endpoint`` (see ``docs/training.md``).
+
+Sharding (FSDP) is not implemented yet: each process holds the whole model, so full mode of the 7B MoT needs
+more memory than one 80 GB card has (the trainer refuses it with the numbers); use LoRA there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from worker.training.trainer import TrainConfig, Trainer, World
+
+
+def init_world() -> World:
+    """Join the process group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_*``);
+    a lone process without those variables is rank 0 of 1."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def run(config: TrainConfig) -> dict:
+    """Train with this process's place in the world; returns the manifest (rank 0 writes it)."""
+    world = init_world()
+    try:
+        return Trainer(config, world=world).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun --nproc_per_node=N -m worker.training.distributed CONFIG.json", file=sys.stderr)
+        return 2
+    config = TrainConfig.model_validate(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
+    manifest = run(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"steps": manifest["steps"], "final_loss": manifest["final_loss"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
