@@ -140,5 +140,8 @@ def test_two_gloo_processes_equal_one_process_on_the_same_data(tiny_model, tmp_p
         assert manifest["world_size"] == procs and manifest["steps"] == 2
     base = load_file(tiny_model / "ema.safetensors")
     assert any(not torch.equal(results[1][k], base[k]) for k in base)
-    for k in results[1]:
+    # the ViT's key bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so AdamW turns
+    # float rounding noise into full-size steps there: it is the one tensor where summation order shows
+    compared = [k for k in results[1] if not (k.startswith("vit_model.") and k.endswith("k_proj.bias"))]
+    for k in compared:
         assert torch.allclose(results[1][k], results[2][k], atol=1e-5), k
