@@ -59,11 +59,14 @@ class JobCreated(BaseModel):
 
 
 class Progress(BaseModel):
-    """How far a job is: ``step`` of ``total`` denoising steps in ``stage``; all null until a worker reports."""
+    """How far a job is: ``step`` of ``total`` in ``stage`` (``sampling``: denoising steps of an image job); all
+    null until a worker reports. ``detail`` is what a long job reports beside its step, e.g. a training run's
+    loss, lr, samples_per_s and eta_s."""
 
     stage: str | None = None
     step: int | None = None
     total: int | None = None
+    detail: dict[str, Any] | None = None
 
 
 class ResultImage(BaseModel):

@@ -55,7 +55,7 @@ class ProgressReporter:
         #: Progress writes that reached the database (failed ones are not counted).
         self.writes = 0
         self._cond = threading.Condition()
-        self._pending: tuple[int, int | None, bytes | None] | None = None
+        self._pending: tuple[int, int | None, bytes | None, str, dict | None] | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"echo4o-progress-{job_id}", daemon=True)
         self._thread.start()
@@ -65,12 +65,16 @@ class ProgressReporter:
         """The ident of the thread that runs every database statement of this reporter."""
         return self._thread.ident
 
-    def report(self, step: int, total: int | None, preview: bytes | None = None) -> None:
-        """Record the newest progress; returns at once (never touches the database)."""
+    def report(self, step: int, total: int | None, preview: bytes | None = None, *, stage: str = "sampling",
+               detail: dict | None = None) -> None:
+        """Record the newest progress; returns at once (never touches the database). ``stage`` names the phase
+        (``sampling`` for images; a training run or benchmark names its own), ``detail`` is JSON shown beside the
+        step (a training run's loss and lr, a benchmark's counts)."""
         with self._cond:
-            if preview is None and self._pending is not None:
-                preview = self._pending[2]  # not yet written: keep it until a newer one replaces it
-            self._pending = (step, total, preview)
+            if self._pending is not None:  # not yet written: keep them until newer ones replace them
+                preview = self._pending[2] if preview is None else preview
+                detail = self._pending[4] if detail is None else detail
+            self._pending = (step, total, preview, stage, detail)
             self._cond.notify()
 
     def close(self) -> None:
@@ -110,11 +114,12 @@ class ProgressReporter:
             else:
                 self._poll_cancel()
 
-    def _write(self, pending: tuple[int, int | None, bytes | None]) -> None:
-        step, total, preview = pending
+    def _write(self, pending: tuple[int, int | None, bytes | None, str, dict | None]) -> None:
+        step, total, preview, stage, detail = pending
         try:
             with session_scope(self.database_url) as s:
-                cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview)
+                cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview,
+                                              stage=stage, detail=detail)
             self.writes += 1
         except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
             log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})

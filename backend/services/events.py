@@ -23,12 +23,14 @@ from echo4o.settings import Settings
 async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterator[dict[str, str]]:
     """Server-Sent Events for one job, read from its row every POLL_S.
 
-    ``queued`` when the queue position changes; ``progress`` once for every step (when several steps ended
-    between two reads, each is reported, the preview going with the newest); then ``done`` (the job),
+    ``queued`` when the queue position changes; ``progress`` once for every step, with its stage (when several
+    steps ended between two reads, each is reported, the preview and the job's progress detail going with the
+    newest; a new stage counts from 1 again); then ``done`` (the job),
     ``failed`` or ``cancelled``, and the stream ends.
     """
     last_position: int | None = -1
     last_step = 0
+    last_stage: str | None = None
     last_preview: bytes | None = None
     while True:
         def read(s: Session) -> tuple[Job | None, int | None, JobPublic | None]:
@@ -47,9 +49,14 @@ async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterato
             last_position = position
             yield {"event": "queued", "data": json.dumps({"position": (position or 0) + 1})}
         step, total = job.progress_step or 0, job.progress_total
+        if job.status == "running" and job.progress_stage != last_stage:
+            # a new phase of a running job (a benchmark's judging after its generating) counts its steps anew
+            last_stage, last_step = job.progress_stage, 0
         if job.status in ("running", "succeeded") and total and step > last_step:
             for s in range(last_step + 1, step + 1):
-                data: dict[str, Any] = {"step": s, "total": total}
+                data: dict[str, Any] = {"step": s, "total": total, "stage": job.progress_stage}
+                if s == step and job.progress_detail:
+                    data["detail"] = job.progress_detail
                 if s == step and job.preview and job.preview != last_preview:
                     data["preview"] = base64.b64encode(job.preview).decode("ascii")
                     last_preview = job.preview

@@ -43,7 +43,8 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
         status=job.status,  # type: ignore[arg-type]
         params=job.params,
         model_version=job.model_version,
-        progress=Progress(stage=job.progress_stage, step=job.progress_step, total=job.progress_total),
+        progress=Progress(stage=job.progress_stage, step=job.progress_step, total=job.progress_total,
+                          detail=job.progress_detail),
         queue_position=None if position is None else position + 1,
         result=result,
         error=error,

@@ -12,17 +12,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from echo4o.db.models import (
+from echo4o.db.models import ANONYMOUS, ApiKey, Job, Worker, new_id, utcnow
+from echo4o.jobs import (
     ACTIVE_STATUSES,
-    ANONYMOUS,
+    DEFAULT_PRIORITY,
     JOB_KINDS,
     JOB_STATUSES,
+    MAX_PRIORITY,
     QUEUE_OF_KIND,
-    ApiKey,
-    Job,
-    Worker,
-    new_id,
-    utcnow,
 )
 
 KEY_PREFIX = "e4o_"
@@ -37,14 +34,16 @@ def create_job(
     params: dict[str, Any],
     model_version: str,
     owner: str = ANONYMOUS,
-    priority: int = 5,
+    priority: int = DEFAULT_PRIORITY,
     job_id: str | None = None,
+    parent_id: str | None = None,
 ) -> Job:
-    """Insert a queued job. ``params`` is the validated payload (``model_dump(mode="json")``)."""
+    """Insert a queued job. ``params`` is the validated payload (``model_dump(mode="json")``); ``parent_id`` the
+    job that submits this one, if any."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind must be one of {JOB_KINDS}, got {kind!r}")
-    if not 0 <= priority <= 9:
-        raise ValueError(f"priority must be in 0..9, got {priority}")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be in 0..{MAX_PRIORITY}, got {priority}")
     now = utcnow()
     job = Job(
         id=job_id or new_id(),
@@ -58,6 +57,7 @@ def create_job(
         progress_step=0,
         cancel_requested=False,
         attempts=0,
+        parent_id=parent_id,
         created_at=now,
         updated_at=now,
     )
@@ -178,15 +178,19 @@ def update_progress(
     total: int | None,
     stage: str = "sampling",
     preview: bytes | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> bool:
     """Record progress of a running job; returns True when a cancel was requested (the caller stops).
 
-    One statement (``UPDATE ... RETURNING cancel_requested``), so a progress write and the cancel check
-    cost one round trip; a job that is no longer running is read back instead."""
+    ``detail`` (JSON) replaces the job's ``progress_detail`` when given. One statement (``UPDATE ... RETURNING
+    cancel_requested``), so a progress write and the cancel check cost one round trip; a job that is no longer
+    running is read back instead."""
     values: dict[str, Any] = {"progress_stage": stage, "progress_step": step, "progress_total": total,
                               "updated_at": utcnow()}
     if preview is not None:
         values["preview"] = preview
+    if detail is not None:
+        values["progress_detail"] = detail
     cancel = session.execute(
         sa.update(Job)
         .where(Job.id == job_id, Job.status == "running")

@@ -67,6 +67,8 @@ class Job(Base):
     progress_stage: Mapped[str | None] = mapped_column(sa.String(32))
     progress_step: Mapped[int] = mapped_column(sa.Integer, default=0)
     progress_total: Mapped[int | None] = mapped_column(sa.Integer)
+    #: What a long job reports beside its step (training: loss, lr, samples_per_s, eta_s; benchmark: counts).
+    progress_detail: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     preview: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     result: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     error_code: Mapped[str | None] = mapped_column(sa.String(64))
@@ -75,6 +77,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(sa.String(255))
     gpu: Mapped[str | None] = mapped_column(sa.String(255))
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: The job that submitted this one (a benchmark run's image jobs), if any.
+    parent_id: Mapped[str | None] = mapped_column(sa.String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -83,6 +87,7 @@ class Job(Base):
     __table_args__ = (
         sa.Index("ix_jobs_owner_created", "owner", "created_at"),
         sa.Index("ix_jobs_status_priority_created", "status", "priority", "created_at"),
+        sa.Index("ix_jobs_parent", "parent_id"),
     )
 
     @property

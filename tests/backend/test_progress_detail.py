@@ -1,0 +1,78 @@
+"""A long job's progress detail (a training run's loss and lr, a benchmark's counts) travels from the worker's
+progress reporter through the job row to the job view and the event stream, with its stage; a new stage counts
+its steps from 1 again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from backend.services.events import job_events
+from backend.services.views import public_job
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.settings import get_settings
+from worker.progress import ProgressReporter
+
+
+def test_detail_and_stage_reach_the_view_and_the_event_stream():
+    settings = get_settings()
+    url = settings.database_url
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind="finetune", params={}, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        job_id = job.id
+
+    with ProgressReporter(url, job_id) as reporter:
+        reporter.report(3, 10, stage="train", detail={"loss": 0.5, "lr": 2e-5})
+    with session_scope(url) as s:
+        row = crud.get_job(session=s, job_id=job_id)
+        assert row.progress_stage == "train" and row.progress_step == 3
+        assert row.progress_detail == {"loss": 0.5, "lr": 2e-5}
+        view = public_job(s, row, "http://test")
+        assert view.progress.detail == {"loss": 0.5, "lr": 2e-5} and view.progress.stage == "train"
+
+
+async def _follow(settings, url: str, job_id: str) -> list[dict]:
+    """Read the stream while the job moves: 3 steps of "generate", then 2 of "judge", then it succeeds."""
+    events: list[dict] = []
+    stream = job_events(settings, job_id, "http://test")
+
+    async def next_progress() -> dict:
+        while True:
+            event = await anext(stream)
+            events.append(event)
+            if event["event"] == "progress":
+                return json.loads(event["data"])
+
+    def write(step: int, total: int, stage: str, detail: dict) -> None:
+        with session_scope(url) as s:
+            crud.update_progress(session=s, job_id=job_id, step=step, total=total, stage=stage, detail=detail)
+
+    write(3, 3, "generate", {"generated": 3})
+    while (await next_progress())["step"] < 3:
+        pass
+    write(2, 4, "judge", {"judged": 2})
+    while (await next_progress())["step"] < 2:
+        pass
+    with session_scope(url) as s:
+        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+    events.extend([event async for event in stream])
+    return events
+
+
+def test_a_new_stage_counts_from_one_and_success_replays_nothing():
+    settings = get_settings()
+    url = settings.database_url
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind="benchmark", params={}, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        job_id = job.id
+    events = asyncio.run(_follow(settings, url, job_id))
+    progress = [json.loads(e["data"]) for e in events if e["event"] == "progress"]
+    assert [(p["stage"], p["step"], p["total"]) for p in progress] == [
+        ("generate", 1, 3), ("generate", 2, 3), ("generate", 3, 3), ("judge", 1, 4), ("judge", 2, 4)]
+    assert progress[2]["detail"] == {"generated": 3} and progress[4]["detail"] == {"judged": 2}
+    assert "detail" not in progress[0]
+    assert events[-1]["event"] == "done"
