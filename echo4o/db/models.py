@@ -15,7 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from echo4o.jobs import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, QUEUE_OF_KIND, TERMINAL_STATUSES
 
 __all__ = ["ACTIVE_STATUSES", "JOB_KINDS", "JOB_STATUSES", "QUEUE_OF_KIND", "TERMINAL_STATUSES", "ApiKey", "Base",
-           "Job", "Worker", "new_id", "utcnow"]
+           "Job", "ModelPromotion", "ModelVersion", "Worker", "new_id", "utcnow"]
 
 WORKER_STATUSES = ("loading", "ready", "busy", "stopped")
 ANONYMOUS = "anonymous"
@@ -136,3 +136,41 @@ class Worker(Base):
 
     def __repr__(self) -> str:
         return f"Worker(id={self.id!r}, status={self.status!r}, model={self.model_version!r})"
+
+
+class ModelVersion(Base):
+    """A model version jobs may name: a checkpoint folder in the released layout and its manifest."""
+
+    __tablename__ = "model_versions"
+
+    #: ``<name>/<version>``, the folder under the weights dir and what jobs name as ``model_version``.
+    ref: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    version: Mapped[str] = mapped_column(sa.String(100))
+    path: Mapped[str] = mapped_column(sa.Text)
+    manifest: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    #: base, download, finetune or import (echo4o.versions.SOURCES).
+    source: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ModelVersion(ref={self.ref!r}, source={self.source!r})"
+
+
+class ModelPromotion(Base):
+    """One promotion: ``ref`` became the version new jobs get. A rollback marks the latest one reverted, so the
+    current version is the ref of the newest promotion not reverted (none: the configured model)."""
+
+    __tablename__ = "model_promotions"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    ref: Mapped[str] = mapped_column(sa.String(200), sa.ForeignKey("model_versions.ref"))
+    promoted_by: Mapped[str] = mapped_column(sa.String(200))
+    promoted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reverted_by: Mapped[str | None] = mapped_column(sa.String(200))
+    reverted_at: Mapped[datetime | None]
+
+    __table_args__ = (sa.Index("ix_model_promotions_reverted", "reverted_at", "id"),)
+
+    def __repr__(self) -> str:
+        return f"ModelPromotion(id={self.id!r}, ref={self.ref!r}, reverted={self.reverted_at is not None})"
