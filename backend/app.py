@@ -12,7 +12,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from backend.api.routes import admin, events, generate, health, images, jobs, models, multiref, openai, parameters
+from backend.api.routes import (
+    admin,
+    admin_models,
+    events,
+    generate,
+    health,
+    images,
+    jobs,
+    models,
+    multiref,
+    openai,
+    parameters,
+)
 from backend.errors import install_handlers
 from backend.metrics import HttpMetricsMiddleware, Metrics
 from echo4o import __version__
@@ -59,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (generate, multiref, jobs, events, images, health, models, parameters, admin, openai):
         app.include_router(module.router)
+    app.include_router(admin_models.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -139,10 +139,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     source: str = Field(description="Folder or Hugging Face Hub id the workers load.")
     workers_ready: int
+    current: bool = Field(False, description="The version a job that names none runs on.")
 
 
 class ModelList(BaseModel):
-    """``GET /models`` (OpenAI's list shape): the configured version first, then any other a worker reports."""
+    """``GET /models`` (OpenAI's list shape): the configured version first, then the registered ones
+    (``<name>/<version>``), then any other a ready worker reports."""
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -257,3 +259,44 @@ class ImagesResponse(BaseModel):
 
     created: int
     data: list[ImageData]
+
+
+# --- model versions (admin) ----------------------------------------------------------------------------------
+class ModelVersionPublic(BaseModel):
+    """One model version jobs may name: the configured model (source ``configured``) or a registered one."""
+
+    ref: str = Field(description="What jobs name as model_version: `<name>/<version>`, or the configured model's.")
+    source: str = Field(description="configured, base, download, finetune or import.")
+    path: str = Field(description="The folder (or Hub id, for the configured model) workers load.")
+    manifest: dict[str, Any] | None = Field(description="Its manifest.json (base, data, steps, loss, ...).")
+    created_at: datetime | None = Field(description="When it was registered (None for the configured model).")
+    current: bool = Field(description="Whether a job that names no version runs on it.")
+
+
+class PromotionPublic(BaseModel):
+    """One promotion: who made ``ref`` current and when; a rolled-back one has ``reverted_at`` set."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    ref: str
+    promoted_by: str
+    promoted_at: datetime
+    reverted_by: str | None
+    reverted_at: datetime | None
+
+
+class ModelVersionsPublic(BaseModel):
+    """``GET /admin/models``: every version (configured first), the current one and the promotion history."""
+
+    current: str
+    configured: str
+    data: list[ModelVersionPublic]
+    count: int
+    promotions: list[PromotionPublic] = Field(description="Newest first (at most 50).")
+
+
+class CurrentModelPublic(BaseModel):
+    """The answer of promote and rollback: the version new jobs get now, and the one they got before."""
+
+    current: str
+    previous: str

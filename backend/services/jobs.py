@@ -17,7 +17,7 @@ from backend import uploads
 from backend.auth import Principal, check_submit_limits
 from backend.errors import ApiError, from_pydantic, invalid
 from backend.metrics import Metrics
-from echo4o import queue
+from echo4o import queue, versions
 from echo4o.db import crud
 from echo4o.db.models import Job, new_id
 from echo4o.jobs import GenerateJob, MultirefJob
@@ -28,22 +28,23 @@ log = get_logger(__name__)
 
 
 def served_versions(session: Session, settings: Settings) -> list[str]:
-    """Model versions a job may name: the configured one and any a ready worker reports."""
-    versions = [settings.model_version]
+    """Model versions a job may name: the configured one, the registered ones (``<name>/<version>``, see
+    :mod:`echo4o.versions`) and any other a ready worker reports (its own configured model)."""
+    known = versions.known_versions(session, settings)
     for w in crud.list_ready_workers(session=session):
-        if w.model_version and w.model_version not in versions:
-            versions.append(w.model_version)
-    return versions
+        if w.model_version and w.model_version not in known:
+            known.append(w.model_version)
+    return known
 
 
 def resolve_model_version(session: Session, settings: Settings, requested: str | None, *, param: str) -> str:
     """The version a job runs on: ``requested`` when it is served here (422 naming ``param`` otherwise), the
-    configured one when none was asked for."""
+    current one (the promoted version, else the configured one) when none was asked for."""
     if not requested:
-        return settings.model_version
-    versions = served_versions(session, settings)
-    if requested not in versions:
-        raise invalid(param, f"{param}: model {requested!r} is not served here; served: {', '.join(versions)} "
+        return versions.current_version(session, settings)
+    known = served_versions(session, settings)
+    if requested not in known:
+        raise invalid(param, f"{param}: model {requested!r} is not served here; served: {', '.join(known)} "
                              "(GET /models)", code="unknown_model")
     return requested
 
