@@ -11,6 +11,7 @@ submission when the client gave none, so the stored params always say which seed
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -314,6 +315,143 @@ class MultirefJob(_ImageJob):
 
 #: Payload model of each image job kind.
 JOB_MODELS: dict[str, type[_ImageJob]] = {"generate": GenerateJob, "multiref": MultirefJob}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fine-tuning runs (kind "finetune", queue "train"). Training defaults are the trainer's alone
+# (worker.training.trainer.TrainConfig): a field left None here means "the trainer's default", read there only.
+# ------------------------------------------------------------------------------------------------------------
+FinetuneLayout = Literal["auto", "t2i", "multiref", "echo4o"]
+FINETUNE_LAYOUTS: tuple[str, ...] = get_args(FinetuneLayout)
+FinetuneMode = Literal["lora", "full"]
+FINETUNE_MODES: tuple[str, ...] = get_args(FinetuneMode)
+MAX_TRAIN_STEPS = 1_000_000
+MAX_TRAIN_TOKENS = 131_072
+_VERSION_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HUB_DATASET_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def dataset_roots() -> list[Path]:
+    """Folders a fine-tuning job may read a local dataset from: the data dir and ``ECHO4O_DATASETS_DIR``."""
+    settings = get_settings()
+    roots = [settings.data_dir]
+    if settings.datasets_dir is not None:
+        roots.append(settings.datasets_dir.expanduser().resolve())
+    return roots
+
+
+class FinetuneJob(BaseModel):
+    """A fine-tuning run: train ``base_version`` on ``dataset`` for ``steps`` optimizer steps and store the
+    result as model version ``output_name/output_version`` under the weights dir.
+
+    Every optional training field left ``None`` takes the trainer's default (``TrainConfig``: lora, 1000 steps,
+    lr 2e-5, 10240/11520 tokens, a checkpoint every 500 steps); :meth:`to_train_kwargs` passes only the given
+    ones. ``base_version`` None means the model this installation serves (``ECHO4O_MODEL``).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: ClassVar[str] = "finetune"
+
+    dataset: str = Field(..., min_length=1, max_length=1000, description=(
+        "Training data: an absolute path inside the data dir or ECHO4O_DATASETS_DIR (a parquet file or a folder of "
+        "parquet files / Echo-4o-Image shards), or a Hugging Face Hub dataset id (owner/name)."))
+    layout: FinetuneLayout = Field("auto", description=(
+        "auto: detected per file; t2i (image + captions), multiref (image_list + instruction_list) or echo4o "
+        "(Echo-4o-Image .tar shards): every data file must have this layout."))
+    mode: FinetuneMode | None = Field(None, description="lora (adapters on the generation expert) or full.")
+    steps: int | None = Field(None, ge=1, le=MAX_TRAIN_STEPS, description="Optimizer steps.")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate (Echo-4o: 2e-5).")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_TRAIN_STEPS, description="Linear warm-up steps.")
+    expected_tokens: int | None = Field(None, ge=1, le=MAX_TRAIN_TOKENS, description=(
+        "Token budget of one step's pack: samples are added until it holds this many (give max_tokens too)."))
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TRAIN_TOKENS, description=(
+        "Most tokens in one pack, and in one sample (give expected_tokens too)."))
+    vae_min_size: int | None = Field(None, ge=16, le=MAX_SIDE, description=(
+        "Images are resized so their shortest side is at least this (give vae_max_size too)."))
+    vae_max_size: int | None = Field(None, ge=16, le=MAX_SIDE, description=(
+        "Images are resized so their longest side is at most this (give vae_min_size too)."))
+    save_every: int | None = Field(None, ge=1, le=MAX_TRAIN_STEPS, description=(
+        "A checkpoint every this many steps: a job whose worker dies resumes from the last one."))
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed of the data order, noise and LoRA init.")
+    base_version: str | None = Field(None, min_length=1, max_length=200, description=(
+        "Model version to start from: name/version under the weights dir, or the served model's version; "
+        "None: the served model."))
+    output_name: str | None = Field(None, description="Name of the new version; None: the base's name.")
+    output_version: str | None = Field(None, description="Version label; None: ft-<date>-<job id prefix>.")
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY, description="Queue priority (train queue).")
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("dataset must not contain NUL characters")
+        text = v.strip().removeprefix("hf://").removeprefix("datasets/") if v.startswith("hf://") else v.strip()
+        if not text.startswith(("/", "~", ".")) and _HUB_DATASET_RE.match(text):
+            return text
+        roots = dataset_roots()
+        where = " or ".join(str(r) for r in roots)
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"{v!r} is neither an absolute path nor a Hub dataset id (owner/name); give the "
+                             f"absolute path of a dataset inside {where}, or a Hub dataset id")
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise ValueError(f"{v!r} is outside the folders datasets may be read from ({where}); move it there "
+                             "or set ECHO4O_DATASETS_DIR")
+        if not resolved.exists():
+            raise ValueError(f"{resolved} does not exist; give an existing parquet file or folder inside {where}")
+        return str(resolved)
+
+    @field_validator("output_name", "output_version")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and not _VERSION_PART_RE.match(v):
+            raise ValueError(f"{v!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("base_version")
+    @classmethod
+    def _check_base(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or "\\" in v or "\x00" in v or ".." in PurePosixPath(v).parts):
+            raise ValueError(f"{v!r} must be a version name (name/version), not a path")
+        return v
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> FinetuneJob:
+        for low, high in (("expected_tokens", "max_tokens"), ("vae_min_size", "vae_max_size")):
+            a, b = getattr(self, low), getattr(self, high)
+            if (a is None) != (b is None):
+                missing = low if a is None else high
+                raise ValueError(f"{missing} is missing: give both {low} and {high}, or neither (the trainer's "
+                                 "defaults)")
+            if a is not None and a > b:
+                raise ValueError(f"{low} ({a}) must not exceed {high} ({b})")
+        return self
+
+    def output_ref(self, job_id: str, base_ref: str) -> tuple[str, str]:
+        """``(name, version)`` of the version this job writes: the given ones, else the base's name (the part
+        before ``/``, or ``finetune``) and ``ft-<UTC date>-<first 8 characters of the job id>``."""
+        from datetime import UTC, datetime
+
+        base_name = base_ref.split("/", 1)[0] if base_ref else ""
+        name = self.output_name or (base_name if _VERSION_PART_RE.match(base_name) else "finetune")
+        version = self.output_version or f"ft-{datetime.now(UTC):%Y%m%d}-{job_id[:8]}"
+        return name, version
+
+    def to_train_kwargs(self) -> dict[str, Any]:
+        """``TrainConfig`` keyword arguments of the given fields only (``base_model``, ``data`` and
+        ``output_dir`` are the caller's); ``max_tokens`` also caps one sample."""
+        kwargs = {
+            "mode": self.mode, "total_steps": self.steps, "lr": self.lr, "warmup_steps": self.warmup_steps,
+            "expected_tokens": self.expected_tokens, "max_tokens": self.max_tokens,
+            "max_tokens_per_sample": self.max_tokens, "vae_min_size": self.vae_min_size,
+            "vae_max_size": self.vae_max_size, "save_every": self.save_every, "seed": self.seed,
+        }
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+JOB_MODELS["finetune"] = FinetuneJob  # type: ignore[assignment]
 
 
 def parse_job(kind: str, params: dict[str, Any]) -> GenerateJob | MultirefJob:

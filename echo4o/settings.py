@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     weights_dir: Path = Field(
         Path("model_weights"), description="Local model versions: <weights_dir>/<name>/<version>/ + manifest.json."
     )
+    datasets_dir: Path | None = Field(
+        None, description="Besides the data dir, the folder fine-tuning jobs may read local datasets from."
+    )
     database_url: str = Field(
         "", description="SQLAlchemy URL of the job/key records. Empty: SQLite at <data_dir>/echo4o.db."
     )

@@ -27,6 +27,7 @@ from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.progress import ProgressReporter
+from worker.training.job import execute_finetune_job
 
 log = get_logger(__name__)
 
@@ -154,6 +155,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
 JOB_HANDLERS: dict[str, JobHandler] = {
     kind: execute_image_job if kind in IMAGE_KINDS else _not_supported(kind) for kind in JOB_KINDS
 }
+JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train, publish, register
 
 
 def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:

@@ -1,5 +1,5 @@
 """Task dispatch by job kind (worker.tasks.JOB_HANDLERS), in process on the test's SQLite records: every kind
-has a handler, image kinds run the pipeline, the others fail as not_supported naming their
+has a handler, image kinds run the pipeline, finetune its trainer, the others fail as not_supported naming their
 queue."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pytest
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
 from worker.tasks import JOB_HANDLERS, execute_image_job, execute_job
+from worker.training.job import execute_finetune_job
 
 
 def test_every_job_kind_has_a_handler_and_image_kinds_run_the_pipeline() -> None:
@@ -16,7 +17,7 @@ def test_every_job_kind_has_a_handler_and_image_kinds_run_the_pipeline() -> None
     assert [kind for kind, handler in JOB_HANDLERS.items() if handler is execute_image_job] == list(IMAGE_KINDS)
 
 
-@pytest.mark.parametrize("kind", [k for k in JOB_KINDS if k not in IMAGE_KINDS])
+@pytest.mark.parametrize("kind", [k for k in JOB_KINDS if k not in IMAGE_KINDS and k != "finetune"])
 def test_a_kind_this_worker_cannot_run_fails_naming_its_queue(kind: str) -> None:
     upgrade_to_head()
     with session_scope() as s:
@@ -32,3 +33,16 @@ def test_a_kind_this_worker_cannot_run_fails_naming_its_queue(kind: str) -> None
 def test_a_message_without_a_job_row_is_dropped() -> None:
     upgrade_to_head()
     assert execute_job("0" * 32) == "missing"
+
+
+def test_a_finetune_job_runs_its_own_handler_and_bad_params_fail_naming_the_field() -> None:
+    assert JOB_HANDLERS["finetune"] is execute_finetune_job
+    upgrade_to_head()
+    with session_scope() as s:
+        job_id = crud.create_job(session=s, kind="finetune", params={"steps": 0}, model_version="none").id
+    assert execute_job(job_id) == "failed"
+    with session_scope() as s:
+        row = crud.get_job(session=s, job_id=job_id)
+    assert (row.status, row.error_code) == ("failed", "invalid_params")
+    assert "dataset: Field required" in row.error_message and "steps: Input should be greater than or equal to 1" \
+        in row.error_message

@@ -32,8 +32,9 @@ def test_train_queue_round_trip_and_lifecycle(
         job_id = _finetune_job()
         assert queue.submit(job_id, "finetune", priority=5) == job_id
         job = wait_for_job(job_id, worker=worker)
-        assert (job.status, job.error_code) == ("failed", "not_supported")
-        assert "queue train" in job.error_message
+        # delivered to the train queue's task and handled: a finetune job without a dataset fails naming it
+        assert (job.status, job.error_code) == ("failed", "invalid_params")
+        assert "dataset: Field required" in job.error_message
         with session_scope() as s:
             ready = crud.list_ready_workers(session=s, queue="train")
         assert worker.worker_id in [w.id for w in ready]

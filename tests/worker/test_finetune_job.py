@@ -1,0 +1,115 @@
+"""Fine-tuning jobs on a real `echo4o worker --queues train` subprocess (embedded broker, SQLite), the tiny
+model and tiny datasets written by the training library: a run publishes and registers its version with
+the loss in every progress write; a SIGKILLed worker's run resumes from its last checkpoint in the next
+worker and ends at the same step count; bad datasets fail as invalid_dataset naming the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from echo4o import versions
+from echo4o.db import session_scope
+from echo4o.settings import get_settings
+from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
+from tests.worker.jobs_support import submit, use_env, worker_env
+from worker.training.data import TEXT_TO_IMAGE, write_test_dataset
+from worker.training.job import LossCurve
+
+#: A run on the tiny model at 32 px: one sample per step, no warm-up, a large lr so the loss moves.
+SMALL_RUN = {"mode": "lora", "lr": 2e-3, "warmup_steps": 0, "expected_tokens": 1, "max_tokens": 400,
+             "vae_min_size": 32, "vae_max_size": 32}
+
+
+def test_loss_curve_keeps_every_step_until_full_then_halves_evenly() -> None:
+    curve = LossCurve(max_points=8)
+    for step in range(1, 9):
+        curve.add(step, 1.0 / step)
+    assert [p[0] for p in curve.points] == list(range(1, 9))
+    curve.add(9, 0.1)  # 9 points > 8: keep the even steps and the newest
+    assert [p[0] for p in curve.points] == [2, 4, 6, 8, 9]
+    curve.add(10, 0.1)  # 9 was only "the newest": replaced
+    assert [p[0] for p in curve.points] == [2, 4, 6, 8, 10]
+
+
+def _bad_columns(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"picture": [b"x"], "text": ["a cat"]}), folder / "wrong.parquet")
+    return folder
+
+
+def test_a_run_publishes_its_version_and_bad_datasets_fail_clearly(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_WEIGHTS_DIR=str(tmp_path / "weights")))
+    good = write_test_dataset(data_dir / "datasets" / "good", TEXT_TO_IMAGE, num_rows=2, bad_rows=1)
+    undecodable = write_test_dataset(data_dir / "datasets" / "undecodable", TEXT_TO_IMAGE, num_rows=0, bad_rows=2)
+    empty = data_dir / "datasets" / "empty"
+    empty.mkdir(parents=True)
+    columns = _bad_columns(data_dir / "datasets" / "columns")
+
+    with WorkerProcess(queues="train", log_path=tmp_path / "worker.log") as worker:
+        job_id = submit("finetune", dataset=str(good), steps=6, save_every=3, output_version="v-test", **SMALL_RUN)
+        job = wait_for_job(job_id, worker=worker)
+        assert job.status == "succeeded", (job.error_code, job.error_message, worker.tail())
+        settings = get_settings()
+        ref = f"{tiny_model.name}/v-test"
+        assert job.result["version"] == ref and job.result["steps"] == 6
+        assert job.result["skipped_rows"] >= 1  # the undecodable row, counted
+        assert [p[0] for p in job.result["losses"]] == list(range(1, 7))
+        detail = job.progress_detail
+        assert job.progress_stage == "done" and job.progress_step == 6 and job.progress_total == 6
+        assert detail["loss"] == job.result["final_loss"] and detail["losses"][-1][0] == 6
+        assert {"lr", "samples_per_s", "eta_s", "skipped_rows"} <= set(detail)
+        folder = settings.weights_dir / tiny_model.name / "v-test"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["source"] == f"finetune:{job_id}" and manifest["parent"] == tiny_model.name
+        assert manifest["steps"] == 6 and (folder / "ema.safetensors").is_file()
+        assert list(Path(job.result["tensorboard"]).glob("events.out.tfevents.*"))
+        assert not (data_dir / "finetune" / job_id / "checkpoints").exists()
+        with session_scope() as s:
+            row = versions.get_version(s, ref)
+            assert row is not None and row.source == "finetune" and row.path == str(folder)
+
+        expected = {
+            str(undecodable): "no usable row",
+            str(empty): "no data files",
+            str(columns): "has columns ['picture', 'text']",
+        }
+        ids = {submit("finetune", dataset=path, steps=2, **SMALL_RUN): text for path, text in expected.items()}
+        ids[submit("finetune", dataset=str(good), layout="multiref", steps=2, **SMALL_RUN)] = "is text-to-image data"
+        for bad_id, text in ids.items():
+            job = wait_for_job(bad_id, worker=worker)
+            assert (job.status, job.error_code) == ("failed", "invalid_dataset"), (job.error_message, worker.tail())
+            assert text in job.error_message
+
+
+def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_WEIGHTS_DIR=str(tmp_path / "weights")))
+    data = write_test_dataset(data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
+    steps = 120
+    with WorkerProcess(queues="train", log_path=tmp_path / "first.log") as first:
+        job_id = submit("finetune", dataset=str(data), steps=steps, save_every=2, **SMALL_RUN)
+        job = wait_for_progress(job_id, min_step=5, worker=first)  # past a checkpoint, mid-run
+        first.kill()
+    checkpoints = sorted(p.name for p in (data_dir / "finetune" / job_id / "checkpoints").glob("step-*"))
+    assert checkpoints and not checkpoints[-1].endswith(".tmp")
+    resumed_from = int(checkpoints[-1].removeprefix("step-"))
+    assert 0 < resumed_from < steps
+
+    with WorkerProcess(queues="train", log_path=tmp_path / "second.log") as second:
+        job = wait_for_job(job_id, worker=second)
+        assert job.status == "succeeded", (job.error_code, job.error_message, second.tail())
+    assert job.attempts == 2 and job.worker == second.worker_id
+    assert job.result["steps"] == steps
+    assert "finetune job resumed" in second.logs()
+    # the curve spans both workers' steps: the losses before the kill came back with the checkpoint
+    assert job.result["losses"][0][0] == 1 and job.result["losses"][-1][0] == steps

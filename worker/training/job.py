@@ -1,0 +1,352 @@
+"""The worker's handler of ``finetune`` jobs (queue ``train``): claim the job, train, publish the version.
+
+One job, top to bottom (:func:`execute_finetune_job`):
+
+1. claim the row as an image job is claimed (``mark_running``; a cancel or a finished row stops here), validate
+   the payload (:class:`echo4o.jobs.FinetuneJob`), resolve its base version through the registry
+   (:mod:`echo4o.versions`) and check the dataset's layout when the job names one;
+2. train with :class:`~worker.training.trainer.Trainer` into the job's run folder
+   ``<data_dir>/finetune/<job_id>/`` (checkpoints every ``save_every`` steps, TensorBoard events); a rerun of
+   the same job (its worker died and the broker or the next worker requeued it) finds the checkpoints there and
+   resumes from the newest, ending at the same step count;
+3. after every step, hand ``step/total`` with ``stage="train"`` and ``detail`` (loss, lr, samples_per_s, eta_s,
+   skipped_rows and ``losses``, the loss curve as ``[step, loss]`` points, see :class:`LossCurve`) to the
+   :class:`~worker.progress.ProgressReporter`; a cancel request stops the run at its next step;
+4. copy the finished version (released layout + ``manifest.json``) to ``<weights_dir>/<name>/<version>/``
+   (written to a temporary folder, then renamed), register it (source ``finetune``) and store the result:
+   ``{"version", "path", "final_loss", "steps", "tensorboard", "skipped_rows"}``. The run's checkpoints are
+   deleted then; its TensorBoard events stay.
+
+Failures: bad params ``invalid_params``; a base version that is not registered ``model_unavailable``; data
+that cannot be used at all (no data file, wrong columns, no usable row, wrong layout) ``invalid_dataset``
+with the reader's message; a run longer than ``job_timeout_s`` ``timeout`` (its checkpoints stay); a version
+folder that exists already for another job ``version_exists``; anything else ``training_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from echo4o import versions
+from echo4o.db import crud, session_scope
+from echo4o.jobs import FinetuneJob, describe_validation_error, parse_job
+from echo4o.logging import get_logger
+from echo4o.settings import Settings, get_settings
+from worker.progress import ProgressReporter
+
+log = get_logger(__name__)
+
+#: The run folders of fine-tuning jobs, under the data dir.
+RUNS_DIR = "finetune"
+#: Most points of the loss curve kept in a job's progress detail.
+MAX_CURVE_POINTS = 256
+
+#: ``layout`` of a job -> the reader's layout name (worker.training.data).
+_LAYOUT_NAMES = {"t2i": "text-to-image", "multiref": "multi-reference", "echo4o": "echo4o-image"}
+
+
+class JobStopped(Exception):
+    """Raised from the progress callback to end the run: ``reason`` is ``cancelled`` or ``timeout``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobFailed(Exception):
+    """The job cannot run or go on: ``code`` and ``message`` go into its row."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LossCurve:
+    """The loss curve of a run in at most ``max_points`` ``[step, loss]`` points covering every step so far:
+    points are kept every ``stride`` steps, and when the list is full every other point is dropped and the
+    stride doubles. The newest step is always the last point."""
+
+    def __init__(self, max_points: int = MAX_CURVE_POINTS):
+        self.max_points = max(4, max_points)
+        self.stride = 1
+        self.points: list[list[float]] = []
+
+    def add(self, step: int, loss: float) -> None:
+        if self.points and self.points[-1][0] % self.stride != 0:
+            self.points.pop()  # the previous newest point was off the stride; it only stood for "latest"
+        self.points.append([step, round(float(loss), 6)])
+        if len(self.points) > self.max_points:
+            self.stride *= 2
+            last = self.points[-1]
+            self.points = [p for p in self.points[:-1] if p[0] % self.stride == 0] + [last]
+
+
+def run_dir(job_id: str, settings: Settings | None = None) -> Path:
+    """The job's run folder: checkpoints, TensorBoard events and the finished version before it is published."""
+    settings = settings or get_settings()
+    return settings.data_dir / RUNS_DIR / job_id
+
+
+def check_layout(payload: FinetuneJob) -> None:
+    """When the job names a layout, every data file must have it: a :class:`JobFailed` (``invalid_dataset``)
+    naming the first file that does not. Only file names and parquet schemas are read."""
+    from worker.training.data import DataError, detect_layout, list_files
+
+    try:
+        files = list_files(payload.dataset)
+    except DataError as exc:
+        raise JobFailed("invalid_dataset", str(exc)) from None
+    if payload.layout == "auto":
+        return
+    wanted = _LAYOUT_NAMES[payload.layout]
+    for f in files:
+        if f.is_parquet:
+            import pyarrow.parquet as pq
+
+            try:
+                with f.open() as handle:
+                    found = detect_layout(pq.ParquetFile(handle).schema_arrow.names, f.path)
+            except DataError as exc:
+                raise JobFailed("invalid_dataset", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError: not a parquet file
+                raise JobFailed("invalid_dataset", f"{f.path} is not a readable parquet file ({exc}); replace or "
+                                                   "remove it") from None
+        else:
+            found = "echo4o-image"
+        if found != wanted:
+            raise JobFailed("invalid_dataset", f"layout: {f.path} is {found} data, but the job asked for "
+                                               f"{payload.layout} ({wanted}); set layout to auto or to the data's")
+
+
+def resolve_base(payload: FinetuneJob, settings: Settings) -> tuple[str, str]:
+    """``(ref, what to load)`` of the job's base version: the named one, else the current version (the
+    promoted one, or the configured model). A :class:`JobFailed` (``model_unavailable``) when unknown."""
+    with session_scope(settings.database_url) as s:
+        ref = payload.base_version or versions.current_version(s, settings)
+        try:
+            return ref, versions.resolve_path(s, settings, ref)
+        except versions.UnknownVersion as exc:
+            raise JobFailed("model_unavailable", f"base_version: {exc}") from None
+
+
+def publish_version(run: Path, target: Path, manifest: dict[str, Any], job_id: str) -> None:
+    """Copy the finished version in ``run`` (its files and ``adapter/``, not checkpoints or events) to
+    ``target`` with ``manifest``: written under a temporary name, then renamed, so ``target`` is complete or
+    absent. A ``target`` of another job is a :class:`JobFailed` (``version_exists``); this job's own (a rerun
+    after publishing) is replaced."""
+    if target.exists():
+        owner = _manifest_job(target)
+        if owner != job_id:
+            raise JobFailed("version_exists", f"output_version: {target} exists already (from "
+                                              f"{owner or 'elsewhere'}); choose another output_version")
+    tmp = target.with_name(f".{target.name}.tmp-{job_id}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in run.iterdir():
+        if item.name in ("checkpoints", "tensorboard", "manifest.json"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(item), str(tmp / item.name))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _manifest_job(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# the handler
+# ---------------------------------------------------------------------------------------------------
+
+
+def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
+    """The handler of kind ``finetune``: claim, train (resuming from the run's last checkpoint), publish and
+    register the version; returns the final status. Callable without Celery."""
+    from worker.runtime import get_runtime
+
+    settings = get_settings()
+    db = settings.database_url
+    with session_scope(db) as s:
+        job = crud.get_job(session=s, job_id=job_id)
+        if job is None:
+            log.error("job not found; message dropped", extra={"job_id": job_id})
+            return "missing"
+        if job.is_terminal:
+            log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": job.status})
+            return job.status
+        if job.cancel_requested:
+            crud.mark_cancelled(session=s, job_id=job_id)
+            return "cancelled"
+        try:
+            payload = parse_job(job.kind, job.params)
+        except ValidationError as exc:
+            return _fail(job_id, "invalid_params", describe_validation_error(exc))
+        except ValueError as exc:
+            return _fail(job_id, "invalid_params", str(exc))
+    assert isinstance(payload, FinetuneJob)
+    try:
+        base_ref, base_path = resolve_base(payload, settings)
+    except JobFailed as exc:
+        return _fail(job_id, exc.code, exc.message)
+
+    runtime = get_runtime()
+    with session_scope(db) as s:
+        if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
+            row = crud.get_job(session=s, job_id=job_id)
+            if row is not None and row.status == "queued" and row.cancel_requested:
+                crud.mark_cancelled(session=s, job_id=job_id)
+            return row.status if row is not None else "missing"
+        attempt = crud.get_job(session=s, job_id=job_id).attempts
+    log.info("finetune job started", extra={"job_id": job_id, "attempt": attempt, "redelivered": redelivered,
+                                            "base": base_ref, "dataset": payload.dataset})
+    runtime.set_status("busy")
+    try:
+        return _train(job_id, payload, base_ref, base_path, settings)
+    finally:
+        runtime.set_status("ready")
+
+
+def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, settings: Settings) -> str:
+    from worker.training.data import DataError
+    from worker.training.trainer import TrainConfig, Trainer, TrainingError
+
+    db = settings.database_url
+    run = run_dir(job_id, settings)
+    name, version = payload.output_ref(job_id, base_ref)
+    target = settings.weights_dir / name / version
+    deadline = time.monotonic() + settings.job_timeout_s
+    curve = LossCurve()
+    try:
+        if target.exists() and _manifest_job(target) != job_id:
+            raise JobFailed("version_exists", f"output_version: {target} exists already; choose another "
+                                              "output_version")
+        check_layout(payload)
+        try:
+            config = TrainConfig(base_model=base_path, data=payload.dataset, output_dir=str(run),
+                                 device=settings.device, **payload.to_train_kwargs())
+        except ValidationError as exc:
+            raise JobFailed("invalid_params", describe_validation_error(exc)) from None
+        with ProgressReporter(db, job_id) as reporter:
+            reporter.report(0, config.total_steps, stage="loading", detail={"base": base_ref})
+            trainer = Trainer(config)
+            trainer.setup()  # loads the base, opens the data, resumes from the run's newest checkpoint
+            for step, loss in enumerate(trainer.history, start=1):
+                curve.add(step, loss)
+            if trainer.step:
+                log.info("finetune job resumed", extra={"job_id": job_id, "step": trainer.step})
+            trainer.callback = _on_progress(trainer, reporter, curve, deadline)
+            manifest = trainer.train()
+        if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
+            raise JobStopped("cancelled")
+    except JobStopped as stop:
+        if stop.reason == "timeout":
+            return _fail(job_id, "timeout", f"the run went past job_timeout_s={settings.job_timeout_s} s; its "
+                                            f"checkpoints stay in {run}: raise ECHO4O_JOB_TIMEOUT_S (and the "
+                                            "broker visibility timeout) for long runs")
+        with session_scope(db) as s:
+            crud.mark_cancelled(session=s, job_id=job_id)
+        log.info("finetune job cancelled", extra={"job_id": job_id, "step": curve.points[-1][0] if curve.points
+                                                   else 0})
+        return "cancelled"
+    except JobFailed as exc:
+        return _fail(job_id, exc.code, exc.message)
+    except DataError as exc:
+        return _fail(job_id, "invalid_dataset", str(exc))
+    except TrainingError as exc:
+        return _fail(job_id, "training_error", str(exc))
+    except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
+        log.exception("training error", extra={"job_id": job_id})
+        _free_device_memory()
+        return _fail(job_id, "training_error", f"{type(exc).__name__}: {exc}")
+
+    ref = versions.make_ref(name, version)
+    full_manifest = {
+        "name": name, "version": version, "source": f"finetune:{job_id}", "parent": base_ref, "job_id": job_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest,
+    }
+    try:
+        publish_version(run, target, full_manifest, job_id)
+        with session_scope(db) as s:
+            versions.register_version(s, name=name, version=version, path=target, manifest=full_manifest,
+                                      source="finetune")
+    except JobFailed as exc:
+        return _fail(job_id, exc.code, exc.message)
+    except versions.VersionConflict as exc:
+        return _fail(job_id, "version_exists", f"output_version: {exc}")
+    except OSError as exc:
+        log.exception("could not publish the version", extra={"job_id": job_id})
+        return _fail(job_id, "storage_error", f"could not write the version to {target}: {exc}")
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    result = {
+        "version": ref, "path": str(target), "final_loss": manifest.get("final_loss"), "steps": manifest["steps"],
+        "tensorboard": str(run / "tensorboard"), "skipped_rows": manifest["data"].get("skipped", 0),
+        "losses": curve.points,
+    }
+    with session_scope(db) as s:
+        stored = crud.mark_succeeded(session=s, job_id=job_id, result=result)
+    if not stored:
+        log.info("finetune job finished after a cancel; kept cancelled", extra={"job_id": job_id})
+        return "cancelled"
+    log.info("finetune job succeeded", extra={"job_id": job_id, "version": ref, "steps": manifest["steps"]})
+    return "succeeded"
+
+
+def _on_progress(trainer: Any, reporter: ProgressReporter, curve: LossCurve,
+                 deadline: float) -> Callable[[Any], None]:
+    """The trainer's callback: record the step for the reporter's thread (no database call here), then stop
+    the run when a cancel was requested or the deadline has passed."""
+
+    def on_progress(p: Any) -> None:
+        curve.add(p.step, p.loss)
+        reporter.report(p.step, p.total_steps, stage="train", detail={
+            "loss": p.loss, "lr": p.lr, "samples_per_s": round(p.samples_per_s, 4), "eta_s": round(p.eta_s, 2),
+            "skipped_rows": trainer.data.counts.skipped, "losses": list(curve.points),
+        })
+        if reporter.cancelled.is_set():
+            raise JobStopped("cancelled")
+        if time.monotonic() > deadline:
+            raise JobStopped("timeout")
+
+    return on_progress
+
+
+def _fail(job_id: str, code: str, message: str) -> str:
+    with session_scope(get_settings().database_url) as s:
+        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
+    log.warning("job failed", extra={"job_id": job_id, "code": code, "error": message})
+    return "failed"
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
