@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     attention: Literal["auto", "sdpa", "xformers", "flash_attn"] = Field(
         "auto", description="auto: xformers, then flash_attn, then sdpa on CUDA; sdpa on CPU."
     )
+    resident_models: int = Field(
+        2, ge=1, le=64, description="Model versions a worker keeps loaded at most (least recently used evicted)."
+    )
+    resident_models_bytes: int = Field(
+        0, ge=0, description="Parameter bytes a worker's resident versions may take; 0: 80 % of the CUDA device's "
+                             "memory, no byte limit on the CPU (only resident_models)."
+    )
 
     # --- queue ---------------------------------------------------------------------------------
     broker_url: str = Field(

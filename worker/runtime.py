@@ -3,8 +3,9 @@
 Lifecycle of ``echo4o worker``: migrate the records, register as ``loading``, load the pipeline, warm it up,
 (embedded broker) recover jobs orphaned by a dead worker, then serve Celery on the solo pool (one job at a
 time, in this process, so the model is never copied) and report ``ready``; ``busy`` while a job runs;
-``stopped`` at shutdown. A thread refreshes the heartbeat every ``worker_heartbeat_s`` seconds, also while a
-job runs.
+``stopped`` at shutdown. A job that names another model version (promoted, or asked for) gets it loaded
+between jobs and kept resident while the budget allows (:mod:`worker.models_cache`). A thread refreshes the
+heartbeat every ``worker_heartbeat_s`` seconds, also while a job runs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class WorkerRuntime:
         self.hostname = socket.gethostname()
         self.worker_id = f"{self.hostname}:{os.getpid()}"
         self.model_version = self.settings.model_version
-        self.pipeline: Any = None
+        self.pipeline: Any = None  # the pipeline of the version the last job ran on (see use())
+        self.active_version = self.model_version
+        self.models: Any = None  # worker.models_cache.ResidentModels, made by load()
         self.device: str | None = None
         self.gpu_name: str | None = None
         self.attention: str | None = None
@@ -73,6 +76,7 @@ class WorkerRuntime:
         if s.hf_token and s.hf_token.get_secret_value():
             os.environ.setdefault("HF_TOKEN", s.hf_token.get_secret_value())  # read by huggingface_hub
         self.pipeline = Echo4oPipeline.from_pretrained(s.model, device=s.device, dtype=s.dtype, attention=s.attention)
+        self._make_resident_models()
         self.device = str(self.pipeline.device)
         self.attention = str(getattr(self.pipeline, "attention_backend", "") or "") or None
         self.gpu_name = _device_name(self.device)
@@ -87,6 +91,31 @@ class WorkerRuntime:
                 "load_s": round(time.perf_counter() - t0, 3),
             },
         )
+
+    def _make_resident_models(self) -> None:
+        from worker.engine import Echo4oPipeline
+        from worker.models_cache import ResidentModels, auto_budget
+
+        s = self.settings
+
+        def load(path: str) -> Any:
+            return Echo4oPipeline.from_pretrained(path, device=s.device, dtype=s.dtype, attention=s.attention)
+
+        budget = s.resident_models_bytes or auto_budget(str(self.pipeline.device))
+        self.models = ResidentModels(load, max_models=s.resident_models, max_bytes=budget)
+        self.models.add(self.model_version, self.pipeline)
+
+    def use(self, ref: str) -> Any:
+        """Make version ``ref`` (a registered ``<name>/<version>`` or the configured version) the pipeline jobs
+        run on, loading it if it is not resident; returns it. Called between jobs only. Raises
+        ``echo4o.versions.UnknownVersion`` for an unregistered ref, and the loader's errors."""
+        from echo4o import versions
+
+        with session_scope(self.settings.database_url) as s:
+            path = versions.resolve_path(s, self.settings, ref)
+        self.pipeline = self.models.get(ref, path)
+        self.active_version = ref
+        return self.pipeline
 
     def warm_up(self) -> None:
         """One small generation so that the first job does not pay for kernel selection and allocation."""

@@ -117,14 +117,14 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
             return "failed"
 
         runtime = get_runtime()
-        if payload.model_version and payload.model_version != runtime.model_version:
-            crud.mark_failed(
-                session=s,
-                job_id=job_id,
-                code="model_unavailable",
-                message=f"model_version {payload.model_version!r} is not served by this worker "
-                f"(it serves {runtime.model_version!r})",
-            )
+        version = payload.model_version or job.model_version or runtime.model_version
+        try:  # between jobs: load the job's version unless it is resident (worker/models_cache.py)
+            runtime.use(version)
+        except Exception as exc:  # noqa: BLE001 - unregistered, missing or unloadable: this job fails, not the worker
+            crud.mark_failed(session=s, job_id=job_id, code="model_unavailable",
+                             message=f"model_version {version!r} cannot be served by this worker: {exc}")
+            log.warning("model version unavailable", extra={"job_id": job_id, "model_version": version,
+                                                             "error": str(exc)})
             return "failed"
 
         if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
@@ -195,7 +195,7 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
             crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding")
         t1 = time.perf_counter()
         params = dict(out.params)
-        params.setdefault("model_version", runtime.model_version)
+        params.setdefault("model_version", runtime.active_version)
         paths = write_images(job_id, out.images, params, settings.data_dir)
         encoding_s = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - disk full, permissions: fail the job, keep serving
