@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "echo4o.cli.serve",
     "echo4o.cli.ui",
     "echo4o.cli.bench",
+    "echo4o.cli.versions",
 )
 
 for _name in COMMAND_MODULES:
