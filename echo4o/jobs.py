@@ -318,6 +318,101 @@ JOB_MODELS: dict[str, type[_ImageJob]] = {"generate": GenerateJob, "multiref": M
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Benchmark runs (kind "benchmark"): the run is one job; each of its images is an ordinary generate/multiref job
+# (``parent_id`` = the run) on the gpu queue, so every worker shares the work. See docs/benchmarks.md.
+# ------------------------------------------------------------------------------------------------------------
+BenchmarkSuite = Literal["geneval_pp", "imagine", "geneval", "custom"]
+#: Benchmark suites (read by ``worker.evaluation.suites``); ``geneval`` is scored by a detector, the rest by a judge.
+BENCHMARK_SUITES: tuple[str, ...] = get_args(BenchmarkSuite)
+MAX_BENCHMARK_IMAGES_PER_PROMPT = 16
+MAX_BENCHMARK_LIMIT = 1000
+#: Queue priority of a run's image jobs: below users' default, so interactive jobs go first.
+BENCHMARK_IMAGE_PRIORITY = 1
+#: Queue priority of a run's own re-enqueued phases: the lowest, so its pending images run before it looks again.
+BENCHMARK_RUN_PRIORITY = 0
+_JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class BenchmarkJob(BaseModel):
+    """A benchmark run: a suite's prompts (first ``limit`` per group), each made into ``images_per_prompt`` image
+    jobs, judged and scored. ``None`` generation fields mean the paper's evaluation settings (1024 px, 50 steps,
+    seed 42; 4 images per prompt for GenEval, else 1). The judge's URL and model are recorded (the gateway's
+    ECHO4O_JUDGE_* settings fill them when absent); its API key never is: the worker reads ECHO4O_JUDGE_API_KEY."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: ClassVar[str] = "benchmark"
+
+    suite: BenchmarkSuite = Field(..., description="Benchmark suite.")
+    prompts: str | None = Field(
+        None, min_length=1, max_length=500,
+        description="Prompt file, relative to the data dir (required for custom). None: the pinned public file, "
+                    "kept under <data_dir>/benchmarks/<suite>/ (downloaded when absent).")
+    limit: int | None = Field(None, ge=1, le=MAX_BENCHMARK_LIMIT, description="First N prompts of each group.")
+    images_per_prompt: int | None = Field(
+        None, ge=1, le=MAX_BENCHMARK_IMAGES_PER_PROMPT, description="Images per prompt; None: the paper's.")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE,
+                               description="Image height; None: the paper's 1024.")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE,
+                              description="Image width; None: the paper's 1024.")
+    num_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS, description="Schedule points; None: 50.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed of each prompt's first image; None: 42.")
+    model_version: str | None = Field(
+        None, min_length=1, max_length=200, description="Served model version to evaluate; None: the worker's.")
+    judge_url: str | None = Field(None, max_length=500, description="OpenAI-compatible API root of the judge.")
+    judge_model: str | None = Field(None, min_length=1, max_length=200, description="Judge model name.")
+    compare_to: str | None = Field(None, pattern=_JOB_ID_PATTERN,
+                                   description="Another benchmark run's job id, shown side by side in the report.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path = PurePosixPath(v)
+        if "\\" in v or "\x00" in v or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"prompts must be a relative path inside the data dir, got {v!r}")
+        return v
+
+    @field_validator("judge_url")
+    @classmethod
+    def _check_judge_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"judge_url must start with http:// or https://, got {v!r}")
+        return v.rstrip("/") if v else v
+
+    @field_validator("width")
+    @classmethod
+    def _check_pair(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if "height" in info.data and (info.data["height"] is None) != (v is None):
+            raise ValueError("give both height and width, or neither (the paper's 1024x1024)")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> BenchmarkJob:
+        if self.suite == "custom" and self.prompts is None:
+            raise ValueError("prompts: the custom suite needs a prompt file (a jsonl inside the data dir)")
+        settings = get_settings()
+        if self.suite != "geneval":
+            self.judge_url = self.judge_url or settings.judge_url.rstrip("/") or None
+            if self.judge_url is None:
+                raise ValueError(f"judge_url: {self.suite} is scored by a judge; give judge_url or set "
+                                 "ECHO4O_JUDGE_URL")
+        if self.judge_url is not None and self.judge_model is None:
+            self.judge_model = settings.judge_model
+        return self
+
+    def generation_overrides(self) -> dict[str, Any]:
+        """The generation settings this run sets; the rest are the paper's."""
+        fields = {"height": self.height, "width": self.width, "num_steps": self.num_steps, "seed": self.seed,
+                  "images_per_prompt": self.images_per_prompt}
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+JOB_MODELS["benchmark"] = BenchmarkJob  # type: ignore[assignment]
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Fine-tuning runs (kind "finetune", queue "train"). Training defaults are the trainer's alone
 # (worker.training.trainer.TrainConfig): a field left None here means "the trainer's default", read there only.
 # ------------------------------------------------------------------------------------------------------------

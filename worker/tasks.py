@@ -26,6 +26,7 @@ from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND, describe_validati
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
+from worker.evaluation.job import execute_benchmark_job
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -155,6 +156,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
 JOB_HANDLERS: dict[str, JobHandler] = {
     kind: execute_image_job if kind in IMAGE_KINDS else _not_supported(kind) for kind in JOB_KINDS
 }
+JOB_HANDLERS["benchmark"] = execute_benchmark_job  # phased: never holds a worker while its images wait
 JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train, publish, register
 
 

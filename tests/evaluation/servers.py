@@ -62,6 +62,7 @@ class JudgeLog:
     requests: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: int = 0
+    held: int = 0
     max_in_flight: int = 0
 
     def count(self, **match) -> int:
@@ -78,9 +79,12 @@ def _checklist_answer(user_text: str) -> dict:
 @contextmanager
 def judge_server(*, imagine_scores: dict[str, tuple[int, int, int]] | None = None, malformed_first: bool = False,
                  statuses: list[int] | None = None, api_key: str | None = None,
-                 meet: int = 0) -> Iterator[tuple[str, JudgeLog]]:
+                 meet: int = 0, hold_after: int | None = None,
+                 release: threading.Event | None = None) -> Iterator[tuple[str, JudgeLog]]:
     """Run the fake judge; yields its ``/v1`` base URL and its request log. With ``meet`` > 1, the first
-    ``meet`` requests wait for each other (a barrier, 10 s at most) before answering: they were in flight at once."""
+    ``meet`` requests wait for each other (a barrier, 10 s at most) before answering: they were in flight at once.
+    With ``hold_after`` = n, requests after the first n wait until ``release`` is set (an interrupted judge phase);
+    they are logged when they arrive, with status ``held`` until answered."""
     log = JudgeLog()
     seen: set[tuple[str, str]] = set()
     pending = list(statuses or [])
@@ -95,10 +99,15 @@ def judge_server(*, imagine_scores: dict[str, tuple[int, int, int]] | None = Non
                 log.in_flight += 1
                 log.max_in_flight = max(log.max_in_flight, log.in_flight)
                 wait = barrier is not None and met[0] < meet
+                held = hold_after is not None and met[0] >= hold_after
                 met[0] += 1
             try:
                 if wait:
                     barrier.wait(timeout=10)
+                if held:
+                    with log.lock:
+                        log.held += 1
+                    release.wait(timeout=600)
                 self._answer(body)
             finally:
                 with log.lock:

@@ -32,11 +32,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
-SuiteName = Literal["geneval_pp", "imagine", "geneval", "custom"]
-SUITES: tuple[str, ...] = ("geneval_pp", "imagine", "geneval", "custom")
+from echo4o.jobs import BENCHMARK_SUITES, BenchmarkSuite
+
+SuiteName = BenchmarkSuite
+SUITES: tuple[str, ...] = BENCHMARK_SUITES  # defined once, in the job contract
 
 GENEVAL_PP_TAGS = ("color_attr", "spatial_count_attr", "color_spatial_attr", "color_count_attr",
                    "multi_object_count_attr", "size_spatial_attr", "counting")

@@ -1,0 +1,306 @@
+"""The handler of ``benchmark`` jobs: a run whose images are ordinary image jobs on the ``gpu`` queue.
+
+A run never holds a worker while its images wait in the queue. Each time its message is delivered it runs one
+*phase*, from the state on disk and in the job rows, so any phase may be repeated or cut short by a crash:
+
+1. read the suite (``<data_dir>/<prompts>``, or the pinned public file under ``<data_dir>/benchmarks/<suite>/``),
+   keep the first ``limit`` prompts per group, resolve the generation settings (the paper's, with the job's
+   overrides);
+2. for every image ``<id>_<k>`` not yet in ``<data_dir>/benchmarks/<run id>/images/``: its image job has the id
+   :func:`child_job_id` (derived from the run's id and the image's name, so a repeated phase finds it instead of
+   making another); a missing one is created (``parent_id`` = the run, the run's owner, priority
+   :data:`~echo4o.jobs.BENCHMARK_IMAGE_PRIORITY`) and enqueued; a succeeded one has its image copied into the run
+   directory; a failed or cancelled one fails the run, naming the image, the job and its reason;
+3. progress: stage ``generate``, step = images in the run directory, total = images of the run, detail
+   ``{"generated", "images", "pending"}``;
+4. images still pending: the run enqueues itself again at :data:`~echo4o.jobs.BENCHMARK_RUN_PRIORITY` (the
+   lowest, behind its own images) and returns, the row still ``running``; so one worker is enough;
+5. every image there: :func:`worker.evaluation.runner.run_benchmark` judges (stage ``judge``, step = verdicts,
+   detail ``{"generated", "images", "judged", "to_judge"}``), skipping verdicts in the run's cache, scores and
+   writes ``summary.json``, ``report.md`` and ``report.html``; the job succeeds with the summary's headline as
+   its result.
+
+A cancel requested on the run cancels its active image jobs at the next phase, then the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from echo4o.db import crud, session_scope
+from echo4o.jobs import (
+    ACTIVE_STATUSES,
+    BENCHMARK_IMAGE_PRIORITY,
+    BENCHMARK_RUN_PRIORITY,
+    BenchmarkJob,
+    describe_validation_error,
+    parse_job,
+)
+from echo4o.logging import get_logger
+from echo4o.settings import get_settings
+
+log = get_logger(__name__)
+
+#: Where runs live, under the data dir: ``benchmarks/<run job id>/`` (the gateway reads the same layout).
+RUNS_DIR = "benchmarks"
+#: While every pending image of a run is running on other workers, a phase waits this long for one to finish
+#: before it enqueues itself again (so several workers do not pass the run's message around in a tight loop).
+WAIT_FOR_OTHERS_S = 2.0
+
+
+class BenchmarkRunError(Exception):
+    """The run cannot go on; ``code`` and the message go into the job row."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def run_dir(job_id: str, data_dir: Path | None = None) -> Path:
+    """The run directory of benchmark job ``job_id``."""
+    return Path(data_dir or get_settings().data_dir) / RUNS_DIR / job_id
+
+
+def child_job_id(run_id: str, image: str) -> str:
+    """The id of the image job that makes ``image`` (``<prompt id>_<k>.png``) for run ``run_id``: the same on
+    every phase, so a repeated phase finds the job instead of making a second one."""
+    return hashlib.sha256(f"{run_id}/{image}".encode()).hexdigest()[:32]
+
+
+def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
+    """Run one phase of benchmark job ``job_id`` (see the module docstring); returns its status after the phase
+    (``running`` while images are pending)."""
+    from worker.runtime import get_runtime
+
+    db = get_settings().database_url
+    with session_scope(db) as s:
+        job = crud.get_job(session=s, job_id=job_id)
+        if job is None:
+            log.error("job not found; message dropped", extra={"job_id": job_id})
+            return "missing"
+        if job.is_terminal:
+            return job.status
+        if job.cancel_requested:
+            return _cancel(job_id)
+        try:
+            payload = parse_job(job.kind, job.params)
+        except ValidationError as exc:
+            return _fail(job_id, "invalid_params", describe_validation_error(exc))
+        except ValueError as exc:
+            return _fail(job_id, "invalid_params", str(exc))
+        assert isinstance(payload, BenchmarkJob)
+        runtime = get_runtime()
+        if job.status == "queued":
+            if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
+                row = crud.get_job(session=s, job_id=job_id)
+                if row is not None and row.status == "queued" and row.cancel_requested:
+                    return _cancel(job_id)
+                return row.status if row is not None else "missing"
+            log.info("benchmark started", extra={"job_id": job_id, "suite": payload.suite})
+        owner, model_version = job.owner, job.model_version
+    try:
+        return _phase(job_id, payload, owner=owner, model_version=model_version)
+    except BenchmarkRunError as exc:
+        return _fail(job_id, exc.code, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one run's crash must not take the worker down
+        log.exception("benchmark error", extra={"job_id": job_id})
+        return _fail(job_id, "benchmark_error", f"{type(exc).__name__}: {exc}")
+
+
+def load_run(payload: BenchmarkJob, data_dir: Path) -> tuple[list[Any], Any, Any]:
+    """The run's prompt records (after ``limit``), their source file and the generation settings."""
+    from worker.evaluation.runner import paper_settings
+    from worker.evaluation.suites import limit_per_group, load_suite
+
+    path = None
+    if payload.prompts is not None:
+        path = (data_dir / payload.prompts).resolve()
+        if not path.is_relative_to(data_dir.resolve()):
+            raise BenchmarkRunError("invalid_params", f"prompts {payload.prompts!r} leads outside the data dir")
+    try:
+        records, source = load_suite(payload.suite, path, cache_dir=data_dir / RUNS_DIR)
+        records = limit_per_group(records, payload.limit)
+        generation = paper_settings(payload.suite, **payload.generation_overrides())
+    except ValidationError as exc:
+        raise BenchmarkRunError("invalid_params", describe_validation_error(exc)) from None
+    except ValueError as exc:  # SuiteFileError included: names the file, the line and the fix
+        raise BenchmarkRunError("prompts_unavailable", str(exc)) from None
+    if not records:
+        raise BenchmarkRunError("prompts_unavailable", f"the {payload.suite} prompt file has no prompts")
+    return records, source, generation
+
+
+def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str) -> str:
+    from worker.evaluation.runner import IMAGES_DIR, image_name
+
+    settings = get_settings()
+    data_dir = settings.data_dir
+    records, source, generation = load_run(payload, data_dir)
+    out = run_dir(job_id, data_dir)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+
+    images = [(record, k, image_name(record, k)) for record in records for k in range(generation.images_per_prompt)]
+    total = len(images)
+    deadline = time.monotonic() + WAIT_FOR_OTHERS_S
+    while True:
+        created: list[str] = []
+        pending: list[str] = []
+        with session_scope(settings.database_url) as s:
+            for record, k, name in images:
+                if (out / IMAGES_DIR / name).is_file():
+                    continue
+                child_id = child_job_id(job_id, name)
+                child = crud.get_job(session=s, job_id=child_id)
+                if child is None:
+                    if _create_child(s, job_id, child_id, record, k, generation, payload, owner, model_version,
+                                     data_dir):
+                        created.append(child_id)
+                    pending.append("queued")
+                elif child.status == "succeeded":
+                    _copy_image(data_dir / child.result["images"][0], out / IMAGES_DIR / name)
+                elif child.status in ACTIVE_STATUSES:
+                    pending.append(child.status)
+                else:
+                    raise BenchmarkRunError(
+                        "image_failed", f"image {name} of prompt {record.id} (job {child_id}) {child.status}: "
+                        f"{child.error_code or 'cancelled'}: {child.error_message or 'its job was cancelled'}; "
+                        "start a new run (finished images of this one are kept in its directory)")
+            done = total - len(pending)
+            cancel = crud.update_progress(session=s, job_id=job_id, step=done, total=total, stage="generate",
+                                          detail={"generated": done, "images": total, "pending": len(pending)})
+        if cancel:
+            return _cancel(job_id)
+        from echo4o.queue import submit
+
+        for child_id in created:
+            submit(child_id, "generate", BENCHMARK_IMAGE_PRIORITY)
+        if not pending:
+            break
+        if "queued" in pending or created or time.monotonic() > deadline:
+            submit(job_id, "benchmark", BENCHMARK_RUN_PRIORITY)
+            log.info("benchmark waits for its images", extra={"job_id": job_id, "done": done, "total": total,
+                                                              "new_images": len(created)})
+            return "running"
+        time.sleep(0.2)  # every pending image is running on another worker: look again shortly
+    return _judge(job_id, payload, records, source, generation, out, model_version)
+
+
+def _create_child(s: Any, run_id: str, child_id: str, record: Any, k: int, generation: Any,
+                  payload: BenchmarkJob, owner: str, model_version: str, data_dir: Path) -> bool:
+    """Write the image job's row (not yet enqueued); False when a concurrent phase wrote it first."""
+    references = []
+    for p in record.reference_images:
+        path = Path(p).resolve()
+        if not path.is_relative_to(data_dir.resolve()):
+            raise BenchmarkRunError("invalid_params", f"prompt {record.id}: reference image {p} is outside the data "
+                                                      "dir; keep the prompt file and its images inside it")
+        references.append(path.relative_to(data_dir.resolve()).as_posix())
+    image_job = generation.job(record, generation.seed + k, references)
+    params = {**image_job.model_dump(mode="json"), "priority": BENCHMARK_IMAGE_PRIORITY,
+              "model_version": payload.model_version}
+    kind = image_job.kind
+    params = parse_job(kind, params).model_dump(mode="json")
+    try:
+        crud.create_job(session=s, kind=kind, params=params, model_version=model_version, owner=owner,
+                        priority=BENCHMARK_IMAGE_PRIORITY, job_id=child_id, parent_id=run_id)
+    except IntegrityError:
+        s.rollback()
+        return False
+    return True
+
+
+def _copy_image(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _judge(job_id: str, payload: BenchmarkJob, records: list[Any], source: Any, generation: Any, out: Path,
+           model_version: str) -> str:
+    from worker.evaluation.judge import JudgeConfig
+    from worker.evaluation.runner import run_benchmark
+    from worker.progress import ProgressReporter
+
+    settings = get_settings()
+    judge = None
+    if payload.judge_url is not None:
+        judge = JudgeConfig(base_url=payload.judge_url, model=payload.judge_model or settings.judge_model,
+                            api_key=settings.judge_api_key)
+    compare = None
+    if payload.compare_to is not None:
+        other = run_dir(payload.compare_to, settings.data_dir) / "summary.json"
+        if other.is_file():
+            compare = {**json.loads(other.read_text()), "label": f"run {payload.compare_to}"}
+    total = len(records) * generation.images_per_prompt
+
+    def generate(record: Any, seeds: Any) -> Any:
+        raise RuntimeError(f"image of prompt {record.id} vanished from {out} before judging")
+
+    with ProgressReporter(settings.database_url, job_id) as reporter:
+        def progress(stage: str, done: int, n: int) -> None:
+            if stage != "generate":
+                reporter.report(done, n, stage=stage, detail={"generated": total, "images": total, "judged": done,
+                                                              "to_judge": n})
+            if reporter.cancelled.is_set():
+                raise _Cancelled(job_id)
+
+        try:
+            summary = run_benchmark(records, out, suite=payload.suite, generate=generate, generation=generation,
+                                    judge=judge, progress=progress, limit=payload.limit, suite_file=source,
+                                    model={"version": model_version, "name": model_version}, compare=compare)
+        except _Cancelled:
+            summary = None
+    if summary is None or reporter.cancelled.is_set():
+        return _cancel(job_id)
+    result = {key: summary.get(key) for key in ("suite", "overall", "overall_corrected", "metric", "groups",
+                                                "counts", "notes")}
+    result["report"] = f"{RUNS_DIR}/{job_id}/report.html"
+    with session_scope(settings.database_url) as s:
+        if not crud.mark_succeeded(session=s, job_id=job_id, result=result):
+            return _cancel(job_id)
+    log.info("benchmark succeeded", extra={"job_id": job_id, "overall": summary.get("overall")})
+    return "succeeded"
+
+
+def _cancel(job_id: str) -> str:
+    """Cancel the run's active image jobs, then the run."""
+    from echo4o.db.models import Job
+    from echo4o.queue import revoke
+
+    with session_scope(get_settings().database_url) as s:
+        import sqlalchemy as sa
+
+        children = s.scalars(sa.select(Job.id).where(Job.parent_id == job_id,
+                                                     Job.status.in_(ACTIVE_STATUSES))).all()
+        for child_id in children:
+            crud.request_cancel(session=s, job_id=child_id)
+            revoke(child_id)
+        crud.mark_cancelled(session=s, job_id=job_id)
+    log.info("benchmark cancelled", extra={"job_id": job_id, "image_jobs_cancelled": len(children)})
+    return "cancelled"
+
+
+def _fail(job_id: str, code: str, message: str) -> str:
+    with session_scope(get_settings().database_url) as s:
+        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
+    log.warning("benchmark failed", extra={"job_id": job_id, "code": code, "error": message})
+    return "failed"
