@@ -82,6 +82,9 @@ class JobResult(BaseModel):
     images: list[ResultImage]
     seed: int | None = None
     timings: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] | None = Field(None, description=(
+        "The rest of the worker's result, for jobs that make no images: a fine-tuning run's version, path, "
+        "final_loss, steps, tensorboard dir, skipped_rows and losses ([step, loss] points)."))
 
 
 class JobError(BaseModel):

@@ -460,11 +460,11 @@ class FinetuneJob(BaseModel):
     warmup_steps: int | None = Field(None, ge=0, le=MAX_TRAIN_STEPS, description="Linear warm-up steps.")
     expected_tokens: int | None = Field(None, ge=1, le=MAX_TRAIN_TOKENS, description=(
         "Token budget of one step's pack: samples are added until it holds this many (give max_tokens too)."))
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TRAIN_TOKENS, description=(
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TRAIN_TOKENS, validate_default=True, description=(
         "Most tokens in one pack, and in one sample (give expected_tokens too)."))
     vae_min_size: int | None = Field(None, ge=16, le=MAX_SIDE, description=(
         "Images are resized so their shortest side is at least this (give vae_max_size too)."))
-    vae_max_size: int | None = Field(None, ge=16, le=MAX_SIDE, description=(
+    vae_max_size: int | None = Field(None, ge=16, le=MAX_SIDE, validate_default=True, description=(
         "Images are resized so their longest side is at most this (give vae_min_size too)."))
     save_every: int | None = Field(None, ge=1, le=MAX_TRAIN_STEPS, description=(
         "A checkpoint every this many steps: a job whose worker dies resumes from the last one."))
@@ -494,7 +494,12 @@ class FinetuneJob(BaseModel):
         if not any(resolved.is_relative_to(root) for root in roots):
             raise ValueError(f"{v!r} is outside the folders datasets may be read from ({where}); move it there "
                              "or set ECHO4O_DATASETS_DIR")
-        if not resolved.exists():
+        try:
+            exists = resolved.exists()
+        except OSError as exc:  # a name too long, a permission problem: the path cannot be used either way
+            raise ValueError(f"the path cannot be read ({exc.strerror}); give an existing dataset inside {where}") \
+                from None
+        if not exists:
             raise ValueError(f"{resolved} does not exist; give an existing parquet file or folder inside {where}")
         return str(resolved)
 
@@ -512,17 +517,20 @@ class FinetuneJob(BaseModel):
             raise ValueError(f"{v!r} must be a version name (name/version), not a path")
         return v
 
-    @model_validator(mode="after")
-    def _check_pairs(self) -> FinetuneJob:
-        for low, high in (("expected_tokens", "max_tokens"), ("vae_min_size", "vae_max_size")):
-            a, b = getattr(self, low), getattr(self, high)
-            if (a is None) != (b is None):
-                missing = low if a is None else high
-                raise ValueError(f"{missing} is missing: give both {low} and {high}, or neither (the trainer's "
-                                 "defaults)")
-            if a is not None and a > b:
-                raise ValueError(f"{low} ({a}) must not exceed {high} ({b})")
-        return self
+    @field_validator("max_tokens", "vae_max_size")
+    @classmethod
+    def _check_pair(cls, v: int | None, info: ValidationInfo) -> int | None:
+        low, high = {"max_tokens": ("expected_tokens", "max_tokens"),
+                     "vae_max_size": ("vae_min_size", "vae_max_size")}[info.field_name]
+        if low not in info.data:  # the low field itself failed; its error says why
+            return v
+        a = info.data[low]
+        if (a is None) != (v is None):
+            missing = low if a is None else high
+            raise ValueError(f"{missing} is missing: give both {low} and {high}, or neither (the trainer's defaults)")
+        if a is not None and a > v:
+            raise ValueError(f"{low} ({a}) must not exceed {high} ({v})")
+        return v
 
     def output_ref(self, job_id: str, base_ref: str) -> tuple[str, str]:
         """``(name, version)`` of the version this job writes: the given ones, else the base's name (the part

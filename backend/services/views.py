@@ -28,10 +28,13 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
     position while it is queued."""
     result = None
     if job.result and job.status == "succeeded":
+        rest = {k: v for k, v in job.result.items() if k not in ("images", "seed", "timings")}
         result = JobResult(
-            images=[ResultImage(index=i, url=image_url(base, job.id, i)) for i in range(len(job.result["images"]))],
+            images=[ResultImage(index=i, url=image_url(base, job.id, i))
+                    for i in range(len(job.result.get("images") or []))],
             seed=job.result.get("seed"),
             timings=job.result.get("timings") or {},
+            details=rest or None,
         )
     error = None
     if job.status == "failed" or job.error_code:
