@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from backend.api.routes import (
     admin,
+    admin_benchmarks,
     admin_finetune,
     admin_models,
     events,
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generate, multiref, jobs, events, images, health, models, parameters, admin, openai):
         app.include_router(module.router)
     app.include_router(admin_models.router)
+    app.include_router(admin_benchmarks.router)
     app.include_router(admin_finetune.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -303,3 +303,34 @@ class CurrentModelPublic(BaseModel):
 
     current: str
     previous: str
+
+
+# --- benchmark runs (admin) --------------------------------------------------------------------------------
+class BenchmarkRunPublic(BaseModel):
+    """One benchmark run (a ``benchmark`` job): what it measures, how far it is and, once finished, its overall
+    score and where its report is (``GET /admin/benchmarks/{id}/report``)."""
+
+    id: str
+    status: JobStatus
+    suite: str
+    limit: int | None
+    model_version: str | None
+    judge_model: str | None
+    compare_to: str | None
+    progress: Progress = Field(description="Stage generate (step = images in the run, as of its last phase) then "
+                                           "judge (step = verdicts).")
+    image_jobs: dict[str, int] = Field(default_factory=dict, description=(
+        "The run's image jobs by status, live (``succeeded`` counts the images made so far)."))
+    overall: float | None = Field(None, description="The suite's overall score once the run succeeded.")
+    metric: str | None = None
+    error: JobError | None = None
+    report_url: str | None = Field(None, description="The HTML report, once the run succeeded.")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class BenchmarkRunsPublic(BaseModel):
+    """``GET /admin/benchmarks``: runs newest first, with the number of all runs."""
+
+    data: list[BenchmarkRunPublic]
+    count: int

@@ -345,7 +345,7 @@ class BenchmarkJob(BaseModel):
 
     suite: BenchmarkSuite = Field(..., description="Benchmark suite.")
     prompts: str | None = Field(
-        None, min_length=1, max_length=500,
+        None, min_length=1, max_length=500, validate_default=True,
         description="Prompt file, relative to the data dir (required for custom). None: the pinned public file, "
                     "kept under <data_dir>/benchmarks/<suite>/ (downloaded when absent).")
     limit: int | None = Field(None, ge=1, le=MAX_BENCHMARK_LIMIT, description="First N prompts of each group.")
@@ -359,15 +359,18 @@ class BenchmarkJob(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed of each prompt's first image; None: 42.")
     model_version: str | None = Field(
         None, min_length=1, max_length=200, description="Served model version to evaluate; None: the worker's.")
-    judge_url: str | None = Field(None, max_length=500, description="OpenAI-compatible API root of the judge.")
+    judge_url: str | None = Field(None, max_length=500, validate_default=True,
+                                  description="OpenAI-compatible API root of the judge; None: ECHO4O_JUDGE_URL.")
     judge_model: str | None = Field(None, min_length=1, max_length=200, description="Judge model name.")
     compare_to: str | None = Field(None, pattern=_JOB_ID_PATTERN,
                                    description="Another benchmark run's job id, shown side by side in the report.")
 
     @field_validator("prompts")
     @classmethod
-    def _check_prompts(cls, v: str | None) -> str | None:
+    def _check_prompts(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
+            if info.data.get("suite") == "custom":
+                raise ValueError("the custom suite needs a prompt file: give the path of a jsonl inside the data dir")
             return v
         path = PurePosixPath(v)
         if "\\" in v or "\x00" in v or path.is_absolute() or ".." in path.parts:
@@ -376,10 +379,16 @@ class BenchmarkJob(BaseModel):
 
     @field_validator("judge_url")
     @classmethod
-    def _check_judge_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
+    def _check_judge_url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = v or get_settings().judge_url or None
+        if v is None:
+            suite = info.data.get("suite")
+            if suite not in (None, "geneval"):
+                raise ValueError(f"{suite} is scored by a judge: give judge_url or set ECHO4O_JUDGE_URL")
+            return v
+        if not v.startswith(("http://", "https://")):
             raise ValueError(f"judge_url must start with http:// or https://, got {v!r}")
-        return v.rstrip("/") if v else v
+        return v.rstrip("/")
 
     @field_validator("width")
     @classmethod
@@ -389,17 +398,9 @@ class BenchmarkJob(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _resolve(self) -> BenchmarkJob:
-        if self.suite == "custom" and self.prompts is None:
-            raise ValueError("prompts: the custom suite needs a prompt file (a jsonl inside the data dir)")
-        settings = get_settings()
-        if self.suite != "geneval":
-            self.judge_url = self.judge_url or settings.judge_url.rstrip("/") or None
-            if self.judge_url is None:
-                raise ValueError(f"judge_url: {self.suite} is scored by a judge; give judge_url or set "
-                                 "ECHO4O_JUDGE_URL")
+    def _resolve_judge_model(self) -> BenchmarkJob:
         if self.judge_url is not None and self.judge_model is None:
-            self.judge_model = settings.judge_model
+            self.judge_model = get_settings().judge_model
         return self
 
     def generation_overrides(self) -> dict[str, Any]:
