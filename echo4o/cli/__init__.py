@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 app = typer.Typer(
     name="echo4o",
-    help="Serve and try out the Echo-4o image-generation model (fine-tuning and benchmark jobs are planned).",
+    help="Serve, try out and fine-tune the Echo-4o image-generation model (benchmark jobs are planned).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "echo4o.cli.ui",
     "echo4o.cli.bench",
     "echo4o.cli.versions",
+    "echo4o.cli.finetune",
 )
 
 for _name in COMMAND_MODULES:

@@ -20,7 +20,7 @@ STARTUP_FAILURES = (EXIT_BAD_SETTING, EXIT_MODEL_UNAVAILABLE)
 def worker(
     queues: str = typer.Option(
         "gpu", "--queues", "-Q",
-        help="Comma-separated queues to serve: gpu (image jobs), train (planned: fine-tuning, fails every job today).",
+        help="Comma-separated queues to serve: gpu (image jobs), train (fine-tuning jobs).",
     ),
     gpu: int | None = typer.Option(None, "--gpu", min=0, help="CUDA device index N: runs on cuda:N."),
     model: str | None = typer.Option(
