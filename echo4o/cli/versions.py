@@ -1,4 +1,5 @@
-"""``echo4o import``: register a checkpoint trained elsewhere as a model version.
+"""``echo4o import``: register a checkpoint trained elsewhere as a model version; ``echo4o models list |
+promote | rollback``: the registry from the command line (see :mod:`echo4o.versions`).
 
 Heavy imports (torch, the engine) happen inside the command, so ``echo4o --help`` stays fast.
 """
@@ -127,3 +128,69 @@ def _read_manifest(folder: Path) -> dict:
 def _fail(message: str, code: int = 2):  # noqa: ANN202 - NoReturn
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+models_app = typer.Typer(help="List the model versions, promote one, roll back (the database the gateway uses).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The configured model and every registered version (oldest first); * marks the one new jobs get."""
+    from echo4o import versions
+    from echo4o.db import session_scope, upgrade_to_head
+
+    settings = get_settings()
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        current = versions.current_version(s, settings)
+        rows = [(settings.model_version, "configured", settings.model)]
+        rows += [(v.ref, v.source, v.path) for v in versions.list_versions(s) if v.ref != settings.model_version]
+    for ref, source, path in rows:
+        typer.echo(f"{'*' if ref == current else ' '} {ref}  {source}  {path}")
+
+
+@models_app.command("promote")
+def models_promote(ref: str = typer.Argument(..., help="A registered version, NAME/VERSION.")) -> None:
+    """Make a registered version the one new jobs get (POST /admin/models/REF/promote does the same)."""
+    from echo4o import versions
+    from echo4o.db import session_scope, upgrade_to_head
+
+    settings = get_settings()
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        previous = versions.current_version(s, settings)
+        try:
+            versions.promote(s, ref, by=_who())
+        except versions.UnknownVersion as exc:
+            _fail(f"{exc} (echo4o models list)")
+    typer.echo(f"current: {ref} (was {previous})")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Return to the version current before the latest promotion (POST /admin/models/rollback does the same)."""
+    from echo4o import versions
+    from echo4o.db import session_scope, upgrade_to_head
+
+    settings = get_settings()
+    upgrade_to_head(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        previous = versions.current_version(s, settings)
+        try:
+            current = versions.rollback(s, settings, by=_who())
+        except versions.NothingToRollBack as exc:
+            _fail(str(exc), code=1)
+    typer.echo(f"current: {current} (was {previous})")

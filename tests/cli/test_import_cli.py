@@ -104,3 +104,24 @@ def test_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     r = _import(str(tmp_path / "empty"), "--dir", str(tmp_path / "weights"), *args)
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_models_list_promote_rollback(tmp_path: Path) -> None:
+    source = write_tiny_model(tmp_path / "ours" / "ft-4", seed=3)
+    assert _import(str(source), "--name", "echo4o", "--dir", str(tmp_path / "weights")).exit_code == 0
+    runner = CliRunner()
+    configured = get_settings().model_version
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and listed.output.splitlines()[0].startswith(f"* {configured}  configured")
+    assert "  echo4o/ft-4  import  " in listed.output
+    r = runner.invoke(app, ["models", "promote", "echo4o/ft-4"])
+    assert r.exit_code == 0 and r.output.strip() == f"current: echo4o/ft-4 (was {configured})"
+    assert runner.invoke(app, ["models", "list"]).output.splitlines()[1].startswith("* echo4o/ft-4")
+    unknown = runner.invoke(app, ["models", "promote", "echo4o/nope"])
+    assert unknown.exit_code == 2 and "'echo4o/nope' is not registered" in unknown.output
+    r = runner.invoke(app, ["models", "rollback"])
+    assert r.exit_code == 0 and r.output.strip() == f"current: {configured} (was echo4o/ft-4)"
+    again = runner.invoke(app, ["models", "rollback"])
+    assert again.exit_code == 1 and "nothing to roll back to" in again.output
+    with session_scope(get_settings().database_url) as s:
+        assert [p.promoted_by.startswith("cli") for p in versions.list_promotions(s)] == [True]
