@@ -147,7 +147,7 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     """``GET /models`` (OpenAI's list shape): the configured version first, then the registered ones
-    (``<name>/<version>``), then any other a ready worker reports."""
+    (``<name>/<version>``): the versions a job may name."""
 
     object: Literal["list"] = "list"
     data: list[ModelCard]

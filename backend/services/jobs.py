@@ -28,13 +28,10 @@ log = get_logger(__name__)
 
 
 def served_versions(session: Session, settings: Settings) -> list[str]:
-    """Model versions a job may name: the configured one, the registered ones (``<name>/<version>``, see
-    :mod:`echo4o.versions`) and any other a ready worker reports (its own configured model)."""
-    known = versions.known_versions(session, settings)
-    for w in crud.list_ready_workers(session=session):
-        if w.model_version and w.model_version not in known:
-            known.append(w.model_version)
-    return known
+    """Model versions a job may name: the configured one, then the registered ones (``<name>/<version>``, see
+    :mod:`echo4o.versions`); every image worker loads a registered version on demand. A version only some worker
+    was started with (another ``ECHO4O_MODEL``) is not one: a worker configured otherwise could take the job."""
+    return versions.known_versions(session, settings)
 
 
 def resolve_model_version(session: Session, settings: Settings, requested: str | None, *, param: str) -> str:

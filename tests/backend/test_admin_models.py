@@ -132,3 +132,17 @@ def test_admin_key_only(gateway: Gateway, tmp_path: Path) -> None:
         assert getattr(c, method)(path).status_code == 401
     with session_scope(gateway.db) as s:
         assert versions.current_version(s, get_settings()) == "base-model"
+
+
+def test_models_lists_what_jobs_may_name(gateway: Gateway, tmp_path: Path) -> None:
+    gateway.register(tmp_path, "echo4o/ft-1")
+    with session_scope(gateway.db) as s:  # two ready image workers: one started with another model
+        crud.upsert_worker(session=s, worker_id="h:1", hostname="h", queues=["gpu"], status="ready",
+                           model_version="base-model")
+        crud.upsert_worker(session=s, worker_id="h:2", hostname="h", queues=["gpu"], status="ready",
+                           model_version="other-model")
+    models = gateway.client.get("/models", headers=gateway.user).json()["data"]
+    assert [(m["id"], m["workers_ready"], m["current"]) for m in models] == [
+        ("base-model", 1, True), ("echo4o/ft-1", 2, False)]
+    r = gateway.client.post("/generate", json={**JOB, "model_version": "other-model"}, headers=gateway.user)
+    assert "served: base-model, echo4o/ft-1" in _error(r, 422, "unknown_model", "model_version")

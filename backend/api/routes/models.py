@@ -14,23 +14,21 @@ router = APIRouter(tags=["service"])
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401))
 def list_models(session: SessionDep, settings: SettingsDep, principal: CurrentKey) -> ModelList:
-    """The configured model first, then the registered versions, then any other version a ready worker reports;
-    ``current`` marks the one a job that names none runs on. Every ready worker loads a registered version on
-    demand, so it counts for each of them."""
+    """The versions a job may name: the configured model first, then the registered ones; ``current`` marks the
+    one a job that names none runs on. ``workers_ready``: the ready workers started with the configured model, and
+    for a registered version every ready image worker (each loads it on demand)."""
     ready = crud.list_ready_workers(session=session)
     current = versions.current_version(session, settings)
     cards = {settings.model_version: ModelCard(id=settings.model_version, source=settings.model, workers_ready=0)}
-    registered = [row for row in versions.list_versions(session) if row.ref not in cards]
-    for row in registered:
-        cards[row.ref] = ModelCard(id=row.ref, source=row.path, workers_ready=0)
+    for row in versions.list_versions(session):
+        cards.setdefault(row.ref, ModelCard(id=row.ref, source=row.path, workers_ready=0))
     for w in ready:
-        own = w.model_version or settings.model_version
-        card = cards.setdefault(own, ModelCard(id=own, source=own, workers_ready=0))
-        card.workers_ready += 1
+        if (w.model_version or settings.model_version) == settings.model_version:
+            cards[settings.model_version].workers_ready += 1
         if "gpu" in w.queues.split(","):
-            for row in registered:
-                if row.ref != own:
-                    cards[row.ref].workers_ready += 1
-    if current in cards:
+            for ref, card in cards.items():
+                if ref != settings.model_version:
+                    card.workers_ready += 1
+    if current in cards:  # a promoted version whose row is gone is not listed
         cards[current].current = True
     return ModelList(data=list(cards.values()))
