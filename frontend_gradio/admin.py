@@ -114,10 +114,17 @@ def _build_all_jobs(ctx: AdminContext) -> SectionHandle:
 
 
 # Fine-tuning and benchmark sections append here when the gateway has their routes.
+def _build_finetune(ctx: AdminContext) -> SectionHandle:
+    from frontend_gradio.admin_finetune import build  # its own module (it imports this one's classes)
+
+    return build(ctx)
+
+
 ADMIN_SECTIONS: list[AdminSection] = [
     AdminSection("Workers, queue and models", _build_overview),
     AdminSection("All jobs", _build_all_jobs),
 ]
+ADMIN_SECTIONS.append(AdminSection("Fine-tuning and versions", _build_finetune))
 
 
 def build_admin_tab(ctx: AdminContext) -> tuple[gr.Button, list[Any], Callable[[str | None], list[Any]]]:

@@ -232,6 +232,22 @@ class GatewayClient:
     def admin_queue(self, *, key: str | None = None) -> Any:
         return self._json("GET", "admin/queue", key=key)
 
+    def submit_finetune(self, params: dict[str, Any], *, key: str | None = None) -> dict[str, Any]:
+        """POST /admin/finetune (admin keys); returns ``{id, status, status_url, events_url}``."""
+        return self._json("POST", "admin/finetune", key=key, json=params)
+
+    def admin_models(self, *, key: str | None = None) -> dict[str, Any]:
+        """GET /admin/models: ``{current, configured, data: [{ref, source, path, manifest, current, ...}], ...}``."""
+        return self._json("GET", "admin/models", key=key)
+
+    def promote_model(self, ref: str, *, key: str | None = None) -> dict[str, Any]:
+        """POST /admin/models/{ref}/promote: ``{current, previous}``."""
+        return self._json("POST", f"admin/models/{ref}/promote", key=key)
+
+    def rollback_model(self, *, key: str | None = None) -> dict[str, Any]:
+        """POST /admin/models/rollback: ``{current, previous}``."""
+        return self._json("POST", "admin/models/rollback", key=key)
+
     def is_admin(self, *, key: str | None = None) -> bool:
         """Whether the key may use the admin routes: 200 from ``GET /admin/queue`` yes, 403 no.
         A missing or wrong key (401) raises, so that the UI can say so."""
