@@ -119,6 +119,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
 
         runtime = get_runtime()
         version = payload.model_version or job.model_version or runtime.model_version
+        s.commit()  # no read transaction stays open while a version loads (tens of seconds for the 7B)
         try:  # between jobs: load the job's version unless it is resident (worker/models_cache.py)
             runtime.use(version)
         except Exception as exc:  # noqa: BLE001 - unregistered, missing or unloadable: this job fails, not the worker
