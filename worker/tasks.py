@@ -5,8 +5,8 @@ own (bad payload, engine ``ValueError``, a crash inside the engine): the job is 
 and the worker takes the next one.
 
 Each queue's task runs the job with the handler of its kind, :data:`JOB_HANDLERS`: the image kinds
-(``echo4o.jobs.IMAGE_KINDS``) run the pipeline; the other kinds (fine-tuning, benchmarks: planned) fail as
-``not_supported``, naming the kind and its queue.
+(``echo4o.jobs.IMAGE_KINDS``) run the pipeline, ``benchmark`` and ``finetune`` their own handlers; a kind with
+none fails as ``not_supported``, naming the kind and its queue.
 
 Torch-free at import time (the engine is imported by :mod:`worker.runtime` when the worker starts).
 """
@@ -152,8 +152,8 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
         runtime.set_status("ready")
 
 
-#: The handler of each job kind: image kinds run the pipeline; the kinds no worker runs yet (fine-tuning,
-#: benchmarks: planned) fail as ``not_supported``.
+#: The handler of each job kind: image kinds run the pipeline, benchmark and finetune runs their own handlers
+#: (set below); a kind with none fails as ``not_supported``.
 JOB_HANDLERS: dict[str, JobHandler] = {
     kind: execute_image_job if kind in IMAGE_KINDS else _not_supported(kind) for kind in JOB_KINDS
 }

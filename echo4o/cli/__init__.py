@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 app = typer.Typer(
     name="echo4o",
-    help="Serve, try out and fine-tune the Echo-4o image-generation model (benchmark jobs are planned).",
+    help="Serve, try out and fine-tune the Echo-4o image-generation model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
