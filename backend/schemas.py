@@ -329,6 +329,18 @@ class BenchmarkRunPublic(BaseModel):
     finished_at: datetime | None
 
 
+class BenchmarkOptions(BaseModel):
+    """``GET /admin/benchmarks/options``: what a benchmark form offers (suites, served model versions) and the
+    gateway's judge settings (the defaults of a run that names no judge; the key is never shown)."""
+
+    suites: list[str]
+    model_versions: list[str]
+    judge_url: str | None
+    judge_model: str
+    limit_max: int
+    images_per_prompt_max: int
+
+
 class BenchmarkRunsPublic(BaseModel):
     """``GET /admin/benchmarks``: runs newest first, with the number of all runs."""
 

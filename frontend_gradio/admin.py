@@ -124,6 +124,15 @@ ADMIN_SECTIONS: list[AdminSection] = [
     AdminSection("Workers, queue and models", _build_overview),
     AdminSection("All jobs", _build_all_jobs),
 ]
+
+
+def _build_benchmarks(ctx: AdminContext) -> SectionHandle:
+    from frontend_gradio.admin_benchmarks import build  # its own module (it imports this one's classes)
+
+    return build(ctx)
+
+
+ADMIN_SECTIONS.append(AdminSection("Benchmarks", _build_benchmarks))
 ADMIN_SECTIONS.append(AdminSection("Fine-tuning and versions", _build_finetune))
 
 

@@ -93,12 +93,16 @@ def test_admin_only_unknown_runs_and_bad_fields(stack: Stack, finished_run: dict
     run_id = finished_run["id"]
     with stack.client("user") as c:
         for method, path in (("post", "/admin/benchmarks"), ("get", "/admin/benchmarks"),
+                             ("get", "/admin/benchmarks/options"),
                              ("get", f"/admin/benchmarks/{run_id}/report"),
                              ("get", f"/admin/benchmarks/{run_id}/images/0001_0.png")):
             r = getattr(c, method)(path, **({"json": {**RUN, "judge_url": url}} if method == "post" else {}))
             assert r.status_code == 403, (path, r.text)
     with stack.client("admin") as c:
         before = c.get("/admin/benchmarks").json()["count"]
+        options = c.get("/admin/benchmarks/options").json()
+        assert options["suites"] == ["geneval_pp", "imagine", "geneval", "custom"]
+        assert options["model_versions"][0] == "echo4o-tiny" and options["judge_url"] is None
         assert c.get("/admin/benchmarks/nope/report").status_code == 404
         image_job = next(j for j in c.get("/jobs", params={"all": True}).json()["data"] if j["kind"] == "generate")
         unknown = c.get(f"/admin/benchmarks/{image_job['id']}")  # a job, but not a run

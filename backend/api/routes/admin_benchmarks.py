@@ -13,11 +13,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from backend.api.deps import AdminKey, MetricsDep, SessionDep, SettingsDep
-from backend.schemas import BenchmarkRunPublic, BenchmarkRunsPublic, JobCreated, error_responses
+from backend.schemas import BenchmarkOptions, BenchmarkRunPublic, BenchmarkRunsPublic, JobCreated, error_responses
 from backend.services import benchmarks
 from backend.services.blocking import in_session
+from backend.services.jobs import served_versions
 from backend.services.views import base_url, created
-from echo4o.jobs import BenchmarkJob
+from echo4o.jobs import BENCHMARK_SUITES, MAX_BENCHMARK_IMAGES_PER_PROMPT, MAX_BENCHMARK_LIMIT, BenchmarkJob
 
 router = APIRouter(prefix="/admin/benchmarks", tags=["admin"])
 
@@ -40,6 +41,14 @@ def list_benchmarks(request: Request, session: SessionDep, settings: SettingsDep
     base = base_url(settings, str(request.base_url))
     counts = benchmarks.image_job_counts(session, [j.id for j in rows])
     return BenchmarkRunsPublic(data=[benchmarks.public_run(j, base, counts[j.id]) for j in rows], count=count)
+
+
+@router.get("/options", response_model=BenchmarkOptions, responses=error_responses(401, 403))
+def benchmark_options(session: SessionDep, settings: SettingsDep, principal: AdminKey) -> BenchmarkOptions:
+    """What a benchmark form offers: the suites, the served model versions, the configured judge."""
+    return BenchmarkOptions(suites=list(BENCHMARK_SUITES), model_versions=served_versions(session, settings),
+                            judge_url=settings.judge_url or None, judge_model=settings.judge_model,
+                            limit_max=MAX_BENCHMARK_LIMIT, images_per_prompt_max=MAX_BENCHMARK_IMAGES_PER_PROMPT)
 
 
 @router.get("/{run_id}", response_model=BenchmarkRunPublic, responses=error_responses(401, 403, 404))
