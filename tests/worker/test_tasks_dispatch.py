@@ -1,13 +1,11 @@
 """Task dispatch by job kind (worker.tasks.JOB_HANDLERS), in process on the test's SQLite records: every kind
-has a handler, image kinds run the pipeline, finetune its trainer, the others fail as not_supported naming their
-queue."""
+has a handler of its own (none is the not_supported fallback): image kinds run the pipeline, finetune its
+trainer."""
 
 from __future__ import annotations
 
-import pytest
-
 from echo4o.db import crud, session_scope, upgrade_to_head
-from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
+from echo4o.jobs import IMAGE_KINDS, JOB_KINDS
 from worker.tasks import JOB_HANDLERS, execute_image_job, execute_job
 from worker.training.job import execute_finetune_job
 
@@ -15,19 +13,7 @@ from worker.training.job import execute_finetune_job
 def test_every_job_kind_has_a_handler_and_image_kinds_run_the_pipeline() -> None:
     assert set(JOB_HANDLERS) == set(JOB_KINDS)
     assert [kind for kind, handler in JOB_HANDLERS.items() if handler is execute_image_job] == list(IMAGE_KINDS)
-
-
-@pytest.mark.parametrize("kind", [k for k in JOB_KINDS if k not in IMAGE_KINDS and k != "finetune"])
-def test_a_kind_this_worker_cannot_run_fails_naming_its_queue(kind: str) -> None:
-    upgrade_to_head()
-    with session_scope() as s:
-        job_id = crud.create_job(session=s, kind=kind, params={}, model_version="none").id
-    assert execute_job(job_id) == "failed"
-    with session_scope() as s:
-        row = crud.get_job(session=s, job_id=job_id)
-    assert (row.status, row.error_code) == ("failed", "not_supported")
-    assert row.error_message.startswith(f"{kind} jobs are not supported yet")
-    assert f"queue {QUEUE_OF_KIND[kind]}" in row.error_message
+    assert not [kind for kind, handler in JOB_HANDLERS.items() if handler.__name__ == "fail_unsupported"]
 
 
 def test_a_message_without_a_job_row_is_dropped() -> None:
