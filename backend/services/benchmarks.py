@@ -21,7 +21,7 @@ from backend.services.jobs import _submit_lock, resolve_model_version
 from echo4o import queue
 from echo4o.db import crud
 from echo4o.db.models import Job
-from echo4o.jobs import BENCHMARK_RUN_PRIORITY, BenchmarkJob
+from echo4o.jobs import ACTIVE_STATUSES, BENCHMARK_RUN_PRIORITY, BenchmarkJob
 from echo4o.logging import get_logger
 from echo4o.settings import Settings
 
@@ -65,6 +65,18 @@ def submit_benchmark(session: Session, settings: Settings, metrics: Metrics, pri
     metrics.jobs_submitted.labels(kind=job.kind).inc()
     log.info("benchmark submitted", extra={"job_id": job.id, "suite": payload.suite, "limit": payload.limit})
     return job
+
+
+def cancel_image_jobs(session: Session, run_id: str) -> int:
+    """Cancel the run's active image jobs (a queued one never runs, a running one stops at its next step);
+    returns how many were active."""
+    active = session.scalars(sa.select(Job.id).where(Job.parent_id == run_id,
+                                                     Job.status.in_(ACTIVE_STATUSES))).all()
+    for child_id in active:
+        child = crud.request_cancel(session=session, job_id=child_id)
+        if child is not None and child.status == "cancelled":
+            queue.revoke(child_id)
+    return len(active)
 
 
 def list_runs(session: Session, *, limit: int, offset: int) -> tuple[list[Job], int]:

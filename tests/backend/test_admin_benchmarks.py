@@ -5,6 +5,7 @@ the report in three formats and the run's images (no path traversal)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from tests.backend.test_gateway_live import read_events
 from tests.evaluation.servers import JudgeLog, judge_server
 from tests.support.stack import Stack, live_stack
+from tests.support.worker_proc import POLL_S, WAIT_S
 
 PROMPTS = ["a cat", "a dog"]
 RUN = {"suite": "custom", "prompts": "bench/prompts.jsonl", "height": 32, "width": 32, "num_steps": 3}
@@ -55,7 +57,7 @@ def test_run_through_the_queue_reports_progress_and_scores(stack: Stack, finishe
     assert finished_run["result"]["details"]["overall"] == 1.0
     with stack.client("admin") as c:
         children = [j for j in c.get("/jobs", params={"all": True, "limit": 100}).json()["data"]
-                    if j["kind"] == "generate"]
+                    if j["kind"] == "generate" and j["params"]["height"] == RUN["height"]]  # this run's
         runs = c.get("/admin/benchmarks").json()
         one = c.get(f"/admin/benchmarks/{finished_run['id']}").json()
     assert len(children) == 2 and all(j["status"] == "succeeded" for j in children)
@@ -119,3 +121,23 @@ def test_admin_only_unknown_runs_and_bad_fields(stack: Stack, finished_run: dict
             assert r.status_code == 422, (body, r.text)
             assert r.json()["error"]["param"] == param, (body, r.json())
         assert c.get("/admin/benchmarks").json()["count"] == before  # nothing was queued
+
+
+def test_cancel_stops_the_run_and_its_image_jobs(stack: Stack, judge: tuple[str, JudgeLog]) -> None:
+    url, log = judge
+    asked = len(log.requests)
+    with stack.client("admin") as c:
+        r = c.post("/admin/benchmarks", json={**RUN, "height": 16, "width": 16, "num_steps": 100, "judge_url": url})
+        assert r.status_code == 202, r.text
+        run_id = r.json()["id"]
+        deadline = time.monotonic() + WAIT_S
+        while c.get(f"/admin/benchmarks/{run_id}").json()["image_jobs"].get("running", 0) < 1:
+            assert time.monotonic() < deadline, "no image job of the run started"
+            time.sleep(POLL_S)
+        assert c.delete(f"/jobs/{run_id}").status_code == 200
+    run = stack.wait_job(run_id, key="admin")
+    assert run["status"] == "cancelled", run
+    with stack.client("admin") as c:
+        view = c.get(f"/admin/benchmarks/{run_id}").json()
+    assert view["image_jobs"] == {"cancelled": 2}, view  # the running one stopped, the queued one never ran
+    assert len(log.requests) == asked

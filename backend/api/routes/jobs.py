@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from backend.api.deps import CurrentKey, SessionDep, SettingsDep
 from backend.auth import require_admin
 from backend.schemas import JobPublic, JobsPublic, JobStatus, error_responses
+from backend.services.benchmarks import cancel_image_jobs
 from backend.services.views import base_url, load_job, public_job
 from echo4o import queue
 from echo4o.db import crud
@@ -54,4 +55,6 @@ def cancel_job(job_id: JobId, request: Request, session: SessionDep, settings: S
     if job.status == "queued":
         queue.revoke(job.id)
     job = crud.request_cancel(session=session, job_id=job.id) or job
+    if job.kind == "benchmark":
+        cancel_image_jobs(session, job.id)  # a benchmark run's image jobs go with it
     return public_job(session, job, base_url(settings, str(request.base_url)))
