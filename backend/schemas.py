@@ -216,6 +216,15 @@ class ModeDefaults(BaseModel):
     cfg_renorm_type: str
 
 
+class FinetuneParameters(BaseModel):
+    """Choices and bounds of a fine-tuning job; a field it leaves out takes the trainer's default."""
+
+    modes: list[str]
+    layouts: list[str] = Field(description="Data layouts a job may name (auto: detected per file).")
+    steps_max: int
+    tokens_max: int = Field(description="Upper bound of expected_tokens and max_tokens.")
+
+
 class JobParameters(BaseModel):
     """``GET /parameters`` (no key needed): job facts as the gateway applies them, kinds, statuses, limits and
     per-kind defaults, from :func:`echo4o.jobs.parameter_spec`, so clients never keep a copy."""
@@ -227,6 +236,7 @@ class JobParameters(BaseModel):
     aspect_ratios: dict[str, tuple[int, int]] = Field(description="Preset name -> (height, width).")
     limits: ParameterLimits
     defaults: dict[str, ModeDefaults] = Field(description="Per image job kind (generate, multiref).")
+    finetune: FinetuneParameters = Field(description="Choices and bounds of POST /admin/finetune.")
 
 
 # --- OpenAI-compatible images API --------------------------------------------------------------------------

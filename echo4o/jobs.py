@@ -117,6 +117,10 @@ def parameter_spec() -> dict[str, Any]:
             }
             for kind, g in MODE_DEFAULTS.items()
         },
+        "finetune": {
+            "modes": list(FINETUNE_MODES), "layouts": list(FINETUNE_LAYOUTS), "steps_max": MAX_TRAIN_STEPS,
+            "tokens_max": MAX_TRAIN_TOKENS,
+        },
     }
 
 

@@ -1,7 +1,9 @@
 """The admin tab's "Fine-tuning and versions" section: start a run (``POST /admin/finetune``), watch its loss
 curve live (the run's event stream, whose progress detail carries ``losses``), list the model versions with
 their manifests (``GET /admin/models``) and promote or roll back (``POST /admin/models/{ref}/promote``,
-``POST /admin/models/rollback``). An HTTP client only, like the rest of the UI."""
+``POST /admin/models/rollback``). An HTTP client only, like the rest of the UI: the mode choices and step
+bound come from ``GET /parameters``. Refreshing the tab shows the newest run of the session's key (its status
+and curve as last reported), so a reloaded page finds a run it did not start."""
 
 from __future__ import annotations
 
@@ -66,6 +68,21 @@ def finetune_request(dataset: str, mode: str, steps: float | None, lr: str, extr
     return body
 
 
+def run_summary(job: dict[str, Any]) -> tuple[str, pd.DataFrame]:
+    """A fine-tuning job's status line and loss curve as ``GET /jobs/{id}`` shows it."""
+    progress = job.get("progress") or {}
+    if job.get("status") == "succeeded":
+        details = (job.get("result") or {}).get("details") or {}
+        return (f"last run `{job['id']}`: done, version `{details.get('version')}` ({details.get('steps')} steps)",
+                loss_frame(details.get("losses")))
+    if job.get("status") == "failed":
+        error = job.get("error") or {}
+        return f"last run `{job['id']}`: ⚠️ failed ({error.get('code')}): {error.get('message')}", loss_frame(
+            (progress.get("detail") or {}).get("losses"))
+    line = progress_line(progress) if job.get("status") == "running" else job.get("status", "")
+    return f"last run `{job['id']}`: {line}", loss_frame((progress.get("detail") or {}).get("losses"))
+
+
 def version_rows(body: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for v in body.get("data") or []:
@@ -78,15 +95,17 @@ def version_rows(body: dict[str, Any]) -> list[list[Any]]:
 
 
 def build(ctx: AdminContext) -> SectionHandle:
-    """The section's components and handlers; refreshing it reloads the versions."""
+    """The section's components and handlers; refreshing it reloads the versions and the newest run."""
+    spec = ctx.client.parameters()["finetune"]  # the page itself needs the gateway to answer (see app.py)
     gr.Markdown("Start a fine-tuning run of the current version. The dataset is an absolute path inside the "
                 "gateway's data dir (or ECHO4O_DATASETS_DIR) or a Hub dataset id; empty fields take the "
                 "trainer's defaults.", elem_classes="e4o-hint")
     with gr.Row():
         dataset = gr.Textbox(label="Dataset", placeholder="/data/datasets/my-set or owner/name", scale=3,
                              elem_id="ft-dataset")
-        mode = gr.Radio(["lora", "full"], value="lora", label="Mode", scale=1, elem_id="ft-mode")
-        steps = gr.Number(label="Steps", value=None, precision=0, minimum=1, scale=1, elem_id="ft-steps")
+        mode = gr.Radio(spec["modes"], value=spec["modes"][0], label="Mode", scale=1, elem_id="ft-mode")
+        steps = gr.Number(label="Steps", value=None, precision=0, minimum=1, maximum=spec["steps_max"], scale=1,
+                          elem_id="ft-steps")
         lr = gr.Textbox(label="Learning rate", placeholder="2e-5", scale=1, elem_id="ft-lr")
     extra = gr.Textbox(label="More fields (JSON object, optional)", lines=1, elem_id="ft-extra",
                        placeholder='{"save_every": 100, "output_version": "v2"}')
@@ -185,5 +204,14 @@ def build(ctx: AdminContext) -> SectionHandle:
     promote.click(do_promote, [ctx.key_state, chosen], version_outputs, **PRIVATE)
     rollback.click(do_rollback, [ctx.key_state, chosen], version_outputs, **PRIVATE)
     chosen.change(lambda ref, cache: (cache or {}).get(ref), [chosen, models_cache], [manifest], **PRIVATE)
-    return SectionHandle(version_outputs, lambda key: fetch_versions(key))
+    def refresh(key: str | None) -> list[Any]:
+        values = fetch_versions(key)
+        try:
+            jobs = ctx.client.list_jobs(key=key, limit=50).get("data") or []
+        except ApiError as err:
+            return [*values, f"⚠️ {err.readable()}", gr.skip()]
+        run = next((j for j in jobs if j.get("kind") == "finetune"), None)
+        return [*values, *(run_summary(run) if run is not None else (gr.skip(), gr.skip()))]
+
+    return SectionHandle([*version_outputs, status, plot], refresh)
 

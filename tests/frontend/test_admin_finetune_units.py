@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from frontend_gradio.admin_finetune import finetune_request, loss_frame, progress_line, version_rows
+from frontend_gradio.admin_finetune import finetune_request, loss_frame, progress_line, run_summary, version_rows
 
 
 def test_the_form_becomes_the_request_body_and_bad_input_names_the_form_field() -> None:
@@ -32,3 +32,17 @@ def test_progress_line_plot_frame_and_version_rows() -> None:
                                    "2026-12-02T00:00:00.123", "manifest": {"steps": 4, "final_loss": 0.5,
                                                                            "parent": "m"}}]})
     assert rows == [["m/v1", "✓", "finetune", 4, "0.5000", "m", "2026-12-02T00:00:00"]]
+
+
+def test_run_summary_of_each_state() -> None:
+    done = {"id": "j1", "status": "succeeded", "progress": {}, "result": {"details": {
+        "version": "m/v1", "steps": 4, "losses": [[1, 0.5], [4, 0.2]]}}}
+    line, frame = run_summary(done)
+    assert line == "last run `j1`: done, version `m/v1` (4 steps)" and frame["step"].tolist() == [1, 4]
+    running = {"id": "j2", "status": "running", "progress": {"step": 2, "total": 9, "detail": {
+        "loss": 0.5, "losses": [[1, 0.6], [2, 0.5]]}}}
+    line, frame = run_summary(running)
+    assert line == "last run `j2`: step 2/9 · loss 0.5000" and len(frame) == 2
+    failed = {"id": "j3", "status": "failed", "progress": {}, "error": {"code": "invalid_dataset",
+                                                                        "message": "no usable row"}}
+    assert run_summary(failed)[0] == "last run `j3`: ⚠️ failed (invalid_dataset): no usable row"

@@ -78,5 +78,14 @@ def test_start_a_run_watch_the_loss_curve_and_promote(page, ft_stack: Stack, art
         page.click("#ft-promote")
         expect(page.locator("#ft-versions-note")).to_contain_text(f"Current: {ref}")
         page.screenshot(path=str(artifacts / "admin-finetune-promoted.png"), full_page=True)
+
+        # a reloaded page finds the run: its outcome and curve come back when the tab opens
+        page.reload()
+        page.locator("#connection").get_by_text("the UI's key: admin").wait_for()
+        page.get_by_role("tab", name="Admin").click()
+        page.get_by_role("tab", name="Fine-tuning and versions").click()
+        expect(page.locator("#ft-status")).to_contain_text(f"done, version {ref}")
+        page.wait_for_function("() => { const p = document.querySelector('#ft-loss svg .mark-line path');"
+                               " return p && (p.getAttribute('d').match(/[ML]/g) || []).length >= 2; }")
     with ft_stack.client("admin") as c:
         assert c.get("/admin/models").json()["current"] == ref
