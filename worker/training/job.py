@@ -14,8 +14,8 @@ One job, top to bottom (:func:`execute_finetune_job`):
    :class:`~worker.progress.ProgressReporter`; a cancel request stops the run at its next step;
 4. copy the finished version (released layout + ``manifest.json``) to ``<weights_dir>/<name>/<version>/``
    (written to a temporary folder, then renamed), register it (source ``finetune``) and store the result:
-   ``{"version", "path", "final_loss", "steps", "tensorboard", "skipped_rows"}``. The run's checkpoints are
-   deleted then; its TensorBoard events stay.
+   ``{"version", "path", "final_loss", "steps", "tensorboard", "skipped_rows", "losses"}``. The run's
+   checkpoints are deleted once the row says succeeded; its TensorBoard events stay.
 
 Failures: bad params ``invalid_params``; a base version that is not registered ``model_unavailable``; data
 that cannot be used at all (no data file, wrong columns, no usable row, wrong layout) ``invalid_dataset``
@@ -25,6 +25,7 @@ folder that exists already for another job ``version_exists``; anything else ``t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -281,8 +282,10 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
         return _fail(job_id, "training_error", str(exc))
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         log.exception("training error", extra={"job_id": job_id})
-        _free_device_memory()
         return _fail(job_id, "training_error", f"{type(exc).__name__}: {exc}")
+    finally:
+        trainer = None  # the model, optimizer and data go with it, before the next job
+        _free_device_memory()
 
     ref = versions.make_ref(name, version)
     full_manifest = {
@@ -301,7 +304,6 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
     except OSError as exc:
         log.exception("could not publish the version", extra={"job_id": job_id})
         return _fail(job_id, "storage_error", f"could not write the version to {target}: {exc}")
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
     result = {
         "version": ref, "path": str(target), "final_loss": manifest.get("final_loss"), "steps": manifest["steps"],
         "tensorboard": str(run / "tensorboard"), "skipped_rows": manifest["data"].get("skipped", 0),
@@ -309,6 +311,9 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
     }
     with session_scope(db) as s:
         stored = crud.mark_succeeded(session=s, job_id=job_id, result=result)
+    # only now: a worker that dies before the row says succeeded reruns the job from its last checkpoint (the
+    # final step's), which publishes the same version again instead of training from scratch
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
     if not stored:
         log.info("finetune job finished after a cancel; kept cancelled", extra={"job_id": job_id})
         return "cancelled"
@@ -347,6 +352,7 @@ def _free_device_memory() -> None:
         import torch
 
         if torch.cuda.is_available():
+            gc.collect()  # the trainer and its callback refer to each other: only the collector frees them
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort
         pass
