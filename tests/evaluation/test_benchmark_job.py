@@ -23,6 +23,7 @@ from tests.worker.jobs_support import submit_raw, use_env, worker_env
 from worker.evaluation.job import child_job_id
 
 PROMPTS = ["a cat", "a dog", "a red ball"]
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
 
 
 def _write_prompts(data_dir: Path) -> str:
@@ -114,3 +115,25 @@ def test_failed_image_fails_the_run_naming_it(tmp_path: Path, tiny_model: Path,
         run = wait_for_job(run_id, worker=w)
     assert run.status == "failed" and run.error_code == "image_failed"
     assert "0001_0.png" in run.error_message and "model_unavailable" in run.error_message
+
+
+def test_public_suite_from_the_pinned_file_in_the_data_dir(tmp_path: Path, tiny_model: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``prompts``: the pinned GenEval++ file kept under <data_dir>/benchmarks/geneval_pp/ (here a copy of the
+    shared one, whose sha256 is the pinned one, so nothing is downloaded); limit 1 keeps one prompt per tag."""
+    from worker.evaluation.suites import GENEVAL_PP_TAGS, SOURCES
+
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model))
+    pinned = data_dir / "benchmarks" / "geneval_pp" / SOURCES["geneval_pp"].filename
+    pinned.parent.mkdir(parents=True)
+    pinned.write_bytes((SHARED / "geneval_plus_plus.jsonl").read_bytes())
+    with judge_server() as (url, judge_log):
+        run_id = _submit_run(suite="geneval_pp", limit=1, height=16, width=16, num_steps=2, judge_url=url)
+        with WorkerProcess(model=tiny_model, log_path=tmp_path / "w.log") as w:
+            run = wait_for_job(run_id, worker=w)
+    assert run.status == "succeeded", (run.error_code, run.error_message)
+    summary = json.loads((data_dir / "benchmarks" / run_id / "summary.json").read_text())
+    assert summary["prompts"]["pinned"] is True and summary["counts"]["images"] == len(GENEVAL_PP_TAGS)
+    assert list(summary["groups"]) == list(GENEVAL_PP_TAGS) and len(judge_log.requests) == len(GENEVAL_PP_TAGS)
+    assert len(_children(run_id)) == len(GENEVAL_PP_TAGS)
