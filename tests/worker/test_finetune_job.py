@@ -1,7 +1,8 @@
 """Fine-tuning jobs on a real `echo4o worker --queues train` subprocess (embedded broker, SQLite), the tiny
 model and tiny datasets written by the training library: a run publishes and registers its version with
 the loss in every progress write; a SIGKILLed worker's run resumes from its last checkpoint in the next
-worker and ends at the same step count; bad datasets fail as invalid_dataset naming the problem."""
+worker and ends at the same step count (with either broker); bad datasets fail as invalid_dataset naming the
+problem."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from echo4o import versions
 from echo4o.db import session_scope
 from echo4o.settings import get_settings
 from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
-from tests.worker.jobs_support import submit, use_env, worker_env
+from tests.worker.jobs_support import private_redis_url, submit, use_env, worker_env
 from worker.training.data import TEXT_TO_IMAGE, write_test_dataset
 from worker.training.job import LossCurve
 
@@ -89,13 +90,23 @@ def test_a_run_publishes_its_version_and_bad_datasets_fail_clearly(
             assert text in job.error_message
 
 
+#: Redis hands a dead worker's job to another after the visibility timeout: short here, so the test waits little
+#: (the resumed run must end within JOB_TIMEOUT_S).
+REDIS_JOB_TIMEOUT_S = 30
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
 def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    broker: str, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "data"
-    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_WEIGHTS_DIR=str(tmp_path / "weights")))
+    extra = {"ECHO4O_WEIGHTS_DIR": str(tmp_path / "weights")}
+    if broker == "redis":  # redelivered by the broker; embedded: requeued by the next worker from the job rows
+        extra |= {"ECHO4O_BROKER_URL": private_redis_url(offset=12), "ECHO4O_JOB_TIMEOUT_S": str(REDIS_JOB_TIMEOUT_S),
+                  "ECHO4O_BROKER_VISIBILITY_TIMEOUT_S": str(REDIS_JOB_TIMEOUT_S + 1)}
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, **extra))
     data = write_test_dataset(data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
-    steps = 120
+    steps = 80
     with WorkerProcess(queues="train", log_path=tmp_path / "first.log") as first:
         job_id = submit("finetune", dataset=str(data), steps=steps, save_every=2, **SMALL_RUN)
         job = wait_for_progress(job_id, min_step=5, worker=first)  # past a checkpoint, mid-run
@@ -111,5 +122,6 @@ def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
     assert job.attempts == 2 and job.worker == second.worker_id
     assert job.result["steps"] == steps
     assert "finetune job resumed" in second.logs()
+    assert ("requeued a job whose worker is gone" in second.logs()) is (broker == "embedded")
     # the curve spans both workers' steps: the losses before the kill came back with the checkpoint
     assert job.result["losses"][0][0] == 1 and job.result["losses"][-1][0] == steps
