@@ -1,4 +1,4 @@
-"""Fine-tuning jobs on a real `echo4o worker --queues train` subprocess (embedded broker, SQLite), the tiny
+"""Fine-tuning jobs on a real `echo4o worker --queues train` subprocess (SQLite records), the tiny
 model and tiny datasets written by the training library: a run publishes and registers its version with
 the loss in every progress write; a SIGKILLed worker's run resumes from its last checkpoint in the next
 worker and ends at the same step count (with either broker); bad datasets fail as invalid_dataset naming the
