@@ -444,9 +444,9 @@ class FinetuneJob(BaseModel):
     """A fine-tuning run: train ``base_version`` on ``dataset`` for ``steps`` optimizer steps and store the
     result as model version ``output_name/output_version`` under the weights dir.
 
-    Every optional training field left ``None`` takes the trainer's default (``TrainConfig``: lora, 1000 steps,
-    lr 2e-5, 10240/11520 tokens, a checkpoint every 500 steps); :meth:`to_train_kwargs` passes only the given
-    ones. ``base_version`` None means the model this installation serves (``ECHO4O_MODEL``).
+    Every optional training field left ``None`` takes the trainer's default (``TrainConfig``, the one place
+    they are written); :meth:`to_train_kwargs` passes only the given ones. ``base_version`` None means the
+    current version (the promoted one, else the configured model); the gateway fills it in on submit.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

@@ -24,9 +24,9 @@ def finetune(
     out: Path = typer.Option(..., "--out", help="Output folder: checkpoints, TensorBoard events and the finished "
                                                 "version (released layout + manifest.json). A folder with "
                                                 "checkpoints is resumed from its newest one."),
-    mode: str | None = typer.Option(None, "--mode", help="lora or full (default: the trainer's, lora)."),
+    mode: str | None = typer.Option(None, "--mode", help="lora or full (default: the trainer's)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default: the trainer's)."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the trainer's, 2e-5)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: the trainer's)."),
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", min=0, help="Linear warm-up steps."),
     save_every: int | None = typer.Option(None, "--save-every", min=1, help="Checkpoint every N steps."),
     expected_tokens: int | None = typer.Option(None, "--expected-tokens", min=1,
