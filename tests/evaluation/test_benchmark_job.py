@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from echo4o.db import session_scope
+from echo4o.db import session_scope, upgrade_to_head
 from echo4o.db.models import Job
 from echo4o.jobs import parse_job
 from tests.evaluation.servers import judge_server
@@ -137,3 +137,37 @@ def test_public_suite_from_the_pinned_file_in_the_data_dir(tmp_path: Path, tiny_
     assert summary["prompts"]["pinned"] is True and summary["counts"]["images"] == len(GENEVAL_PP_TAGS)
     assert list(summary["groups"]) == list(GENEVAL_PP_TAGS) and len(judge_log.requests) == len(GENEVAL_PP_TAGS)
     assert len(_children(run_id)) == len(GENEVAL_PP_TAGS)
+
+
+def test_image_rows_a_dead_phase_never_enqueued_are_enqueued_on_recovery(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state a worker leaves when it dies inside a phase, between writing an image job's row and sending it:
+    the run ``running`` on a dead worker, one image row ``queued`` with no message. The next worker requeues the
+    run; its phase sends the row again, and the run finishes with that very image job."""
+    import socket
+
+    from echo4o.db import crud
+    from worker.evaluation.job import _create_child, load_run
+
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model))
+    prompts = _write_prompts(data_dir)
+    with judge_server() as (url, judge_log):
+        params = parse_job("benchmark", {"suite": "custom", "prompts": prompts, "limit": 1, "height": 16,
+                                         "width": 16, "num_steps": 2, "judge_url": url})
+        upgrade_to_head()
+        with session_scope() as s:
+            run = crud.create_job(session=s, kind="benchmark", params=params.model_dump(mode="json"),
+                                  model_version="echo4o-tiny", priority=0)
+            run_id = run.id
+            assert crud.mark_running(session=s, job_id=run_id, worker=f"{socket.gethostname()}:999999999", gpu=None)
+            records, _, generation = load_run(params, data_dir)
+            orphan = child_job_id(run_id, "0001_0.png")
+            assert _create_child(s, run_id, orphan, records[0], 0, generation, params, "anonymous", "echo4o-tiny",
+                                 data_dir)
+        with WorkerProcess(model=tiny_model, log_path=tmp_path / "w.log") as w:
+            done = wait_for_job(run_id, worker=w)
+    assert done.status == "succeeded", (done.error_code, done.error_message)
+    assert [(c.id, c.status) for c in _children(run_id)] == [(orphan, "succeeded")]
+    assert len(judge_log.requests) == 1

@@ -13,6 +13,8 @@ A run never holds a worker while its images wait in the queue. Each time its mes
    directory; a failed or cancelled one fails the run, naming the image, the job and its reason;
 3. progress: stage ``generate``, step = images in the run directory, total = images of the run, detail
    ``{"generated", "images", "pending"}``;
+   A phase run again after its worker died (a redelivery, or a run requeued by the next worker) enqueues its
+   still-queued image jobs again, in case the dead phase wrote their rows but never sent them;
 4. images still pending: the run enqueues itself again at :data:`~echo4o.jobs.BENCHMARK_RUN_PRIORITY` (the
    lowest, behind its own images) and returns, the row still ``running``; so one worker is enough;
 5. every image there: :func:`worker.evaluation.runner.run_benchmark` judges (stage ``judge``, step = verdicts,
@@ -99,6 +101,8 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
             return _fail(job_id, "invalid_params", str(exc))
         assert isinstance(payload, BenchmarkJob)
         runtime = get_runtime()
+        # a phase cut short (its worker died) may have written image job rows it never enqueued
+        recovering = redelivered or (job.status == "queued" and job.attempts > 0)
         if job.status == "queued":
             if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
                 row = crud.get_job(session=s, job_id=job_id)
@@ -108,7 +112,7 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
             log.info("benchmark started", extra={"job_id": job_id, "suite": payload.suite})
         owner, model_version = job.owner, job.model_version
     try:
-        return _phase(job_id, payload, owner=owner, model_version=model_version)
+        return _phase(job_id, payload, owner=owner, model_version=model_version, recovering=recovering)
     except BenchmarkRunError as exc:
         return _fail(job_id, exc.code, str(exc))
     except Exception as exc:  # noqa: BLE001 - one run's crash must not take the worker down
@@ -139,7 +143,7 @@ def load_run(payload: BenchmarkJob, data_dir: Path) -> tuple[list[Any], Any, Any
     return records, source, generation
 
 
-def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str) -> str:
+def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str, recovering: bool = False) -> str:
     from worker.evaluation.runner import IMAGES_DIR, image_name
 
     settings = get_settings()
@@ -169,6 +173,8 @@ def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str
                     _copy_image(data_dir / child.result["images"][0], out / IMAGES_DIR / name)
                 elif child.status in ACTIVE_STATUSES:
                     pending.append(child.status)
+                    if recovering and child.status == "queued":
+                        created.append(child_id)  # enqueued again: a duplicate message finds it done and skips it
                 else:
                     raise BenchmarkRunError(
                         "image_failed", f"image {name} of prompt {record.id} (job {child_id}) {child.status}: "
@@ -183,6 +189,7 @@ def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str
 
         for child_id in created:
             submit(child_id, "generate", BENCHMARK_IMAGE_PRIORITY)
+        recovering = False
         if not pending:
             break
         if "queued" in pending or created or time.monotonic() > deadline:
