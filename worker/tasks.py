@@ -26,7 +26,7 @@ from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND, describe_validati
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
-from worker.evaluation.job import execute_benchmark_job
+from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -147,7 +147,10 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
     )
     runtime.set_status("busy")
     try:
-        return _run(job_id, payload, runtime, queue_wait_s, t_received)
+        status = _run(job_id, payload, runtime, queue_wait_s, t_received)
+        if status == "succeeded" and job.parent_id is not None:
+            image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
+        return status
     finally:
         runtime.set_status("ready")
 

@@ -66,6 +66,11 @@ def test_killed_run_resumes_without_regenerating_images_or_reasking_verdicts(
         with WorkerProcess(model=tiny_model, log_path=tmp_path / "w1.log") as w1:
             wait_for_progress(second_image, worker=w1)
             w1.kill()
+        with session_scope() as s:
+            run = s.get(Job, run_id)
+            # the run's progress moved with its first image, before any phase of the run counted it
+            assert (run.progress_stage, run.progress_step, run.progress_total) == ("generate", 1, 3)
+            assert run.progress_detail == {"generated": 1, "images": 3, "pending": 2}
         first = _children(run_id)[0]
         assert first.id == child_job_id(run_id, "0001_0.png") and first.status == "succeeded"
         first_png = data_dir / first.result["images"][0]

@@ -120,6 +120,29 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
         return _fail(job_id, "benchmark_error", f"{type(exc).__name__}: {exc}")
 
 
+def image_job_succeeded(run_id: str) -> None:
+    """Called by the image handler when an image job of run ``run_id`` succeeded: while the run is generating,
+    its step (and ``detail.generated``) becomes the number of its image jobs that succeeded, so its progress moves
+    with every image, not only at its phases. Best effort: a failure here never fails the image job."""
+    import sqlalchemy as sa
+
+    from echo4o.db.models import Job
+
+    try:
+        with session_scope(get_settings().database_url) as s:
+            run = crud.get_job(session=s, job_id=run_id)
+            if run is None or run.status != "running" or run.progress_stage != "generate" or not run.progress_total:
+                return
+            total = run.progress_total
+            made = s.scalar(sa.select(sa.func.count()).select_from(Job)
+                            .where(Job.parent_id == run_id, Job.status == "succeeded")) or 0
+            detail = {**(run.progress_detail or {}), "generated": min(made, total), "pending": max(0, total - made)}
+            crud.update_progress(session=s, job_id=run_id, step=min(made, total), total=total, stage="generate",
+                                 detail=detail)
+    except Exception as exc:  # noqa: BLE001 - the image is made; the run's next phase counts it anyway
+        log.warning("could not update the run's progress", extra={"job_id": run_id, "error": str(exc)})
+
+
 def load_run(payload: BenchmarkJob, data_dir: Path) -> tuple[list[Any], Any, Any]:
     """The run's prompt records (after ``limit``), their source file and the generation settings."""
     from worker.evaluation.runner import paper_settings
