@@ -1,7 +1,7 @@
 """The admin tab: one sub-tab per :class:`AdminSection`, shown only to a session whose key is an admin key.
 
-To add a panel (the fine-tuning and benchmark forms, once the gateway serves ``POST /admin/finetune`` and
-``POST /admin/benchmarks``), write a function ``build(ctx) -> SectionHandle`` that creates its components
+To add a panel (as ``admin_finetune.py`` and ``admin_benchmarks.py`` do), write a function
+``build(ctx) -> SectionHandle`` that creates its components
 (forms, buttons wired to ``ctx.client`` with ``ctx.key_state`` as an input) and append
 ``AdminSection("Title", build)`` to :data:`ADMIN_SECTIONS`. The tab's Refresh button, and opening the tab,
 call every section's ``refresh(key)`` and write what it returns into its ``outputs``.
@@ -113,7 +113,7 @@ def _build_all_jobs(ctx: AdminContext) -> SectionHandle:
     return SectionHandle([table], lambda key: fetch(key))
 
 
-# Fine-tuning and benchmark sections append here when the gateway has their routes.
+# Sections of their own modules (fine-tuning, benchmarks) are appended below.
 def _build_finetune(ctx: AdminContext) -> SectionHandle:
     from frontend_gradio.admin_finetune import build  # its own module (it imports this one's classes)
 
