@@ -176,3 +176,23 @@ def test_image_rows_a_dead_phase_never_enqueued_are_enqueued_on_recovery(
     assert done.status == "succeeded", (done.error_code, done.error_message)
     assert [(c.id, c.status) for c in _children(run_id)] == [(orphan, "succeeded")]
     assert len(judge_log.requests) == 1
+
+
+def test_two_workers_share_a_runs_images(tmp_path: Path, tiny_model: Path, redis_url: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis and two workers: the run's image jobs are spread over both, each runs once, the run finishes."""
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_BROKER_URL=redis_url))
+    prompts = _write_prompts(data_dir)
+    with judge_server() as (url, judge_log):
+        with WorkerProcess(model=tiny_model, log_path=tmp_path / "a.log") as a, \
+                WorkerProcess(model=tiny_model, log_path=tmp_path / "b.log") as b:
+            run_id = _submit_run(suite="custom", prompts=prompts, images_per_prompt=2, height=16, width=16,
+                                 num_steps=20, judge_url=url)
+            run = wait_for_job(run_id, worker=a)
+            assert b.alive()
+    assert run.status == "succeeded", (run.error_code, run.error_message)
+    children = _children(run_id)
+    assert len(children) == 6 and all(c.status == "succeeded" and c.attempts == 1 for c in children)
+    assert {c.worker for c in children} == {a.worker_id, b.worker_id}
+    assert len(judge_log.requests) == 6
