@@ -125,3 +125,17 @@ def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
     assert ("requeued a job whose worker is gone" in second.logs()) is (broker == "embedded")
     # the curve spans both workers' steps: the losses before the kill came back with the checkpoint
     assert job.result["losses"][0][0] == 1 and job.result["losses"][-1][0] == steps
+
+
+def test_a_run_past_the_job_timeout_fails_and_keeps_its_checkpoints(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_JOB_TIMEOUT_S="10"))
+    data = write_test_dataset(data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
+    with WorkerProcess(queues="train", log_path=tmp_path / "worker.log") as worker:
+        job_id = submit("finetune", dataset=str(data), steps=1_000_000, save_every=1, **SMALL_RUN)
+        job = wait_for_job(job_id, worker=worker)
+    assert (job.status, job.error_code) == ("failed", "timeout"), (job.error_message, worker.tail())
+    assert "ECHO4O_JOB_TIMEOUT_S" in job.error_message
+    assert list((data_dir / "finetune" / job_id / "checkpoints").glob("step-*"))
