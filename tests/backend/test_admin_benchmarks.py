@@ -62,8 +62,10 @@ def test_run_through_the_queue_reports_progress_and_scores(stack: Stack, finishe
         one = c.get(f"/admin/benchmarks/{finished_run['id']}").json()
     assert len(children) == 2 and all(j["status"] == "succeeded" for j in children)
     assert {j["params"]["prompt"] for j in children} == set(PROMPTS)
-    assert runs["count"] >= 1 and runs["data"][0]["id"] == finished_run["id"]
-    assert one["image_jobs"] == {"succeeded": 2} and runs["data"][0]["image_jobs"] == {"succeeded": 2}
+    listed = next(r for r in runs["data"] if r["id"] == finished_run["id"])
+    assert runs["count"] == len(runs["data"]) >= 1 and listed["status"] == "succeeded"
+    assert [r["created_at"] for r in runs["data"]] == sorted((r["created_at"] for r in runs["data"]), reverse=True)
+    assert one["image_jobs"] == {"succeeded": 2} and listed["image_jobs"] == {"succeeded": 2}
     assert one["overall"] == 1.0 and one["suite"] == "custom" and one["judge_model"] == "judge-m"
     assert one["report_url"].endswith(f"/admin/benchmarks/{finished_run['id']}/report")
 
@@ -141,3 +143,18 @@ def test_cancel_stops_the_run_and_its_image_jobs(stack: Stack, judge: tuple[str,
         view = c.get(f"/admin/benchmarks/{run_id}").json()
     assert view["image_jobs"] == {"cancelled": 2}, view  # the running one stopped, the queued one never ran
     assert len(log.requests) == asked
+
+
+def test_compare_to_puts_the_other_run_beside_this_one(stack: Stack, finished_run: dict,
+                                                       judge: tuple[str, JudgeLog]) -> None:
+    url, _ = judge
+    with stack.client("admin") as c:
+        r = c.post("/admin/benchmarks", json={**RUN, "height": 48, "width": 48, "judge_url": url,
+                                              "compare_to": finished_run["id"]})
+        assert r.status_code == 202, r.text
+        run = stack.wait_job(r.json()["id"], key="admin")
+        assert run["status"] == "succeeded", run
+        summary = c.get(f"/admin/benchmarks/{run['id']}/report", params={"format": "json"}).json()
+        html = c.get(f"/admin/benchmarks/{run['id']}/report").text
+    assert summary["compare"]["overall"] == 1.0 and summary["compare"]["groups"] == {"custom": 1.0}
+    assert "(before: 1.000, change +0.000)" in html
