@@ -138,4 +138,5 @@ def test_a_run_past_the_job_timeout_fails_and_keeps_its_checkpoints(
         job = wait_for_job(job_id, worker=worker)
     assert (job.status, job.error_code) == ("failed", "timeout"), (job.error_message, worker.tail())
     assert "ECHO4O_JOB_TIMEOUT_S" in job.error_message
-    assert list((data_dir / "finetune" / job_id / "checkpoints").glob("step-*"))
+    kept = [p.name for p in (data_dir / "finetune" / job_id / "checkpoints").glob("step-*")]
+    assert len(kept) == 1 and not kept[0].endswith(".tmp"), kept  # only the newest is kept

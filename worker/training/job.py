@@ -6,9 +6,9 @@ One job, top to bottom (:func:`execute_finetune_job`):
    the payload (:class:`echo4o.jobs.FinetuneJob`), resolve its base version through the registry
    (:mod:`echo4o.versions`) and check the dataset's layout when the job names one;
 2. train with :class:`~worker.training.trainer.Trainer` into the job's run folder
-   ``<data_dir>/finetune/<job_id>/`` (checkpoints every ``save_every`` steps, TensorBoard events); a rerun of
-   the same job (its worker died and the broker or the next worker requeued it) finds the checkpoints there and
-   resumes from the newest, ending at the same step count;
+   ``<data_dir>/finetune/<job_id>/`` (a checkpoint every ``save_every`` steps, only the newest kept; TensorBoard
+   events); a rerun of the same job (its worker died and the broker or the next worker requeued it) finds the
+   checkpoint there and resumes from it, ending at the same step count;
 3. after every step, hand ``step/total`` with ``stage="train"`` and ``detail`` (loss, lr, samples_per_s, eta_s,
    skipped_rows and ``losses``, the loss curve as ``[step, loss]`` points, see :class:`LossCurve`) to the
    :class:`~worker.progress.ProgressReporter`; a cancel request stops the run at its next step;
@@ -163,6 +163,20 @@ def publish_version(run: Path, target: Path, manifest: dict[str, Any], job_id: s
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def prune_checkpoints(out: Path) -> list[Path]:
+    """Delete every checkpoint under ``out`` but the newest complete one (resuming needs only that; for the 7B
+    model each is tens of GB). Returns the folders deleted."""
+    from worker.training.trainer import CHECKPOINTS, latest_checkpoint
+
+    newest = latest_checkpoint(out)
+    if newest is None:
+        return []
+    old = [p for p in (out / CHECKPOINTS).glob("step-*") if p != newest and not p.name.endswith(".tmp")]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
 
 
 def _manifest_job(folder: Path) -> str | None:
@@ -327,6 +341,8 @@ def _on_progress(trainer: Any, reporter: ProgressReporter, curve: LossCurve,
     the run when a cancel was requested or the deadline has passed."""
 
     def on_progress(p: Any) -> None:
+        if p.step % trainer.config.save_every == 0:  # the trainer has just written this step's checkpoint
+            prune_checkpoints(trainer.out)
         curve.add(p.step, p.loss)
         reporter.report(p.step, p.total_steps, stage="train", detail={
             "loss": p.loss, "lr": p.lr, "samples_per_s": round(p.samples_per_s, 4), "eta_s": round(p.eta_s, 2),
