@@ -18,12 +18,13 @@ from echo4o.db import session_scope, upgrade_to_head
 from echo4o.db.models import Job
 from echo4o.jobs import parse_job
 from tests.evaluation.servers import judge_server
+from tests.support.benchmarks import shared_benchmarks_dir
 from tests.support.worker_proc import WAIT_S, WorkerProcess, _poll_job, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import submit_raw, use_env, worker_env
 from worker.evaluation.job import child_job_id
 
 PROMPTS = ["a cat", "a dog", "a red ball"]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+SHARED = shared_benchmarks_dir()
 
 
 def _write_prompts(data_dir: Path) -> str:

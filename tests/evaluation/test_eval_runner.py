@@ -6,18 +6,18 @@ without regenerating finished images or re-asking cached verdicts."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.evaluation.servers import judge_server
+from tests.support.benchmarks import shared_benchmarks_dir
 from worker.evaluation.judge import JudgeConfig
 from worker.evaluation.report import load_summary
 from worker.evaluation.runner import RunMismatch, paper_settings, pipeline_generate, run_benchmark
 from worker.evaluation.suites import limit_per_group, load_suite
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+SHARED = shared_benchmarks_dir()
 SMALL = {"height": 64, "width": 64, "num_steps": 3}
 
 

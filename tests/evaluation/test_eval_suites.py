@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tests.evaluation.servers import serve_files
+from tests.support.benchmarks import shared_benchmarks_dir
 from worker.evaluation.suites import (
     GENEVAL_PP_TAGS,
     IMAGINE_CATEGORIES,
@@ -21,7 +21,7 @@ from worker.evaluation.suites import (
     load_suite,
 )
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+SHARED = shared_benchmarks_dir()
 FILES = {"geneval_pp": SHARED / "geneval_plus_plus.jsonl", "imagine": SHARED / "imagine_bench.jsonl",
          "geneval": SHARED / "geneval_evaluation_metadata.jsonl"}
 
