@@ -124,9 +124,10 @@ class WorkerRuntime:
         log.info("warm-up done", extra={"warmup_s": round(time.perf_counter() - t0, 3)})
 
     def set_status(self, status: str) -> None:
+        # The lock covers the write too: a heartbeat that read the old status cannot write it after this one.
         with self._lock:
             self.status = status
-        self._write(status=status)
+            self._write(status=status)
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -146,9 +147,8 @@ class WorkerRuntime:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.worker_heartbeat_s):
             try:
-                with self._lock:
-                    status = self.status
-                self._write(status=status)
+                with self._lock:  # read and write under one lock: never a stale status after set_status's
+                    self._write(status=self.status)
             except Exception as exc:  # noqa: BLE001 - a missed beat is logged, the next one retries
                 log.warning("heartbeat failed", extra={"worker": self.worker_id, "error": str(exc)})
 

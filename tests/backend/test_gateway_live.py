@@ -12,6 +12,7 @@ import base64
 import contextlib
 import io
 import json
+import time
 from collections.abc import Iterable, Iterator
 
 import httpx
@@ -21,6 +22,7 @@ from PIL import Image
 from echo4o.jobs import ACTIVE_STATUSES, MAX_NUM_IMAGES, MAX_STEPS, GenerateJob
 from echo4o.pnginfo import params_from_png
 from tests.support.stack import Stack, fresh_database, live_stack
+from tests.support.worker_proc import POLL_S, WAIT_S
 
 SMALL = {"height": 32, "width": 32, "num_steps": 2}
 # The most steps a job may have, at a size that costs about a second per step on a CPU: still running long
@@ -388,9 +390,15 @@ def test_health_models_metrics_and_admin_views(stack: Stack) -> None:
     assert count and float(count[0].split()[-1]) >= 1
     assert 'echo4o_http_request_duration_seconds_count{method="POST",route="/generate",status="202"}' in text
     with stack.client("admin") as admin:
-        workers = admin.get("/admin/workers").json()
-        # ready or busy: the heartbeat thread may rewrite the status it read just before the last job changed it
-        assert workers["count"] == 1 and workers["data"][0]["status"] in ("ready", "busy")
+        # the worker says ready once its job is done (it marks the job first, then itself): wait for that, then
+        # it stays ready (a heartbeat never writes back a status read before the last change)
+        deadline = time.monotonic() + WAIT_S
+        while (workers := admin.get("/admin/workers").json())["data"][0]["status"] != "ready":
+            assert time.monotonic() < deadline, workers
+            time.sleep(POLL_S)
+        assert workers["count"] == 1
+        for _ in range(3):
+            assert admin.get("/admin/workers").json()["data"][0]["status"] == "ready"
         assert admin.get("/admin/queue").json() == {"queued": 0, "running": 0, "data": []}
         with stack.client("user") as c:
             long = start_long_job(c)
