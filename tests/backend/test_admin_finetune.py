@@ -93,7 +93,7 @@ def test_a_run_streams_its_loss_and_ends_with_a_registered_version(stack: Stack,
 
 def test_a_running_run_is_cancelled_by_delete(stack: Stack, dataset: str) -> None:
     with stack.client("admin") as c:
-        r = c.post("/admin/finetune", json={"dataset": dataset, "steps": 100_000, **SMALL_RUN})
+        r = c.post("/admin/finetune", json={"dataset": dataset, "steps": 100_000, "save_every": 1, **SMALL_RUN})
         assert r.status_code == 202, r.text
         created = r.json()
         with c.stream("GET", created["events_url"]) as stream:
@@ -102,5 +102,7 @@ def test_a_running_run_is_cancelled_by_delete(stack: Stack, dataset: str) -> Non
         assert c.delete(created["status_url"]).status_code == 200
     job = stack.wait_job(created["id"], key="admin")
     assert job["status"] == "cancelled" and job["progress"]["step"] < 100_000
+    run = stack.data_dir / "finetune" / created["id"]
+    assert run.is_dir() and not (run / "checkpoints").exists()  # a cancelled run's checkpoint is deleted
     with httpx.Client(base_url=stack.url, headers=stack.headers("admin")) as c:
         assert c.get("/admin/queue").json()["running"] == 0

@@ -19,7 +19,8 @@ One job, top to bottom (:func:`execute_finetune_job`):
 
 Failures: bad params ``invalid_params``; a base version that is not registered ``model_unavailable``; data
 that cannot be used at all (no data file, wrong columns, no usable row, wrong layout) ``invalid_dataset``
-with the reader's message; a run longer than ``job_timeout_s`` ``timeout`` (its checkpoints stay); a version
+with the reader's message; a base whose files cannot be loaded ``model_unavailable``; a run longer than
+``job_timeout_s`` ``timeout`` (its checkpoint stays; a cancelled run's is deleted); a version
 folder that exists already for another job ``version_exists``; anything else ``training_error``.
 """
 
@@ -247,6 +248,7 @@ def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
 
 
 def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, settings: Settings) -> str:
+    from worker.engine.loading import CheckpointError
     from worker.training.data import DataError
     from worker.training.trainer import TrainConfig, Trainer, TrainingError
 
@@ -280,9 +282,12 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
             raise JobStopped("cancelled")
     except JobStopped as stop:
         if stop.reason == "timeout":
-            return _fail(job_id, "timeout", f"the run went past job_timeout_s={settings.job_timeout_s} s; its "
-                                            f"checkpoints stay in {run}: raise ECHO4O_JOB_TIMEOUT_S (and the "
-                                            "broker visibility timeout) for long runs")
+            return _fail(job_id, "timeout", f"the run went past job_timeout_s={settings.job_timeout_s} s: raise "
+                                            "ECHO4O_JOB_TIMEOUT_S (and the broker visibility timeout) for long "
+                                            f"runs. Its checkpoint stays in {run}; `echo4o finetune --out {run}` "
+                                            "with the same settings resumes it")
+        # a cancelled job never runs again (a rerun sees cancel_requested at its claim): its checkpoint is waste
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
         with session_scope(db) as s:
             crud.mark_cancelled(session=s, job_id=job_id)
         log.info("finetune job cancelled", extra={"job_id": job_id, "step": curve.points[-1][0] if curve.points
@@ -294,6 +299,8 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
         return _fail(job_id, "invalid_dataset", str(exc))
     except TrainingError as exc:
         return _fail(job_id, "training_error", str(exc))
+    except CheckpointError as exc:
+        return _fail(job_id, "model_unavailable", f"base_version {base_ref!r} cannot be loaded from {base_path}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         log.exception("training error", extra={"job_id": job_id})
         return _fail(job_id, "training_error", f"{type(exc).__name__}: {exc}")
