@@ -20,6 +20,30 @@ from echo4o.jobs import TERMINAL_STATUSES
 from echo4o.settings import Settings
 
 
+class StepCounter:
+    """Which step numbers the stream has not reported yet, from one row read to the next.
+
+    A new phase of a running job that counts anew (a benchmark's judging after its generating: the step went back
+    or the total changed) reports its steps from 1 again; a phase that goes on counting (an image job's encoding
+    after its last sampling step) repeats none.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.stage: str | None = None
+        self.total: int | None = None
+
+    def advance(self, status: str, stage: str | None, step: int, total: int | None) -> range:
+        if status == "running":
+            if stage != self.stage and self.stage is not None and (step < self.step or total != self.total):
+                self.step = 0
+            self.stage, self.total = stage, total
+        if status not in ("running", "succeeded") or not total or step <= self.step:
+            return range(0)
+        new, self.step = range(self.step + 1, step + 1), step
+        return new
+
+
 async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterator[dict[str, str]]:
     """Server-Sent Events for one job, read from its row every POLL_S.
 
@@ -29,8 +53,7 @@ async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterato
     ``failed`` or ``cancelled``, and the stream ends.
     """
     last_position: int | None = -1
-    last_step = 0
-    last_stage: str | None = None
+    counter = StepCounter()
     last_preview: bytes | None = None
     while True:
         def read(s: Session) -> tuple[Job | None, int | None, JobPublic | None]:
@@ -49,19 +72,14 @@ async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterato
             last_position = position
             yield {"event": "queued", "data": json.dumps({"position": (position or 0) + 1})}
         step, total = job.progress_step or 0, job.progress_total
-        if job.status == "running" and job.progress_stage != last_stage:
-            # a new phase of a running job (a benchmark's judging after its generating) counts its steps anew
-            last_stage, last_step = job.progress_stage, 0
-        if job.status in ("running", "succeeded") and total and step > last_step:
-            for s in range(last_step + 1, step + 1):
-                data: dict[str, Any] = {"step": s, "total": total, "stage": job.progress_stage}
-                if s == step and job.progress_detail:
-                    data["detail"] = job.progress_detail
-                if s == step and job.preview and job.preview != last_preview:
-                    data["preview"] = base64.b64encode(job.preview).decode("ascii")
-                    last_preview = job.preview
-                yield {"event": "progress", "data": json.dumps(data)}
-            last_step = step
+        for s in counter.advance(job.status, job.progress_stage, step, total):
+            data: dict[str, Any] = {"step": s, "total": total, "stage": job.progress_stage}
+            if s == step and job.progress_detail:
+                data["detail"] = job.progress_detail
+            if s == step and job.preview and job.preview != last_preview:
+                data["preview"] = base64.b64encode(job.preview).decode("ascii")
+                last_preview = job.preview
+            yield {"event": "progress", "data": json.dumps(data)}
         if job.status == "succeeded":
             assert view is not None
             yield {"event": "done", "data": view.model_dump_json()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from backend.services.events import job_events
+from backend.services.events import StepCounter, job_events
 from backend.services.views import public_job
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.settings import get_settings
@@ -76,3 +76,50 @@ def test_a_new_stage_counts_from_one_and_success_replays_nothing():
     assert progress[2]["detail"] == {"generated": 3} and progress[4]["detail"] == {"judged": 2}
     assert "detail" not in progress[0]
     assert events[-1]["event"] == "done"
+
+
+async def _follow_image_job(settings, url: str, job_id: str) -> list[dict]:
+    """Sampling reaches 4/4, then the job moves to its encoding stage at the same step, then succeeds."""
+    events: list[dict] = []
+    stream = job_events(settings, job_id, "http://test")
+    with session_scope(url) as s:
+        crud.update_progress(session=s, job_id=job_id, step=4, total=4, stage="sampling")
+    while True:
+        event = await anext(stream)
+        events.append(event)
+        if event["event"] == "progress" and json.loads(event["data"])["step"] == 4:
+            break
+    with session_scope(url) as s:
+        crud.update_progress(session=s, job_id=job_id, step=4, total=4, stage="encoding")
+        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+    events.extend([event async for event in stream])
+    return events
+
+
+def test_a_stage_that_goes_on_counting_repeats_no_step():
+    settings = get_settings()
+    url = settings.database_url
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        job_id = job.id
+    events = asyncio.run(_follow_image_job(settings, url, job_id))
+    steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
+    assert steps == [1, 2, 3, 4] and events[-1]["event"] == "done"
+
+
+def test_step_counter_repeats_nothing_when_a_phase_goes_on_and_restarts_when_it_counts_anew():
+    c = StepCounter()
+    assert list(c.advance("queued", "queued", 0, None)) == []
+    assert list(c.advance("running", "sampling", 2, 4)) == [1, 2]
+    assert list(c.advance("running", "sampling", 4, 4)) == [3, 4]
+    assert list(c.advance("running", "encoding", 4, 4)) == []  # same count goes on: nothing again
+    assert list(c.advance("succeeded", "done", 4, 4)) == []
+    b = StepCounter()
+    assert list(b.advance("running", "generate", 3, 3)) == [1, 2, 3]
+    assert list(b.advance("running", "judge", 1, 3)) == [1]  # the step went back: a new count
+    assert list(b.advance("running", "judge", 3, 3)) == [2, 3]
+    d = StepCounter()
+    assert list(d.advance("running", "generate", 2, 2)) == [1, 2]
+    assert list(d.advance("running", "judge", 5, 6)) == [1, 2, 3, 4, 5]  # another total: a new count
