@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     )
     judge_model: str = Field("gpt-4.1-2025-04-14", description="Judge model name (GPT-4.1, as in the paper).")
     judge_api_key: SecretStr | None = Field(None, description="API key of the judge; empty for a local server.")
+    geneval_detector: str = Field(
+        "", description="GenEval's object detector as 'package.module:function' ((record, image) -> {correct, "
+                        "reason}); empty: GenEval images are made and left unscored."
+    )
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -43,6 +43,8 @@ def bench(
     rpm: Annotated[float | None, typer.Option(help="Judge requests per minute at most.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    detector: Annotated[str | None, typer.Option(help="GenEval's object detector, package.module:function. "
+                                                     "Default: ECHO4O_GENEVAL_DETECTOR.")] = None,
     compare: Annotated[Path | None, typer.Option(help="Another run's directory, shown side by side.")] = None,
 ) -> None:
     """Run a benchmark suite on a model and write DIR/summary.json, report.md and report.html."""
@@ -65,6 +67,12 @@ def bench(
     if suite != "geneval" and judge_url is None:
         raise typer.BadParameter(f"{suite} is scored by a judge: give --judge-url (and --judge-model)",
                                  param_hint="--judge-url")
+    from worker.evaluation.detector import DetectorConfigError, load_detector
+
+    try:
+        geneval_detector = load_detector(detector or settings_.geneval_detector) if suite == "geneval" else None
+    except DetectorConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--detector") from None
     records, source = load_suite(suite, prompts, cache_dir=cache_dir)
     records = limit_per_group(records, limit)
     overrides = {"height": height, "width": width, "num_steps": steps, "seed": seed}
@@ -97,6 +105,7 @@ def bench(
         summary = run_benchmark(records, out, suite=suite, generate=pipeline_generate(pipe, settings),
                                 generation=settings, judge=judge, progress=progress, limit=limit,
                                 suite_file=source, model={"path": str(model), "name": Path(str(model)).name},
+                                detector=geneval_detector,
                                 compare=load_summary(compare) if compare else None)
     finally:
         for bar in bars.values():

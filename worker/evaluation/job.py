@@ -266,11 +266,16 @@ class _Cancelled(Exception):
 
 def _judge(job_id: str, payload: BenchmarkJob, records: list[Any], source: Any, generation: Any, out: Path,
            model_version: str) -> str:
+    from worker.evaluation.detector import DetectorConfigError, load_detector
     from worker.evaluation.judge import JudgeConfig
     from worker.evaluation.runner import run_benchmark
     from worker.progress import ProgressReporter
 
     settings = get_settings()
+    try:
+        detector = load_detector(settings.geneval_detector) if payload.suite == "geneval" else None
+    except DetectorConfigError as exc:
+        return _fail(job_id, "detector_unavailable", str(exc))
     judge = None
     if payload.judge_url is not None:
         judge = JudgeConfig(base_url=payload.judge_url, model=payload.judge_model or settings.judge_model,
@@ -296,7 +301,8 @@ def _judge(job_id: str, payload: BenchmarkJob, records: list[Any], source: Any, 
         try:
             summary = run_benchmark(records, out, suite=payload.suite, generate=generate, generation=generation,
                                     judge=judge, progress=progress, limit=payload.limit, suite_file=source,
-                                    model={"version": model_version, "name": model_version}, compare=compare)
+                                    model={"version": model_version, "name": model_version}, compare=compare,
+                                    detector=detector)
         except _Cancelled:
             summary = None
     if summary is None or reporter.cancelled.is_set():
