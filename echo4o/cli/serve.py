@@ -12,6 +12,7 @@ import threading
 import typer
 
 from echo4o.cli import app
+from echo4o.jobs import QUEUE_OF_KIND
 
 keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in the job database).",
                        no_args_is_help=True)
@@ -39,9 +40,9 @@ def serve(
     host: str | None = typer.Option(None, "--host", help="Address to bind (default ECHO4O_HOST, 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Port (default ECHO4O_PORT, 8000)."),
 ) -> None:
-    """Run the HTTP gateway. With no ECHO4O_BROKER_URL it also starts one worker process next to it
-    (embedded broker on SQLite: nothing else to install); with a broker it only enqueues, and
-    `echo4o worker` processes run the jobs."""
+    """Run the HTTP gateway. With no ECHO4O_BROKER_URL it also starts one worker process next to it for both
+    queues, image and fine-tuning jobs one at a time (embedded broker on SQLite: nothing else to install); with a
+    broker it only enqueues, and `echo4o worker` processes run the jobs."""
     settings = _settings_with(model=model, host=host, port=port)
     from echo4o.logging import get_logger, setup_logging
 
@@ -91,16 +92,21 @@ def serve(
         raise typer.Exit(worker.returncode)
 
 
+#: The embedded worker serves every queue: without a broker it is the only worker there is.
+EMBEDDED_QUEUES = ",".join(dict.fromkeys(QUEUE_OF_KIND.values()))
+
+
 def _note_signal(signum: int, _frame: object) -> None:
     """Shutdown signals after uvicorn has stopped: nothing left to do but the cleanup in ``serve``."""
 
 
 def _start_embedded_worker(log, server, startup_failure: threading.Event) -> subprocess.Popen[bytes]:  # noqa: ANN001
-    """Start ``echo4o worker --queues gpu`` as a child. When it exits with a startup-failure code (a bad setting,
+    """Start ``echo4o worker --queues gpu,train`` as a child (the only worker: it takes every kind of job).
+    When it exits with a startup-failure code (a bad setting,
     a model that cannot be had), ``startup_failure`` is set and ``server`` (a uvicorn.Server) told to stop."""
     from echo4o.cli.worker import STARTUP_FAILURES
 
-    args = [sys.executable, "-m", "echo4o", "worker", "--queues", "gpu"]
+    args = [sys.executable, "-m", "echo4o", "worker", "--queues", EMBEDDED_QUEUES]
     proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
     log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
 
@@ -111,7 +117,8 @@ def _start_embedded_worker(log, server, startup_failure: threading.Event) -> sub
             server.should_exit = True
         elif code not in (0, -signal.SIGTERM, -signal.SIGINT):
             log.error("embedded worker exited; jobs will stay queued until a worker runs. Its log is above; "
-                      "start one with `echo4o worker --queues gpu`", extra={"pid": proc.pid, "exit_code": code})
+                      f"start one with `echo4o worker --queues {EMBEDDED_QUEUES}`",
+                      extra={"pid": proc.pid, "exit_code": code})
 
     threading.Thread(target=watch, name="embedded-worker-watch", daemon=True).start()
     return proc

@@ -27,6 +27,9 @@ def test_embedded_serve_generates_end_to_end_without_redis(tiny_model: Path, tmp
             assert job["status"] == "succeeded"
             image = c.get(job["result"]["images"][0]["url"])
         assert image.status_code == 200
+        with stack.client("admin") as admin:
+            (worker,) = admin.get("/admin/workers").json()["data"]
+        assert worker["queues"] == "gpu,train"  # the only worker takes fine-tuning jobs too
         with Image.open(io.BytesIO(image.content)) as img:
             assert img.size == (32, 32) and params_from_png(img)["seed"] == 3
         assert (stack.data_dir / "broker.sqlite").is_file()
