@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from backend.services.events import StepCounter, job_events
 from backend.services.views import public_job
@@ -31,6 +32,13 @@ def test_detail_and_stage_reach_the_view_and_the_event_stream():
         assert row.progress_detail == {"loss": 0.5, "lr": 2e-5}
         view = public_job(s, row, "http://test")
         assert view.progress.detail == {"loss": 0.5, "lr": 2e-5} and view.progress.stage == "train"
+
+
+def _run(fn, *args):
+    """Run the async ``fn(*args)`` on a thread of its own: a session's browser tests keep an event loop running on
+    the main thread (Playwright's sync API), where ``asyncio.run`` is refused."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(fn(*args))).result()
 
 
 async def _follow(settings, url: str, job_id: str) -> list[dict]:
@@ -69,7 +77,7 @@ def test_a_new_stage_counts_from_one_and_success_replays_nothing():
         job = crud.create_job(session=s, kind="benchmark", params={}, model_version="v1")
         assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
         job_id = job.id
-    events = asyncio.run(_follow(settings, url, job_id))
+    events = _run(_follow, settings, url, job_id)
     progress = [json.loads(e["data"]) for e in events if e["event"] == "progress"]
     assert [(p["stage"], p["step"], p["total"]) for p in progress] == [
         ("generate", 1, 3), ("generate", 2, 3), ("generate", 3, 3), ("judge", 1, 4), ("judge", 2, 4)]
@@ -104,7 +112,7 @@ def test_a_stage_that_goes_on_counting_repeats_no_step():
         job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
         assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
         job_id = job.id
-    events = asyncio.run(_follow_image_job(settings, url, job_id))
+    events = _run(_follow_image_job, settings, url, job_id)
     steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
     assert steps == [1, 2, 3, 4] and events[-1]["event"] == "done"
 
