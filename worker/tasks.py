@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from celery import shared_task
-from pydantic import ValidationError
 
 from echo4o.db import crud, session_scope
-from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND, describe_validation_error, parse_job
+from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
+from worker.outcomes import fail_job, free_device_memory, payload_problem
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -80,7 +80,7 @@ def _not_supported(kind: str) -> JobHandler:
     where = f" on queue {QUEUE_OF_KIND[kind]}" if kind in QUEUE_OF_KIND else ""
 
     def fail_unsupported(job_id: str, *, redelivered: bool = False) -> str:
-        return _fail(
+        return fail_job(
             job_id, "not_supported", f"{kind} jobs are not supported yet: no worker version{where} runs them (planned)"
         )
 
@@ -107,15 +107,9 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
             crud.mark_cancelled(session=s, job_id=job_id)
             log.info("job cancelled before it started", extra={"job_id": job_id})
             return "cancelled"
-        try:
-            payload = parse_job(job.kind, job.params)
-        except ValidationError as exc:
-            crud.mark_failed(session=s, job_id=job_id, code="invalid_params", message=describe_validation_error(exc))
-            log.warning("job params invalid", extra={"job_id": job_id, "error": describe_validation_error(exc)})
-            return "failed"
-        except ValueError as exc:
-            crud.mark_failed(session=s, job_id=job_id, code="invalid_params", message=str(exc))
-            return "failed"
+        payload, problem = payload_problem(job.kind, job.params)
+        if problem is not None:
+            return fail_job(job_id, "invalid_params", problem)
 
         runtime = get_runtime()
         version = payload.model_version or job.model_version or runtime.model_version
@@ -188,13 +182,13 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
         log.info("job cancelled while running", extra={"job_id": job_id, "step": last["step"]})
         return "cancelled"
     except JobTimedOut:
-        return _fail(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s")
+        return fail_job(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s")
     except ValueError as exc:
-        return _fail(job_id, "invalid_params", str(exc))
+        return fail_job(job_id, "invalid_params", str(exc))
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         log.exception("engine error", extra={"job_id": job_id})
-        _free_device_memory()
-        return _fail(job_id, "engine_error", f"{type(exc).__name__}: {exc}")
+        free_device_memory()
+        return fail_job(job_id, "engine_error", f"{type(exc).__name__}: {exc}")
 
     try:
         with session_scope(db) as s:
@@ -206,7 +200,7 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
         encoding_s = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - disk full, permissions: fail the job, keep serving
         log.exception("could not store images", extra={"job_id": job_id})
-        return _fail(job_id, "storage_error", f"could not write the images under {settings.data_dir}: {exc}")
+        return fail_job(job_id, "storage_error", f"could not write the images under {settings.data_dir}: {exc}")
 
     timings = {
         "queue_wait_s": round(queue_wait_s, 4),
@@ -247,23 +241,6 @@ def step_callback(
             raise JobTimedOut(job_id)
 
     return on_step
-
-
-def _fail(job_id: str, code: str, message: str) -> str:
-    with session_scope(get_settings().database_url) as s:
-        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
-    log.warning("job failed", extra={"job_id": job_id, "code": code, "error": message})
-    return "failed"
-
-
-def _free_device_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
 
 
 def write_images(job_id: str, images: list[Any], params: dict[str, Any], data_dir: Path) -> list[str]:

@@ -49,6 +49,7 @@ from echo4o.jobs import (
 )
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
+from worker.outcomes import fail_job, payload_problem
 
 log = get_logger(__name__)
 
@@ -93,12 +94,9 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
             return job.status
         if job.cancel_requested:
             return _cancel(job_id)
-        try:
-            payload = parse_job(job.kind, job.params)
-        except ValidationError as exc:
-            return _fail(job_id, "invalid_params", describe_validation_error(exc))
-        except ValueError as exc:
-            return _fail(job_id, "invalid_params", str(exc))
+        payload, problem = payload_problem(job.kind, job.params)
+        if problem is not None:
+            return fail_job(job_id, "invalid_params", problem)
         assert isinstance(payload, BenchmarkJob)
         runtime = get_runtime()
         # a phase cut short (its worker died) may have written image job rows it never enqueued
@@ -114,10 +112,10 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
     try:
         return _phase(job_id, payload, owner=owner, model_version=model_version, recovering=recovering)
     except BenchmarkRunError as exc:
-        return _fail(job_id, exc.code, str(exc))
+        return fail_job(job_id, exc.code, str(exc))
     except Exception as exc:  # noqa: BLE001 - one run's crash must not take the worker down
         log.exception("benchmark error", extra={"job_id": job_id})
-        return _fail(job_id, "benchmark_error", f"{type(exc).__name__}: {exc}")
+        return fail_job(job_id, "benchmark_error", f"{type(exc).__name__}: {exc}")
 
 
 def image_job_succeeded(run_id: str) -> None:
@@ -275,7 +273,7 @@ def _judge(job_id: str, payload: BenchmarkJob, records: list[Any], source: Any, 
     try:
         detector = load_detector(settings.geneval_detector) if payload.suite == "geneval" else None
     except DetectorConfigError as exc:
-        return _fail(job_id, "detector_unavailable", str(exc))
+        return fail_job(job_id, "detector_unavailable", str(exc))
     judge = None
     if payload.judge_url is not None:
         judge = JudgeConfig(base_url=payload.judge_url, model=payload.judge_model or settings.judge_model,
@@ -335,8 +333,3 @@ def _cancel(job_id: str) -> str:
     return "cancelled"
 
 
-def _fail(job_id: str, code: str, message: str) -> str:
-    with session_scope(get_settings().database_url) as s:
-        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
-    log.warning("benchmark failed", extra={"job_id": job_id, "code": code, "error": message})
-    return "failed"

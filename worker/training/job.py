@@ -26,7 +26,6 @@ folder that exists already for another job ``version_exists``; anything else ``t
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -39,9 +38,10 @@ from pydantic import ValidationError
 
 from echo4o import versions
 from echo4o.db import crud, session_scope
-from echo4o.jobs import FinetuneJob, describe_validation_error, parse_job
+from echo4o.jobs import FinetuneJob, describe_validation_error
 from echo4o.logging import get_logger
 from echo4o.settings import Settings, get_settings
+from worker.outcomes import fail_job, free_device_memory, payload_problem
 from worker.progress import ProgressReporter
 
 log = get_logger(__name__)
@@ -218,17 +218,14 @@ def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
         if job.cancel_requested:
             crud.mark_cancelled(session=s, job_id=job_id)
             return "cancelled"
-        try:
-            payload = parse_job(job.kind, job.params)
-        except ValidationError as exc:
-            return _fail(job_id, "invalid_params", describe_validation_error(exc))
-        except ValueError as exc:
-            return _fail(job_id, "invalid_params", str(exc))
+        payload, problem = payload_problem(job.kind, job.params)
+        if problem is not None:
+            return fail_job(job_id, "invalid_params", problem)
     assert isinstance(payload, FinetuneJob)
     try:
         base_ref, base_path = resolve_base(payload, settings)
     except JobFailed as exc:
-        return _fail(job_id, exc.code, exc.message)
+        return fail_job(job_id, exc.code, exc.message)
 
     runtime = get_runtime()
     with session_scope(db) as s:
@@ -282,7 +279,7 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
             raise JobStopped("cancelled")
     except JobStopped as stop:
         if stop.reason == "timeout":
-            return _fail(job_id, "timeout", f"the run went past job_timeout_s={settings.job_timeout_s} s: raise "
+            return fail_job(job_id, "timeout", f"the run went past job_timeout_s={settings.job_timeout_s} s: raise "
                                             "ECHO4O_JOB_TIMEOUT_S (and the broker visibility timeout) for long "
                                             f"runs. Its checkpoint stays in {run}; `echo4o finetune --out {run}` "
                                             "with the same settings resumes it")
@@ -294,19 +291,20 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
                                                    else 0})
         return "cancelled"
     except JobFailed as exc:
-        return _fail(job_id, exc.code, exc.message)
+        return fail_job(job_id, exc.code, exc.message)
     except DataError as exc:
-        return _fail(job_id, "invalid_dataset", str(exc))
+        return fail_job(job_id, "invalid_dataset", str(exc))
     except TrainingError as exc:
-        return _fail(job_id, "training_error", str(exc))
+        return fail_job(job_id, "training_error", str(exc))
     except CheckpointError as exc:
-        return _fail(job_id, "model_unavailable", f"base_version {base_ref!r} cannot be loaded from {base_path}: {exc}")
+        return fail_job(job_id, "model_unavailable",
+                        f"base_version {base_ref!r} cannot be loaded from {base_path}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         log.exception("training error", extra={"job_id": job_id})
-        return _fail(job_id, "training_error", f"{type(exc).__name__}: {exc}")
+        return fail_job(job_id, "training_error", f"{type(exc).__name__}: {exc}")
     finally:
         trainer = None  # the model, optimizer and data go with it, before the next job
-        _free_device_memory()
+        free_device_memory()
 
     ref = versions.make_ref(name, version)
     full_manifest = {
@@ -319,12 +317,12 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
             versions.register_version(s, name=name, version=version, path=target, manifest=full_manifest,
                                       source="finetune")
     except JobFailed as exc:
-        return _fail(job_id, exc.code, exc.message)
+        return fail_job(job_id, exc.code, exc.message)
     except versions.VersionConflict as exc:
-        return _fail(job_id, "version_exists", f"output_version: {exc}")
+        return fail_job(job_id, "version_exists", f"output_version: {exc}")
     except OSError as exc:
         log.exception("could not publish the version", extra={"job_id": job_id})
-        return _fail(job_id, "storage_error", f"could not write the version to {target}: {exc}")
+        return fail_job(job_id, "storage_error", f"could not write the version to {target}: {exc}")
     result = {
         "version": ref, "path": str(target), "final_loss": manifest.get("final_loss"), "steps": manifest["steps"],
         "tensorboard": str(run / "tensorboard"), "skipped_rows": manifest["data"].get("skipped", 0),
@@ -363,19 +361,3 @@ def _on_progress(trainer: Any, reporter: ProgressReporter, curve: LossCurve,
     return on_progress
 
 
-def _fail(job_id: str, code: str, message: str) -> str:
-    with session_scope(get_settings().database_url) as s:
-        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
-    log.warning("job failed", extra={"job_id": job_id, "code": code, "error": message})
-    return "failed"
-
-
-def _free_device_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gc.collect()  # the trainer and its callback refer to each other: only the collector frees them
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
