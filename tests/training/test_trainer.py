@@ -57,6 +57,16 @@ def test_full_mode_of_the_7b_mot_is_refused_on_one_80gb_card_with_the_numbers():
     assert memory_estimate(config, "full", shards=8).training_bytes == full.training_bytes // 8
 
 
+def test_full_mode_of_the_7b_mot_fits_80gb_cards_once_fsdp_shards_it_four_ways():
+    config = released_7b_config()
+    with pytest.raises(TrainingError, match=r"e9 x 20 B / 3 shards\) 90.7 GiB .* = 95.1 GiB per GPU over 3 shard"):
+        memory_estimate(config, "full", shards=3).check(80 * GIB)
+    four = memory_estimate(config, "full", shards=4)
+    four.check(80 * GIB)  # 272.1 / 4 = 68.0 GiB + 0.2 (VAE, bf16) + 4.3 (activations) = 72.5 GiB
+    assert round(four.total_bytes / GIB, 1) == 72.5
+    memory_estimate(config, "full", shards=8).check(80 * GIB)
+
+
 def test_lora_parameter_count_by_hand(tiny_model):
     config = BagelConfig.from_dir(tiny_model)
     est = memory_estimate(config, "lora", lora_rank=2)
@@ -145,3 +155,39 @@ def test_two_gloo_processes_equal_one_process_on_the_same_data(tiny_model, tmp_p
     compared = [k for k in results[1] if not (k.startswith("vit_model.") and k.endswith("k_proj.bias"))]
     for k in compared:
         assert torch.allclose(results[1][k], results[2][k], atol=1e-5), k
+
+
+def test_fsdp_over_two_gloo_processes_equals_one_process_and_resumes_from_its_gathered_checkpoint(tiny_model,
+                                                                                                    tmp_path):
+    """FSDP2 ``fully_shard`` runs on the CPU with gloo: two sharded processes (one step, a checkpoint gathered on
+    rank 0, then a resumed second step) give the weights one process computes in two steps."""
+    data = write_test_dataset(tmp_path / "data", MULTI_REFERENCE, num_rows=2)
+    common = dict(mode="full", expected_tokens=400, text_dropout=0.5, vit_dropout=0.5, vae_dropout=0.5,
+                  ema_decay=0.5, save_every=1)
+    one = Trainer(small_config(tiny_model, data, tmp_path / "one", total_steps=2, **common)).train()
+    out = tmp_path / "fsdp"
+    for steps in (1, 2):
+        config = small_config(tiny_model, data, out, total_steps=steps, sharding="fsdp", **common)
+        cfg_file = tmp_path / f"fsdp{steps}.json"
+        cfg_file.write_text(config.model_dump_json(), encoding="utf-8")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = subprocess.run([*launch, "-m", "worker.training.distributed", str(cfg_file)], cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["steps"] == one["steps"] == 2
+    assert manifest["hyperparameters"]["sharding"] == manifest["sharding"] == "fsdp"
+    state = torch.load(latest_checkpoint(out) / "trainer_state.pt", weights_only=False)
+    base = load_file(tiny_model / "ema.safetensors")
+    assert all(state["params"][k].shape == base[k].shape for k in state["params"])  # gathered, not shards
+    Echo4oPipeline.from_pretrained(str(latest_checkpoint(out)), device="cpu", dtype="float32")  # released layout
+    a, b = load_file(tmp_path / "one" / "ema.safetensors"), load_file(out / "ema.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], base[k]) for k in base)
+    # same tolerance rule as the DDP test above (the ViT key bias's gradient is exactly zero)
+    for k in (k for k in a if not (k.startswith("vit_model.") and k.endswith("k_proj.bias"))):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_sharding_fsdp_is_for_full_mode():
+    with pytest.raises(ValueError, match="sharding=fsdp is for mode=full"):
+        small_config(Path("m"), Path("d"), Path("o"), mode="lora", sharding="fsdp")

@@ -105,10 +105,16 @@ class TrainConfig(BaseModel):
     resample_noise: bool = True
     """False: every step draws the same timesteps, noise and dropout for the same sample (an overfit check)."""
     tensorboard: bool = True
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: ``ddp`` (every process holds the whole model, gradients averaged) or ``fsdp``
+    (full mode only: PyTorch FSDP2 ``fully_shard`` per decoder layer then the root, so parameters, gradients,
+    AdamW moments and EMA are split over the processes; bf16 mixed precision on CUDA). One process: ignored."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         PackingConfig(self.expected_tokens, self.max_tokens, self.max_tokens_per_sample)
+        if self.sharding == "fsdp" and self.mode != "full":
+            raise ValueError("sharding=fsdp is for mode=full (LoRA fits one GPU: use sharding=ddp)")
         if self.vae_min_size > self.vae_max_size or self.vit_min_size > self.vit_max_size:
             raise ValueError("image min sizes must not exceed the max sizes")
         return self
@@ -174,7 +180,9 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (f"{self.mode}: {self.params / 1e9:.2f}B parameters ({self.trainable / 1e9:.3f}B trained), "
-                f"weights {self.weights_bytes / GIB:.1f} GiB + gradients/AdamW/EMA {self.training_bytes / GIB:.1f} "
+                f"weights {self.weights_bytes / GIB:.1f} GiB + gradients/AdamW/EMA "
+                f"({self.trainable / 1e9:.3f}e9 x 20 B{f' / {self.shards} shards' if self.shards > 1 else ''}) "
+                f"{self.training_bytes / GIB:.1f} "
                 f"GiB + activations ~{self.activation_bytes / GIB:.1f} GiB = {self.total_bytes / GIB:.1f} GiB per "
                 f"GPU over {self.shards} shard(s)")
 
@@ -183,8 +191,8 @@ class MemoryEstimate:
         if self.total_bytes > gpu_bytes:
             hint = "use mode=lora"
             if self.mode == "full":
-                need = math.ceil((self.weights_bytes + self.training_bytes) * self.shards
-                                 / max(gpu_bytes - self.activation_bytes, 1))
+                need = math.ceil(self.training_bytes * self.shards
+                                 / max(gpu_bytes - self.activation_bytes - self.weights_bytes, 1))
                 hint = f"use mode=lora, or shard full mode over at least {need} GPUs with FSDP (torchrun)"
             raise TrainingError(f"this run does not fit a {gpu_bytes / GIB:.0f} GiB GPU: {self.describe()}; {hint}")
 
@@ -319,8 +327,9 @@ class Trainer:
         self.pipe, self.model, self.vae = pipe, pipe.model, pipe.vae
         self.base_path = Path(_resolved_path(cfg.base_model))
         if device.type == "cuda":
-            est = memory_estimate(self.model.config, cfg.mode, shards=1, lora_rank=cfg.lora_rank,
-                                  max_tokens=cfg.max_tokens, checkpointing=cfg.gradient_checkpointing)
+            est = memory_estimate(self.model.config, cfg.mode, shards=self.world.size if self.sharded else 1,
+                                  lora_rank=cfg.lora_rank, max_tokens=cfg.max_tokens,
+                                  checkpointing=cfg.gradient_checkpointing)
             est.check(torch.cuda.get_device_properties(device).total_memory)
         self.model.train()
         if cfg.mode == "lora":
@@ -332,6 +341,9 @@ class Trainer:
             self.lora = None
             for name, p in self.model.named_parameters():
                 p.requires_grad_(not name.endswith("pos_embed"))
+        self.runner: torch.nn.Module | None = None
+        if self.sharded:
+            self._shard()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -347,6 +359,43 @@ class Trainer:
         if self.resume:
             self._load_latest()
         self.writer = self._tensorboard() if self.world.rank == 0 else None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: several processes and ``sharding=fsdp``."""
+        return self.world.distributed and self.config.sharding == "fsdp"
+
+    def _shard(self) -> None:
+        """FSDP2: ``fully_shard`` each decoder layer, then the root (a module whose forward is the loss, so the
+        root's hooks gather the embeddings, ViT, connector and projections that ``forward_loss`` calls directly).
+        Unused parameters (a ViT dropped on one process) are reduce-scattered as zeros so every process joins
+        the same collectives."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        cfg = self.config
+        mp = MixedPrecisionPolicy()
+        if self.device.type == "cuda" and cfg.autocast_dtype != "none":
+            mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.autocast_dtype), reduce_dtype=torch.float32)
+        runner = _LossRunner(self.model, cfg.gradient_checkpointing)
+        for layer in self.model.llm.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(runner, mp_policy=mp)
+        runner.set_reduce_scatter_unused_params(True)
+        self.runner = runner
+
+    def _full(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole CPU tensors of (possibly sharded) ``tensors``: a collective in sharded mode (every process
+        calls it, tensor by tensor); only rank 0 keeps the result there."""
+        if not self.sharded:
+            return {k: v.detach().clone() for k, v in tensors.items()}
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for k, v in tensors.items():
+            full = v.detach().full_tensor() if isinstance(v, DTensor) else v.detach()
+            if self.world.rank == 0:
+                out[k] = full.cpu().clone()
+        return out
 
     def _tensorboard(self):
         if not self.config.tensorboard:
@@ -395,17 +444,24 @@ class Trainer:
         """One optimizer step on the global batch ``samples``; returns (mse, ce, loss, grad norm)."""
         cfg, world = self.config, self.world
         mine = list(range(world.rank, len(samples), world.size))
+        dummy = self.sharded and not mine
+        if dummy:  # FSDP: every process must run the forward and backward (its collectives); weight 0
+            mine = [0]
         gens = [sample_generator(cfg.seed, self.step, i, cfg.resample_noise) for i in mine]
         self.optimizer.zero_grad(set_to_none=True)
         batch = self.preprocessor.build([samples[i] for i in mine], gens) if mine else None
         autocast = (self.device.type == "cuda" and cfg.autocast_dtype != "none")
         with torch.autocast(self.device.type, dtype=getattr(torch, cfg.autocast_dtype, torch.bfloat16),
                             enabled=autocast):
-            if batch is not None:
+            if batch is not None and self.runner is not None:
+                out = PackLoss(*self.runner(batch))
+            elif batch is not None:
                 out = forward_loss(self.model, batch, checkpointing=cfg.gradient_checkpointing)
             else:
                 zero = torch.zeros((), device=self.device)
                 out = PackLoss(zero, 0, zero, 0)
+        if dummy:
+            out = PackLoss(out.mse_sum * 0, 0, out.ce_sum * 0, 0)
         counts = torch.tensor([out.mse_tokens, out.ce_tokens], dtype=torch.float64, device=self.device)
         sums = torch.stack([out.mse_sum.detach().float(), out.ce_sum.detach().float()]).double()
         if world.distributed:
@@ -421,7 +477,7 @@ class Trainer:
             loss = loss + cfg.ce_weight * out.ce_sum / ce_tokens
         if loss.requires_grad:
             (loss * world.size).backward()
-        if world.distributed:
+        if world.distributed and not self.sharded:  # FSDP reduce-scatters (averages) them itself
             self._average_gradients()
         norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         self.optimizer.step()
@@ -456,14 +512,15 @@ class Trainer:
             if self.lora is not None:
                 state = lora_lib.merged_state_dict(self.model)
             else:
-                state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                state = self._full(self.model.state_dict())
         finally:
             if self.ema is not None:
                 self.ema.swap()
         return {k: v.contiguous() for k, v in state.items()}
 
-    def write_released(self, folder: Path) -> None:
-        """The released layout in ``folder``: trained ``ema.safetensors``, the base's configs, VAE, tokenizer."""
+    def write_released(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The released layout in ``folder``: trained ``ema.safetensors`` (``weights`` when given, gathered
+        beforehand in sharded mode), the base's configs, VAE, tokenizer."""
         folder.mkdir(parents=True, exist_ok=True)
         for name in (LLM_CONFIG, VIT_CONFIG, AE_CONFIG, AE_WEIGHTS, *TOKENIZER_FILES, "tokenizer.json",
                      "special_tokens_map.json", "added_tokens.json", "generation_config.json"):
@@ -480,22 +537,33 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.swap()
         else:
-            save_file(self.export_state_dict(), str(folder / EMA_WEIGHTS), metadata={"format": "pt"})
+            weights = self.export_state_dict() if weights is None else weights
+            save_file(weights, str(folder / EMA_WEIGHTS), metadata={"format": "pt"})
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-NNNNNNNN``: the released layout plus ``trainer_state.pt``, written to a temporary
         folder then renamed, so a checkpoint folder is complete or absent."""
         final = self.out / CHECKPOINTS / f"step-{self.step:08d}"
+        weights = self.export_state_dict() if self.sharded else None
+        params = self._full(self.trainable)
+        ema = self._full(self.ema.shadow) if self.ema is not None else None
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.runner, self.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
         if self.world.rank == 0:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.write_released(tmp)
+            self.write_released(tmp, weights)
             state = {
                 "step": self.step,
-                "params": {n: p.detach().clone() for n, p in self.trainable.items()},
-                "optimizer": self.optimizer.state_dict(),
+                "sharding": "fsdp" if self.sharded else "none",
+                "params": params,
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.shadow if self.ema is not None else None,
+                "ema": ema,
                 "history": self.history,
                 "elapsed": self.elapsed,
                 "data_counts": self.data.counts.to_dict(),
@@ -514,19 +582,37 @@ class Trainer:
         if folder is None:
             return
         state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+        if (state.get("sharding", "none") == "fsdp") != self.sharded:
+            raise TrainingError(f"{folder} was written with sharding={state.get('sharding', 'none')}; resume it "
+                                f"with the same sharding (sharding=fsdp with several processes, or not)")
         with torch.no_grad():
             for name, p in self.trainable.items():
-                p.copy_(state["params"][name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(self._local(state["params"][name], p))
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.runner, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.shadow = {k: v.to(self.device) for k, v in state["ema"].items()}
+            self.ema.shadow = {k: self._local(v, self.trainable[k]).float() for k, v in state["ema"].items()}
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.elapsed = float(state["elapsed"])
         for _ in range(self.step):  # the data stream is deterministic: skip the packs already trained on
             next(self.packs)
         log.info("resumed", extra={"checkpoint": str(folder), "step": self.step})
+
+    def _local(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``full`` (a whole CPU tensor) placed like ``like``: this process's shard of it in sharded mode."""
+        full = full.to(like.device, like.dtype)
+        if self.sharded:
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full, like.device_mesh, like.placements)
+        return full
 
     def finish(self, started: float) -> dict:
         """Write the finished version (released layout + manifest) into ``output_dir``; returns the manifest."""
@@ -541,14 +627,30 @@ class Trainer:
             "final_loss": self.history[-1] if self.history else None,
             "loss_first": self.history[0] if self.history else None,
             "world_size": self.world.size,
+            "sharding": "fsdp" if self.sharded else "none",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "train_seconds": round(self.elapsed, 2),
             "code_revision": code_revision(),
         }
+        weights = self.export_state_dict() if self.sharded else None
         if self.world.rank == 0:
-            self.write_released(self.out)
+            self.write_released(self.out, weights)
             (self.out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         return manifest
+
+
+class _LossRunner(torch.nn.Module):
+    """The FSDP root: its forward is :func:`forward_loss` of the wrapped model (which calls the submodules
+    directly), so FSDP's root hooks gather and reduce the parameters outside the decoder layers."""
+
+    def __init__(self, model: torch.nn.Module, checkpointing: bool):
+        super().__init__()
+        self.model = model
+        self.checkpointing = checkpointing
+
+    def forward(self, batch):
+        out = forward_loss(self.model, batch, checkpointing=self.checkpointing)
+        return out.mse_sum, out.mse_tokens, out.ce_sum, out.ce_tokens
 
 
 def latest_checkpoint(out: Path) -> Path | None:
