@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     result_backend_url: str = Field("", description="Celery result backend. Empty: same Redis as the broker, "
                                                     "or the embedded one.")
     job_timeout_s: int = Field(3600, ge=10, le=7 * 24 * 3600, description="Longest a single job may run.")
+    train_processes: int = Field(
+        1, ge=1, le=64, description="Training processes of a finetune job: 1 trains in the worker's process; N > 1 "
+        "starts `torchrun --standalone --nproc_per_node N -m worker.training.distributed` (full mode sharded "
+        "with FSDP) as a subprocess of the worker.")
     broker_visibility_timeout_s: int = Field(
         0,
         ge=0,

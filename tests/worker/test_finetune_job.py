@@ -140,3 +140,81 @@ def test_a_run_past_the_job_timeout_fails_and_keeps_its_checkpoints(
     assert "ECHO4O_JOB_TIMEOUT_S" in job.error_message
     kept = [p.name for p in (data_dir / "finetune" / job_id / "checkpoints").glob("step-*")]
     assert len(kept) == 1 and not kept[0].endswith(".tmp"), kept  # only the newest is kept
+
+
+def test_a_run_over_two_training_processes_publishes_the_weights_of_one_process(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ECHO4O_TRAIN_PROCESSES=2: the worker runs torchrun (two gloo CPU processes, full mode sharded with FSDP)
+    as its subprocess; rank 0's progress reaches the row with the loss, and the published weights equal those
+    of the same job on a worker that trains in its own process."""
+    import torch
+    from safetensors.torch import load_file
+
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_WEIGHTS_DIR=str(tmp_path / "weights")))
+    data = write_test_dataset(data_dir / "datasets" / "good", TEXT_TO_IMAGE, num_rows=2)
+    run = {**SMALL_RUN, "mode": "full", "expected_tokens": 400, "steps": 2, "save_every": 1}
+    weights = {}
+    for processes in (2, 1):
+        with WorkerProcess(queues="train", env={"ECHO4O_TRAIN_PROCESSES": str(processes)},
+                           log_path=tmp_path / f"worker{processes}.log") as worker:
+            job_id = submit("finetune", dataset=str(data), output_version=f"v-{processes}", **run)
+            job = wait_for_job(job_id, worker=worker)
+        assert job.status == "succeeded", (job.error_code, job.error_message, worker.tail())
+        assert job.result["steps"] == 2 and [p[0] for p in job.result["losses"]] == [1, 2]
+        assert job.progress_detail["loss"] == job.result["final_loss"]
+        assert {"lr", "samples_per_s", "eta_s", "skipped_rows", "losses"} <= set(job.progress_detail)
+        folder = get_settings().weights_dir / tiny_model.name / f"v-{processes}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["world_size"] == processes
+        assert manifest["sharding"] == ("fsdp" if processes == 2 else "none")
+        assert not (data_dir / "finetune" / job_id / "checkpoints").exists()
+        assert not (folder / "train_config.json").exists()  # the run's own file, not the version's
+        weights[processes] = load_file(folder / "ema.safetensors")
+    # the tolerance rule of tests/training: the ViT key bias's gradient is exactly zero, so AdamW turns rounding
+    # noise into full-size steps there; everything else agrees to float32 summation order
+    for k in (k for k in weights[1] if not (k.startswith("vit_model.") and k.endswith("k_proj.bias"))):
+        assert torch.allclose(weights[1][k], weights[2][k], atol=1e-5), k
+
+
+class _Reporter:
+    """What _train_processes uses of a ProgressReporter: report() and the cancelled flag."""
+
+    def __init__(self, cancelled: bool):
+        import threading
+
+        self.cancelled = threading.Event()
+        if cancelled:
+            self.cancelled.set()
+        self.reports: list[tuple[int, int, str, dict]] = []
+
+    def report(self, step: int, total: int, *, stage: str, detail: dict) -> None:
+        self.reports.append((step, total, stage, detail))
+
+
+def test_training_processes_stop_on_cancel_and_a_failed_run_reports_its_last_lines(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    import time
+
+    from worker.training.job import JobFailed, JobStopped, _train_processes
+    from worker.training.trainer import TrainConfig
+
+    data = write_test_dataset(tmp_path / "datasets" / "good", TEXT_TO_IMAGE, num_rows=2)
+    config = TrainConfig(base_model=str(tiny_model), data=str(data), output_dir=str(tmp_path / "run"), mode="full",
+                         sharding="fsdp", total_steps=1000, warmup_steps=0, expected_tokens=1, max_tokens=400,
+                         max_tokens_per_sample=400, vit_min_size=28, vit_max_size=28,
+                         vae_min_size=32, vae_max_size=32, save_every=1000, device="cpu")
+    reporter = _Reporter(cancelled=True)
+    with pytest.raises(JobStopped, match="cancelled"):
+        _train_processes(config, 2, reporter, LossCurve(), time.monotonic() + 600)
+    assert [r[0] for r in reporter.reports] == [1] and reporter.reports[0][2] == "train"
+    assert "loss" in reporter.reports[0][3]  # stopped after its first step, the process group terminated
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+    broken = config.model_copy(update={"base_model": str(tmp_path / "no-such-model")})
+    message = r"exited with status [1-9]: rank [01]: \w+: .*no-such-model.*; last lines"
+    with pytest.raises(JobFailed, match=message) as failed:
+        _train_processes(broken, 2, _Reporter(cancelled=False), LossCurve(), time.monotonic() + 600)
+    assert failed.value.code == "training_error"

@@ -41,11 +41,28 @@ def init_world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 
 
-def run(config: TrainConfig) -> dict:
-    """Train with this process's place in the world; returns the manifest (rank 0 writes it)."""
+#: Prefix of the progress lines rank 0 prints with ``--progress`` (one JSON object after it per line).
+PROGRESS_PREFIX = "ECHO4O_PROGRESS "
+
+
+def _emit(event: dict) -> None:
+    print(PROGRESS_PREFIX + json.dumps(event), flush=True)
+
+
+def run(config: TrainConfig, *, progress: bool = False) -> dict:
+    """Train with this process's place in the world; returns the manifest (rank 0 writes it). ``progress``:
+    rank 0 prints a ``setup`` line (the loss history of a resumed run) and a ``step`` line after every step,
+    which the finetune job handler reads (:mod:`worker.training.job`)."""
     world = init_world()
     try:
-        return Trainer(config, world=world).train()
+        trainer = Trainer(config, world=world)
+        trainer.setup()
+        if progress and world.rank == 0:
+            _emit({"event": "setup", "step": trainer.step, "history": trainer.history})
+            trainer.callback = lambda p: _emit({
+                "event": "step", "step": p.step, "total_steps": p.total_steps, "loss": p.loss, "lr": p.lr,
+                "samples_per_s": p.samples_per_s, "eta_s": p.eta_s, "skipped_rows": trainer.data.counts.skipped})
+        return trainer.train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -53,11 +70,19 @@ def run(config: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    progress = "--progress" in argv
+    argv = [a for a in argv if a != "--progress"]
     if len(argv) != 1:
-        print("usage: torchrun --nproc_per_node=N -m worker.training.distributed CONFIG.json", file=sys.stderr)
+        print("usage: torchrun --nproc_per_node=N -m worker.training.distributed [--progress] CONFIG.json",
+              file=sys.stderr)
         return 2
     config = TrainConfig.model_validate(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
-    manifest = run(config)
+    try:
+        manifest = run(config, progress=progress)
+    except Exception as exc:
+        if progress:  # the job handler puts each rank's error first in the job's message
+            _emit({"event": "error", "rank": int(os.environ.get("RANK", "0")), "error": f"{type(exc).__name__}: {exc}"})
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": manifest["steps"], "final_loss": manifest["final_loss"]}))
     return 0

@@ -48,6 +48,8 @@ log = get_logger(__name__)
 
 #: The run folders of fine-tuning jobs, under the data dir.
 RUNS_DIR = "finetune"
+#: The run's config file for several training processes (in the run folder; not published).
+TRAIN_CONFIG = "train_config.json"
 #: Most points of the loss curve kept in a job's progress detail.
 MAX_CURVE_POINTS = 256
 
@@ -154,7 +156,7 @@ def publish_version(run: Path, target: Path, manifest: dict[str, Any], job_id: s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for item in run.iterdir():
-        if item.name in ("checkpoints", "tensorboard", "manifest.json"):
+        if item.name in ("checkpoints", "tensorboard", "manifest.json", TRAIN_CONFIG):
             continue
         if item.is_dir():
             shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
@@ -247,7 +249,7 @@ def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
 def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, settings: Settings) -> str:
     from worker.engine.loading import CheckpointError
     from worker.training.data import DataError
-    from worker.training.trainer import TrainConfig, Trainer, TrainingError
+    from worker.training.trainer import TrainConfig, TrainingError
 
     db = settings.database_url
     run = run_dir(job_id, settings)
@@ -265,16 +267,14 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
                                  device=settings.device, **payload.to_train_kwargs())
         except ValidationError as exc:
             raise JobFailed("invalid_params", describe_validation_error(exc)) from None
+        if settings.train_processes > 1 and config.mode == "full":
+            config = config.model_copy(update={"sharding": "fsdp"})
         with ProgressReporter(db, job_id) as reporter:
             reporter.report(0, config.total_steps, stage="loading", detail={"base": base_ref})
-            trainer = Trainer(config)
-            trainer.setup()  # loads the base, opens the data, resumes from the run's newest checkpoint
-            for step, loss in enumerate(trainer.history, start=1):
-                curve.add(step, loss)
-            if trainer.step:
-                log.info("finetune job resumed", extra={"job_id": job_id, "step": trainer.step})
-            trainer.callback = _on_progress(trainer, reporter, curve, deadline)
-            manifest = trainer.train()
+            if settings.train_processes > 1:
+                manifest = _train_processes(config, settings.train_processes, reporter, curve, deadline)
+            else:
+                manifest = _train_here(config, reporter, curve, deadline, job_id)
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobStopped("cancelled")
     except JobStopped as stop:
@@ -303,8 +303,7 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
         log.exception("training error", extra={"job_id": job_id})
         return fail_job(job_id, "training_error", f"{type(exc).__name__}: {exc}")
     finally:
-        trainer = None  # the model, optimizer and data go with it, before the next job
-        free_device_memory()
+        free_device_memory()  # the trainer (model, optimizer, data) went with _train_here's frame
 
     ref = versions.make_ref(name, version)
     full_manifest = {
@@ -338,6 +337,121 @@ def _train(job_id: str, payload: FinetuneJob, base_ref: str, base_path: str, set
         return "cancelled"
     log.info("finetune job succeeded", extra={"job_id": job_id, "version": ref, "steps": manifest["steps"]})
     return "succeeded"
+
+
+def _train_here(config: Any, reporter: ProgressReporter, curve: LossCurve, deadline: float, job_id: str) -> dict:
+    """One process: the trainer in the worker's own process."""
+    from worker.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        trainer.setup()  # loads the base, opens the data, resumes from the run's newest checkpoint
+        for step, loss in enumerate(trainer.history, start=1):
+            curve.add(step, loss)
+        if trainer.step:
+            log.info("finetune job resumed", extra={"job_id": job_id, "step": trainer.step})
+        trainer.callback = _on_progress(trainer, reporter, curve, deadline)
+        return trainer.train()
+    finally:
+        trainer = None
+
+
+#: Lines of a multi-process run's output kept for the error message of a failed run.
+TAIL_LINES = 40
+
+
+def _train_processes(config: Any, processes: int, reporter: ProgressReporter, curve: LossCurve,
+                     deadline: float) -> dict:
+    """Several processes: write the run's config to ``<run>/train_config.json`` and run ``python -m
+    torch.distributed.run --standalone --nproc_per_node N -m worker.training.distributed --progress CONFIG`` as
+    a subprocess in a process group of its own. Rank 0's progress lines are reported as the in-process run's
+    (same stage and detail keys); a cancel request or the deadline terminates the process group; a non-zero
+    exit is a :class:`JobFailed` (``training_error``) with each rank's error and the last lines of the output.
+    A rerun resumes from the run folder's newest checkpoint as the in-process run does (rank 0 prints the
+    restored loss history)."""
+    import collections
+    import signal
+    import subprocess
+    import sys
+
+    from worker.training.distributed import PROGRESS_PREFIX
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / TRAIN_CONFIG
+    cfg_file.write_text(config.model_dump_json(indent=2), encoding="utf-8")
+    (out / "manifest.json").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "worker.training.distributed", "--progress", str(cfg_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    errors: list[str] = []
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    log.info("training processes started", extra={"pid": proc.pid, "processes": processes})
+
+    def stop_group() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith(PROGRESS_PREFIX):
+                tail.append(line.rstrip("\n"))
+                continue
+            event = json.loads(line[len(PROGRESS_PREFIX):])
+            if event["event"] == "error":
+                errors.append(f"rank {event['rank']}: {event['error']}")
+                continue
+            if event["event"] == "setup":
+                for step, loss in enumerate(event["history"], start=1):
+                    curve.add(step, loss)
+                continue
+            if event["step"] % config.save_every == 0:  # rank 0 has just written this step's checkpoint
+                prune_checkpoints(out)
+            curve.add(event["step"], event["loss"])
+            reporter.report(event["step"], event["total_steps"], stage="train", detail={
+                "loss": event["loss"], "lr": event["lr"], "samples_per_s": round(event["samples_per_s"], 4),
+                "eta_s": round(event["eta_s"], 2), "skipped_rows": event["skipped_rows"],
+                "losses": list(curve.points),
+            })
+            if reporter.cancelled.is_set():
+                stop_group()
+                raise JobStopped("cancelled")
+            if time.monotonic() > deadline:
+                stop_group()
+                raise JobStopped("timeout")
+        code = proc.wait()
+    except BaseException:
+        stop_group()
+        raise
+    if code != 0:
+        lines = "\n".join(tail)
+        raise JobFailed("training_error", f"the {processes} training processes exited with status {code}: "
+                                          f"{'; '.join(errors) or 'no error reported'}; last lines of their "
+                                          f"output:\n{lines}")
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the worker dies, so a SIGKILLed worker's torchrun
+    stops its processes instead of training on beside the rerun."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _on_progress(trainer: Any, reporter: ProgressReporter, curve: LossCurve,
