@@ -218,3 +218,47 @@ def test_training_processes_stop_on_cancel_and_a_failed_run_reports_its_last_lin
     with pytest.raises(JobFailed, match=message) as failed:
         _train_processes(broken, 2, _Reporter(cancelled=False), LossCurve(), time.monotonic() + 600)
     assert failed.value.code == "training_error"
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_killed_worker_stops_its_training_processes_and_the_next_resumes_them(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import select
+
+    data_dir = tmp_path / "data"
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_WEIGHTS_DIR=str(tmp_path / "weights"),
+                                    ECHO4O_TRAIN_PROCESSES="2"))
+    data = write_test_dataset(data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
+    steps = 16
+    with WorkerProcess(queues="train", log_path=tmp_path / "first.log") as first:
+        job_id = submit("finetune", dataset=str(data), steps=steps, save_every=2, **SMALL_RUN)
+        wait_for_progress(job_id, min_step=3, worker=first)  # past a checkpoint, mid-run
+        config_file = str(data_dir / "finetune" / job_id / "train_config.json")
+        training = [os.pidfd_open(pid) for pid in _processes_with(config_file)]
+        assert len(training) == 3  # torchrun and its two processes
+        first.kill()
+    for fd in training:  # the parent-death signal ends torchrun, which ends its processes: each pidfd turns readable
+        assert select.select([fd], [], [], 60)[0] == [fd]
+        os.close(fd)
+    assert not _processes_with(config_file)
+    checkpoints = sorted(p.name for p in (data_dir / "finetune" / job_id / "checkpoints").glob("step-*"))
+    assert checkpoints and 0 < int(checkpoints[-1].removeprefix("step-")) < steps
+
+    with WorkerProcess(queues="train", log_path=tmp_path / "second.log") as second:
+        job = wait_for_job(job_id, worker=second)
+        assert job.status == "succeeded", (job.error_code, job.error_message, second.tail())
+    assert job.attempts == 2 and job.result["steps"] == steps
+    assert job.result["losses"][0][0] == 1 and job.result["losses"][-1][0] == steps  # curve restored
