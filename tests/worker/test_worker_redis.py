@@ -170,7 +170,11 @@ def test_bad_payloads_fail_the_job_and_the_worker_keeps_serving(stack, module_wo
     job = wait_for_job(other, worker=module_worker)
     assert (job.status, job.error_code) == ("failed", "model_unavailable")
 
-    assert module_worker.alive() and module_worker.status() in ("ready", "busy")
+    # the last job ended: the worker marks the job, then itself ready (a heartbeat never writes back a stale status)
+    deadline = time.monotonic() + WAIT_S
+    while module_worker.status() != "ready":
+        assert module_worker.alive() and time.monotonic() < deadline, module_worker.status()
+        time.sleep(POLL_S)
     assert module_worker.logs().count("worker.engine.pipeline: model loaded") == 1  # once per process, not per job
     # the heartbeat keeps moving (every ECHO4O_WORKER_HEARTBEAT_S = 1 s here)
     first = _heartbeat(module_worker.worker_id)
