@@ -90,9 +90,9 @@ def test_a_run_publishes_its_version_and_bad_datasets_fail_clearly(
             assert text in job.error_message
 
 
-#: Redis hands a dead worker's job to another after the visibility timeout: short here, so the test waits little
-#: (the resumed run must end within JOB_TIMEOUT_S).
-REDIS_JOB_TIMEOUT_S = 30
+#: Redis hands a dead worker's job to another after the visibility timeout (just above the job timeout here). The
+#: resumed run must end within the job timeout even on a loaded 2-core machine: 30 s was too tight in CI.
+REDIS_JOB_TIMEOUT_S = 120
 
 
 @pytest.mark.parametrize("broker", ["embedded", "redis"])
@@ -106,7 +106,7 @@ def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
                   "ECHO4O_BROKER_VISIBILITY_TIMEOUT_S": str(REDIS_JOB_TIMEOUT_S + 1)}
     use_env(monkeypatch, worker_env(data_dir, tiny_model, **extra))
     data = write_test_dataset(data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
-    steps = 80
+    steps = 40
     with WorkerProcess(queues="train", log_path=tmp_path / "first.log") as first:
         job_id = submit("finetune", dataset=str(data), steps=steps, save_every=2, **SMALL_RUN)
         job = wait_for_progress(job_id, min_step=5, worker=first)  # past a checkpoint, mid-run
