@@ -15,7 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from echo4o.jobs import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, QUEUE_OF_KIND, TERMINAL_STATUSES
 
 __all__ = ["ACTIVE_STATUSES", "JOB_KINDS", "JOB_STATUSES", "QUEUE_OF_KIND", "TERMINAL_STATUSES", "ApiKey", "Base",
-           "Job", "ModelPromotion", "ModelVersion", "Worker", "new_id", "utcnow"]
+           "Job", "ModelPromotion", "ModelVersion", "WebhookDelivery", "WebhookSecret", "Worker", "new_id", "utcnow"]
 
 WORKER_STATUSES = ("loading", "ready", "busy", "stopped")
 ANONYMOUS = "anonymous"
@@ -174,3 +174,51 @@ class ModelPromotion(Base):
 
     def __repr__(self) -> str:
         return f"ModelPromotion(id={self.id!r}, ref={self.ref!r}, reverted={self.reverted_at is not None})"
+
+
+#: States of a webhook delivery: ``waiting`` for its job to end, ``delivering`` (claimed by a gateway until
+#: ``next_attempt_at``, after which another may take it over), ``retrying`` after a failed attempt,
+#: ``delivered`` (a 2xx answer) or ``failed`` (attempts exhausted).
+WEBHOOK_STATES = ("waiting", "delivering", "retrying", "delivered", "failed")
+#: States in which a delivery is picked up once ``next_attempt_at`` has passed (and its job has ended).
+WEBHOOK_PENDING_STATES = ("waiting", "delivering", "retrying")
+
+
+class WebhookDelivery(Base):
+    """Where to POST a job once it ends, and how far delivering it got (see backend/services/webhooks.py)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    job_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    #: Whose webhook secret signs the deliveries (the job's owner).
+    owner: Mapped[str] = mapped_column(sa.String(64))
+    url: Mapped[str] = mapped_column(sa.Text)
+    #: The URL prefix of links in the delivered job (the submit's own base).
+    base_url: Mapped[str] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.String(16), default="waiting")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(sa.Integer)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    last_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (sa.Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    def __repr__(self) -> str:
+        return f"WebhookDelivery(job_id={self.job_id!r}, state={self.state!r}, attempts={self.attempts})"
+
+
+class WebhookSecret(Base):
+    """The secret an owner's webhook deliveries are signed with (HMAC-SHA256). Kept readable, not hashed: the
+    gateway signs with it; the key's holder reads or rotates it through ``/keys/webhook-secret``."""
+
+    __tablename__ = "webhook_secrets"
+
+    owner: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:  # never the secret
+        return f"WebhookSecret(owner={self.owner!r})"
