@@ -6,12 +6,13 @@ Every component reads :func:`get_settings`; nothing else reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Yejy53/Echo-4o"
 
@@ -93,7 +94,23 @@ class Settings(BaseSettings):
     auth: Literal["keys", "off"] = Field(
         "keys", description="keys: every request needs an API key. off: open, allowed on loopback binds only."
     )
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS), comma-separated or a "
+        "JSON list, e.g. https://ui.example.com; empty (default): no CORS headers, so browsers on other origins "
+        "are refused.")
+
+    # --- webhooks (see docs/api.md, "Webhooks") ----------------------------------------------------
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs whose host resolves to a private, loopback, link-local or other "
+                           "non-public address (tests, a receiver on the same network). Off: refused at submit "
+                           "(422) and again at delivery.")
+    webhook_poll_s: float = Field(1.0, gt=0, le=60, description="How often a gateway looks for due deliveries.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds one delivery attempt may take.")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="Attempts before a delivery is given up.")
+    webhook_retry_base_s: float = Field(
+        10.0, gt=0, le=3600, description="Wait after the first failed attempt; doubled after each further one, "
+                                         "at most webhook_retry_max_s.")
+    webhook_retry_max_s: float = Field(3600.0, gt=0, le=86400, description="Longest wait between two attempts.")
 
     # --- limits --------------------------------------------------------------------------------
     max_prompt_chars: int = Field(4000, ge=1, le=100_000)
@@ -129,6 +146,16 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        """``a,b`` or a JSON list, from the environment; origins compared without a trailing slash."""
+        if isinstance(v, str):
+            v = json.loads(v) if v.strip().startswith("[") else v.split(",")
+        if isinstance(v, list):
+            return [o.strip().rstrip("/") for o in v if isinstance(o, str) and o.strip()]
+        return v
 
     @field_validator("device")
     @classmethod
