@@ -4,14 +4,19 @@
 2. End to end: the same job through a live stack (``echo4o serve`` on uvicorn, Redis broker, one
    ``echo4o worker`` subprocess): ``POST /generate?wait=`` until the finished job comes back, then the PNG
    downloaded. Direct and end-to-end runs alternate. ``overhead_ratio`` = median end-to-end / median direct.
-3. Submissions: ``POST /generate`` at concurrency 1, 8 and 64 with the worker stopped (so sampling does not
-   compete for the CPU with the gateway): requests per second and p50/p99 latency per level.
+3. Submissions: ``POST /generate`` driven by wrk (a Lua script sends the JSON body and the key) for
+   ``--duration`` seconds at concurrency 8 and 64, against a gateway started with no worker (jobs stay
+   queued), job records on SQLite, then on a fresh PostgreSQL database; and the same body against a no-op
+   FastAPI route (benchmarks/noop_app.py), the framework's ceiling on this machine. ``submits_per_s`` (c=64,
+   SQLite + Redis), ``submits_per_s_postgres``, ``p99_ms_c8`` and ``noop_submits_per_s`` count 2xx answers
+   only. Without wrk, Python client processes drive the load (a message says so).
 
 The job size is picked so that sampling takes about ``--target-s`` seconds (1 s by default) on this machine:
 a calibration run times one step at ``--size`` and sets the step count.
 
     .venv/bin/python benchmarks/serving_bench.py                 # tiny model, made in a temp dir
     .venv/bin/python benchmarks/serving_bench.py --model DIR --json figures.json
+    .venv/bin/python benchmarks/serving_bench.py --only submissions --json figures.json
 
 Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/13, flushed before and after).
 """
@@ -19,13 +24,19 @@ Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/13, flushed before
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -81,57 +92,288 @@ def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> tuple[
     return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
 
 
-async def submit_burst(url: str, key: str, concurrency: int, total: int) -> dict[str, float]:
-    """``total`` submissions through ``concurrency`` concurrent clients; throughput and latency."""
-    latencies: list[float] = []
-    errors = 0
-    next_i = 0
-    body = {"prompt": PROMPT, "height": 32, "width": 32, "num_steps": 2}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
-                                 limits=limits) as client:
-        async def one_client() -> None:
-            nonlocal next_i, errors
-            while next_i < total:
-                next_i += 1
-                t0 = time.perf_counter()
-                r = await client.post("/generate", json=body)
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code != 202:
-                    errors += 1
+# --- submissions with wrk (gateway without worker) -------------------------------------------------------
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+WRK = shutil.which("wrk")
+SUBMIT_BODY = {"prompt": PROMPT, "height": 32, "width": 32, "num_steps": 2}
+DEFAULT_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = %(body)s
+wrk.headers["Content-Type"] = "application/json"
+%(auth)s
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'WRKJSON {"requests": %%d, "duration_us": %%d, "non2xx": %%d, "socket_errors": %%d, ' ..
+    '"p50_us": %%d, "p99_us": %%d, "mean_us": %%f, "max_us": %%d}\\n',
+    summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+def run_wrk(url: str, key: str | None, concurrency: int, duration_s: float, tmp: Path,
+            path: str = "/generate") -> dict[str, float]:
+    """``POST path`` with the submit body for ``duration_s`` at ``concurrency`` connections, driven by wrk
+    (several client processes when wrk is not installed)."""
+    if WRK is None:
+        return run_client_processes(url, key, concurrency, duration_s, path)
+    script = tmp / f"submit-{concurrency}.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(WRK_SCRIPT % {"body": json.dumps(json.dumps(SUBMIT_BODY)), "auth": auth})
+    threads = max(1, min(2, concurrency))
+    out = subprocess.run(
+        [WRK, f"-t{threads}", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "30s", "-s", str(script),
+         url + path], capture_output=True, text=True, check=True,
+    ).stdout
+    line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    ok = raw["requests"] - raw["non2xx"]
     return {
         "concurrency": concurrency,
-        "requests": total,
-        "errors": errors,
-        "submits_per_s": total / wall,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "requests": raw["requests"],
+        "errors": raw["non2xx"] + raw["socket_errors"],
+        "submits_per_s": ok / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "mean_ms": raw["mean_us"] / 1000,
+        "client": "wrk",
     }
+
+
+def _client_process(url: str, key: str | None, threads: int, duration_s: float, path: str, out: Any) -> None:
+    import threading
+
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    deadline = time.perf_counter() + duration_s
+
+    def loop() -> None:
+        nonlocal errors
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                r = c.post(path, json=SUBMIT_BODY)
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    errors += r.status_code >= 300
+
+    ts = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put((lat, errors))
+
+
+def run_client_processes(url: str, key: str | None, concurrency: int, duration_s: float,
+                         path: str = "/generate") -> dict[str, float]:
+    """The wrk measurement with Python client processes (slower clients: the figures are lower bounds)."""
+    import multiprocessing as mp
+
+    print("wrk is not installed: driving the load with Python client processes (install wrk for figures "
+          "comparable with docs/performance.md)", file=sys.stderr)
+    procs = min(4, concurrency)
+    q: Any = mp.Queue()
+    ps = [mp.Process(target=_client_process, args=(url, key, concurrency // procs + (i < concurrency % procs),
+                                                   duration_s, path, q)) for i in range(procs)]
+    t0 = time.perf_counter()
+    for p in ps:
+        p.start()
+    results = [q.get() for _ in ps]
+    for p in ps:
+        p.join()
+    wall = time.perf_counter() - t0
+    lat = [x for r in results for x in r[0]]
+    errors = sum(r[1] for r in results)
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "submits_per_s": (len(lat) - errors) / wall, "p50_ms": percentile(lat, 0.5) * 1000,
+            "p99_ms": percentile(lat, 0.99) * 1000, "mean_ms": statistics.fmean(lat) * 1000 if lat else 0.0,
+            "client": "python"}
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not up after {timeout_s} s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def gateway_only(*, data_dir: Path, broker_url: str, database_url: str | None,
+                 env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """``echo4o serve`` with no worker (jobs stay queued): yields (url, user key)."""
+    from echo4o.db import crud, dispose_engines, session_scope, upgrade_to_head
+    from tests.support.stack import _base_env, free_port
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database_url = database_url or f"sqlite:///{data_dir / 'echo4o.db'}"
+    upgrade_to_head(database_url)
+    with session_scope(database_url) as s:
+        key = crud.create_api_key(session=s, name="bench")[1]
+    dispose_engines()
+    port = free_port()
+    settings_env = {
+        "ECHO4O_DATA_DIR": str(data_dir), "ECHO4O_DATABASE_URL": database_url, "ECHO4O_BROKER_URL": broker_url,
+        "ECHO4O_MODEL": str(data_dir / "no-model"), "ECHO4O_HOST": "127.0.0.1", "ECHO4O_PORT": str(port),
+        "ECHO4O_RATE_LIMIT_PER_MINUTE": "100000000", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000000",
+        "ECHO4O_LOG_LEVEL": "WARNING", **(env or {}),
+    }
+    log = data_dir / "gateway.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "echo4o", "serve"], env=_base_env(settings_env),
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=str(data_dir), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/healthz", proc, log)
+        yield url, key
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def noop_gateway(data_dir: Path) -> Iterator[str]:
+    """benchmarks/noop_app.py on uvicorn, as ``echo4o serve`` runs the gateway: the framework's ceiling."""
+    from tests.support.stack import _base_env, free_port
+
+    port = free_port()
+    log = data_dir / "noop.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_app.py")), "--port", str(port)],
+                                env=_base_env({}), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/healthz", proc, log)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def queued_messages(broker_url: str) -> int:
+    """Messages waiting in the broker's Redis database (every queue, every priority level)."""
+    import redis
+
+    from echo4o.celery_app import PRIORITY_LEVELS, QUEUES
+
+    r = redis.Redis.from_url(broker_url)
+    names = [q if p == 0 else f"{q}:{p}" for q in QUEUES for p in range(PRIORITY_LEVELS)]
+    return sum(r.llen(n) for n in names)
+
+
+def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """submits_per_s (c=64, SQLite + Redis), p99_ms_c8, submits_per_s_postgres and noop_submits_per_s."""
+    import redis
+
+    r = redis.Redis.from_url(args.broker_url)
+    figures: dict[str, Any] = {"client": "wrk" if WRK else "python processes", "duration_s": args.duration}
+    with noop_gateway(tmp / "noop") as url:
+        run_wrk(url, None, 64, 2, tmp)  # warm-up
+        figures["noop"] = run_wrk(url, None, 64, args.duration, tmp)
+    figures["noop_submits_per_s"] = figures["noop"]["submits_per_s"]
+    backends = [("sqlite", None)]
+    if args.postgres_url:
+        backends.append(("postgres", args.postgres_url))
+    for name, db in backends:
+        r.flushdb()
+        with contextlib.ExitStack() as stack:
+            if db is not None:
+                from tests.support.stack import fresh_database
+
+                db = stack.enter_context(fresh_database(db))
+            url, key = stack.enter_context(gateway_only(data_dir=tmp / f"gw-{name}", broker_url=args.broker_url,
+                                                        database_url=db))
+            run_wrk(url, key, 8, 2, tmp)  # warm-up
+            levels = {}
+            for c in (8, 64):
+                levels[c] = run_wrk(url, key, c, args.duration, tmp)
+            accepted = sum(x["requests"] - x["errors"] for x in levels.values())
+            queued = queued_messages(args.broker_url)
+            figures[name] = {"c8": levels[8], "c64": levels[64], "messages_queued": queued}
+            print(f"{name}: {queued} messages queued (warm-up included) for {accepted} accepted in the timed runs",
+                  flush=True)
+    r.flushdb()
+    figures["submits_per_s"] = figures["sqlite"]["c64"]["submits_per_s"]
+    figures["p99_ms_c8"] = figures["sqlite"]["c8"]["p99_ms"]
+    if "postgres" in figures:
+        figures["submits_per_s_postgres"] = figures["postgres"]["c64"]["submits_per_s"]
+        figures["p99_ms_c8_postgres"] = figures["postgres"]["c8"]["p99_ms"]
+    return figures
+
+
+def print_submission_figures(figures: dict[str, Any]) -> None:
+    print()
+    print(f"submissions ({figures['client']}, {figures['duration_s']:g} s per level, no worker)")
+    print(f"{'stack':<22}{'conc':>6}{'requests':>10}{'errors':>8}{'submits/s':>11}{'mean ms':>9}{'p50 ms':>8}"
+          f"{'p99 ms':>8}")
+    rows = [("no-op route", figures["noop"])]
+    for name in ("sqlite", "postgres"):
+        if name in figures:
+            rows += [(f"{name} + redis", figures[name]["c8"]), (f"{name} + redis", figures[name]["c64"])]
+    for label, b in rows:
+        print(f"{label:<22}{b['concurrency']:>6}{b['requests']:>10}{b['errors']:>8}{b['submits_per_s']:>11.1f}"
+              f"{b['mean_ms']:>9.1f}{b['p50_ms']:>8.1f}{b['p99_ms']:>8.1f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
     ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
-    ap.add_argument("--database-url", default=None, help="job records (default: SQLite in a temp dir)")
+    ap.add_argument("--database-url", default=None, help="job records of the end-to-end part (default: SQLite)")
+    ap.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
+                    help="PostgreSQL server for submits_per_s_postgres (a fresh database is made and dropped); "
+                         "'' to skip")
+    ap.add_argument("--only", choices=("all", "e2e", "submissions"), default="all")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
     ap.add_argument("--target-s", type=float, default=1.0, help="sampling seconds per job to calibrate to")
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path")
-    ap.add_argument("--submits", type=int, default=400, help="submissions per concurrency level")
-    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of wrk load per submission level")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
+    tmp = Path(tempfile.mkdtemp(prefix="echo4o-serving-bench-"))
+    figures: dict[str, Any] = {}
+    if args.only in ("all", "e2e"):
+        figures.update(end_to_end_figures(args, tmp))
+    if args.only in ("all", "submissions"):
+        figures.update(submission_figures(args, tmp))
+        print_submission_figures(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+def end_to_end_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """overhead_ratio and its parts: direct pipeline calls alternating with the same job end to end."""
     import redis
 
     from tests.support.stack import live_stack
 
-    tmp = Path(tempfile.mkdtemp(prefix="echo4o-serving-bench-"))
     model = args.model
     if model is None:
         from worker.engine.tiny import write_tiny_model
@@ -156,10 +398,6 @@ def main() -> None:
                     wall, sampling = end_to_end(client, args.size, steps, seed)
                     e2e_wall.append(wall)
                     e2e_sampling.append(sampling)
-            for w in stack.workers:  # submissions only from here: keep the CPU for the gateway
-                w.stop()
-            levels = [int(x) for x in args.concurrency.split(",")]
-            bursts = [asyncio.run(submit_burst(stack.url, stack.user_key, n, args.submits)) for n in levels]
     finally:
         r.flushdb()
 
@@ -176,9 +414,6 @@ def main() -> None:
         "overhead_ratio_min": min(e2e_wall) / min(direct_wall),
         "direct_s": direct_wall,
         "end_to_end_s": e2e_wall,
-        "submissions": bursts,
-        "submits_per_s": next((b["submits_per_s"] for b in bursts if b["concurrency"] == 64),
-                              bursts[-1]["submits_per_s"]),
     }
     print()
     print(f"{'path':<34}{'median s':>10}{'min s':>10}{'max s':>10}")
@@ -187,15 +422,7 @@ def main() -> None:
     print(f"{'  of which worker sampling':<34}{statistics.median(e2e_sampling):>10.3f}")
     print(f"overhead_ratio (e2e / direct, medians): {figures['overhead_ratio']:.3f}  "
           f"(+{figures['overhead_s_median'] * 1000:.0f} ms); fastest / fastest: {figures['overhead_ratio_min']:.3f}")
-    print()
-    print(f"{'concurrency':>12}{'requests':>10}{'errors':>8}{'submits/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
-    for b in bursts:
-        print(f"{b['concurrency']:>12}{b['requests']:>10}{b['errors']:>8}{b['submits_per_s']:>12.1f}"
-              f"{b['p50_ms']:>10.1f}{b['p99_ms']:>10.1f}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-        print(f"\nwrote {args.json}")
-
+    return figures
 
 if __name__ == "__main__":
     main()
