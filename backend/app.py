@@ -6,6 +6,8 @@ Celery and reads the rows back. See docs/api.md for the HTTP API and docs/contra
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +24,7 @@ from backend.api.routes import (
     health,
     images,
     jobs,
+    keys,
     models,
     multiref,
     openai,
@@ -29,6 +32,7 @@ from backend.api.routes import (
 )
 from backend.errors import install_handlers
 from backend.metrics import HttpMetricsMiddleware, Metrics
+from backend.services.webhooks import WebhookDispatcher
 from echo4o import __version__
 from echo4o.db import upgrade_to_head
 from echo4o.logging import get_logger
@@ -58,7 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("gateway ready", extra={"version": __version__, "auth": settings.auth,
                                          "broker": "embedded" if settings.embedded_broker else "configured",
                                          "model_version": settings.model_version})
-        yield
+        dispatcher = asyncio.create_task(WebhookDispatcher(settings).run(), name="webhook-dispatcher")
+        try:
+            yield
+        finally:
+            dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatcher
 
     app = FastAPI(
         title="Echo-4o image generation API",
@@ -71,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics(settings.database_url)
     install_handlers(app)
-    for module in (generate, multiref, jobs, events, images, health, models, parameters, admin, openai):
+    for module in (generate, multiref, jobs, events, images, health, models, parameters, admin, openai, keys):
         app.include_router(module.router)
     app.include_router(admin_models.router)
     app.include_router(admin_benchmarks.router)

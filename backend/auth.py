@@ -73,9 +73,10 @@ def require_admin(principal: Principal) -> Principal:
 
 
 def check_owner(principal: Principal, job: Job) -> None:
-    """403 when ``job`` belongs to another key (admins see every job)."""
+    """404 when ``job`` belongs to another key (admins see every job): the same answer as for an id that does
+    not exist, so one key cannot learn which ids another key's jobs have."""
     if not principal.is_admin and job.owner != principal.owner:
-        raise ApiError(403, f"job {job.id!r} belongs to another API key", code="forbidden", param="job_id")
+        raise ApiError(404, f"job {job.id!r} does not exist", code="not_found", param="job_id")
 
 
 def check_submit_limits(session: Session, settings: Settings, principal: Principal, *, new_jobs: int = 1) -> None:

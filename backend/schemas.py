@@ -94,6 +94,26 @@ class JobError(BaseModel):
     message: str | None
 
 
+class WebhookStatus(BaseModel):
+    """Where a job's end is POSTed and how far that got (docs/api.md, "Webhooks")."""
+
+    url: str
+    state: Literal["waiting", "delivering", "retrying", "delivered", "failed"] = Field(
+        description="waiting: the job has not ended; delivering: an attempt is under way; retrying: the last "
+                    "attempt failed, another follows; delivered: a 2xx answer; failed: every attempt failed.")
+    attempts: int
+    last_status: int | None = Field(None, description="HTTP status of the last attempt (null: no answer).")
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class WebhookSecretPublic(BaseModel):
+    """The secret this key's webhook deliveries are signed with (``X-Echo4o-Signature``)."""
+
+    secret: str
+    created_at: datetime | None
+
+
 class JobPublic(BaseModel):
     """A job as its owner (or an admin key) sees it: returned by ``GET /jobs/{id}``, ``DELETE /jobs/{id}``, in
     lists, in the SSE ``done`` event, and by a submit with ``?wait`` whose job ended in time (200)."""
@@ -111,6 +131,7 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     worker: str | None
+    webhook: WebhookStatus | None = Field(None, description="The job's webhook delivery, when it asked for one.")
 
 
 class JobsPublic(BaseModel):

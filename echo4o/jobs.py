@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -129,6 +130,27 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
+WEBHOOK_URL_MAX_CHARS = 2048
+
+
+def check_webhook_url_syntax(v: str | None) -> str | None:
+    """An absolute http(s) URL with a host and no credentials (where it resolves is the gateway's check)."""
+    if v is None:
+        return None
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook_url must be an absolute http:// or https:// URL, got {v!r}")
+    if parts.username or parts.password:
+        raise ValueError("webhook_url must not carry credentials (user:password@); deliveries are signed instead")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"webhook_url: {exc}") from None
+    if any(c.isspace() or ord(c) < 32 for c in v):
+        raise ValueError("webhook_url must not contain whitespace or control characters")
+    return v
+
+
 class _ImageJob(BaseModel):
     """Fields common to every image-producing job. ``None`` means "the mode's default" (see the engine)."""
 
@@ -181,6 +203,17 @@ class _ImageJob(BaseModel):
     model_version: str | None = Field(
         None, min_length=1, max_length=200, description="Served model version to use; None: the worker's."
     )
+    #: Not a generation parameter: kept out of ``model_dump`` (so out of the row's params and the worker's
+    #: payload); the gateway stores it in the job's webhook delivery (docs/api.md, "Webhooks").
+    webhook_url: str | None = Field(
+        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
+        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, v: str | None) -> str | None:
+        return check_webhook_url_syntax(v)
 
     @field_validator("seed", mode="before")
     @classmethod

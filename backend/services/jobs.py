@@ -17,6 +17,7 @@ from backend import uploads
 from backend.auth import Principal, check_submit_limits
 from backend.errors import ApiError, from_pydantic, invalid
 from backend.metrics import Metrics
+from backend.services import webhooks
 from echo4o import queue, versions
 from echo4o.db import crud
 from echo4o.db.models import Job, new_id
@@ -70,6 +71,7 @@ def submit_job(
 ) -> Job:
     """Check limits, write the queued row, enqueue it. A broker that does not answer fails the job (503)."""
     model_version = resolve_model_version(session, settings, payload.model_version, param=model_param)
+    webhook_url = webhooks.check_url(settings, payload.webhook_url)  # webhooks: 422 before any row exists
     with _submit_lock(settings):
         check_submit_limits(session, settings, principal)
         job = crud.create_job(
@@ -81,6 +83,8 @@ def submit_job(
             priority=payload.priority,
             job_id=job_id,
         )
+    if webhook_url:  # webhooks: the delivery row, written before the job can run (let alone end)
+        webhooks.register(session, settings, job.id, job.owner, webhook_url)
     try:
         queue.submit(job.id, job.kind, job.priority)
     except queue.BrokerUnavailable as exc:

@@ -7,8 +7,9 @@ from sqlalchemy.orm import Session
 
 from backend.auth import Principal, check_owner
 from backend.errors import not_found
-from backend.schemas import JobCreated, JobError, JobPublic, JobResult, Progress, ResultImage
+from backend.schemas import JobCreated, JobError, JobPublic, JobResult, Progress, ResultImage, WebhookStatus
 from echo4o.db import crud
+from echo4o.db import webhooks as webhook_records
 from echo4o.db.models import Job
 from echo4o.settings import Settings
 
@@ -55,7 +56,17 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         worker=job.worker,
+        webhook=webhook_status(session, job.id),
     )
+
+
+def webhook_status(session: Session, job_id: str) -> WebhookStatus | None:
+    """The job's webhook delivery as its owner sees it (None: the job asked for none)."""
+    row = webhook_records.get_delivery(session=session, job_id=job_id)
+    if row is None:
+        return None
+    return WebhookStatus(url=row.url, state=row.state, attempts=row.attempts,  # type: ignore[arg-type]
+                         last_status=row.last_status, last_error=row.last_error, delivered_at=row.delivered_at)
 
 
 def created(job: Job, base: str) -> JobCreated:
@@ -67,7 +78,8 @@ def created(job: Job, base: str) -> JobCreated:
 
 
 def load_job(session: Session, principal: Principal, job_id: str) -> Job:
-    """The job, or 404 when it does not exist / 403 when it belongs to another key."""
+    """The job, or 404 when it does not exist or belongs to another key (another key's job is not there for
+    this one: the answer is the same as for an id never used, so ids cannot be probed)."""
     job = crud.get_job(session=session, job_id=job_id)
     if job is None:
         raise not_found("job", job_id, param="job_id")

@@ -97,10 +97,10 @@ def test_a_user_sees_only_its_own_jobs(make_gateway) -> None:
     gw = make_gateway()
     mine = gw.submit(gw.user).json()["id"]
     theirs = gw.submit(gw.other).json()["id"]
-    assert_error(gw.client.get(f"/jobs/{theirs}", headers=gw.h(gw.user)), 403, "forbidden", "job_id")
-    assert_error(gw.client.delete(f"/jobs/{theirs}", headers=gw.h(gw.user)), 403, "forbidden", "job_id")
-    assert_error(gw.client.get(f"/jobs/{theirs}/events", headers=gw.h(gw.user)), 403, "forbidden", "job_id")
-    assert_error(gw.client.get(f"/jobs/{theirs}/images/0", headers=gw.h(gw.user)), 403, "forbidden", "job_id")
+    assert_error(gw.client.get(f"/jobs/{theirs}", headers=gw.h(gw.user)), 404, "not_found", "job_id")
+    assert_error(gw.client.delete(f"/jobs/{theirs}", headers=gw.h(gw.user)), 404, "not_found", "job_id")
+    assert_error(gw.client.get(f"/jobs/{theirs}/events", headers=gw.h(gw.user)), 404, "not_found", "job_id")
+    assert_error(gw.client.get(f"/jobs/{theirs}/images/0", headers=gw.h(gw.user)), 404, "not_found", "job_id")
     listed = gw.client.get("/jobs", headers=gw.h(gw.user)).json()
     assert [j["id"] for j in listed["data"]] == [mine] and listed["count"] == 1
     assert_error(gw.client.get("/jobs?all=true", headers=gw.h(gw.user)), 403, "admin_required")
