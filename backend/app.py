@@ -32,6 +32,7 @@ from backend.api.routes import (
 )
 from backend.errors import install_handlers
 from backend.metrics import HttpMetricsMiddleware, Metrics
+from backend.services.watch_hub import WatchHub, register_hub
 from backend.services.webhooks import WebhookDispatcher
 from echo4o import __version__
 from echo4o.db import upgrade_to_head
@@ -63,9 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          "broker": "embedded" if settings.embedded_broker else "configured",
                                          "model_version": settings.model_version})
         dispatcher = asyncio.create_task(WebhookDispatcher(settings).run(), name="webhook-dispatcher")
+        hub = app.state.watch_hub = WatchHub(settings, on_rows_read=app.state.metrics.job_row_reads.inc,
+                                             persistent=True)
+        await hub.start()  # one reader of watched job rows for every event stream and ?wait of this process
+        register_hub(settings, hub)
         try:
             yield
         finally:
+            register_hub(settings, None)
+            await hub.stop()
             dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher

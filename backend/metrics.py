@@ -59,6 +59,10 @@ class Metrics:
             "echo4o_step_seconds", "Sampling time per denoising step of succeeded jobs.", buckets=STEP_BUCKETS,
             registry=self.registry,
         )
+        self.job_row_reads = Counter(
+            "echo4o_job_row_reads", "Job rows read for watchers (event streams, ?wait) by this process's watch hub: "
+            "one read per change of a watched job, however many watch it.", registry=self.registry,
+        )
         self._lock = threading.Lock()
         self._since: datetime = utcnow()
         self._seen_at_since: set[str] = set()

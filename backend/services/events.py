@@ -1,4 +1,5 @@
-"""A job's Server-Sent Events (``GET /jobs/{id}/events``), read from its row every ``POLL_S``."""
+"""A job's Server-Sent Events (``GET /jobs/{id}/events``), from the snapshots of its row that the process's
+:class:`~backend.services.watch_hub.WatchHub` shares between all the watchers of the job."""
 
 from __future__ import annotations
 
@@ -8,15 +9,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from backend.schemas import JobPublic
 from backend.services.blocking import in_session
 from backend.services.views import public_job
-from backend.services.waiting import POLL_S
-from echo4o.db import crud
-from echo4o.db.models import Job
-from echo4o.jobs import TERMINAL_STATUSES
+from backend.services.watch_hub import Snapshot, WatchHub, hub_for
 from echo4o.settings import Settings
 
 
@@ -33,6 +28,20 @@ class StepCounter:
         self.stage: str | None = None
         self.total: int | None = None
 
+    @classmethod
+    def resume(cls, last_event_id: str | None) -> StepCounter:
+        """A counter that goes on after the ``progress`` event with id ``last_event_id`` (see :func:`event_id`);
+        a fresh one when it is None or not such an id."""
+        counter = cls()
+        if not last_event_id:
+            return counter
+        step, _, rest = last_event_id.partition(":")
+        total, _, stage = rest.partition(":")
+        if not step.isdigit() or not (total == "" or total.isdigit()) or ":" not in last_event_id:
+            return counter
+        counter.step, counter.total, counter.stage = int(step), int(total) if total else None, stage or None
+        return counter
+
     def advance(self, status: str, stage: str | None, step: int, total: int | None) -> range:
         if status == "running":
             if stage != self.stage and self.stage is not None and (step < self.step or total != self.total):
@@ -44,50 +53,82 @@ class StepCounter:
         return new
 
 
-async def job_events(settings: Settings, job_id: str, base: str) -> AsyncIterator[dict[str, str]]:
-    """Server-Sent Events for one job, read from its row every POLL_S.
+def event_id(step: int, total: int | None, stage: str | None) -> str:
+    """The SSE id of a ``progress`` event: what :meth:`StepCounter.resume` needs to go on from it."""
+    return f"{step}:{'' if total is None else total}:{stage or ''}"
+
+
+def _progress_event(snap: Snapshot, s: int, with_preview: bool) -> dict[str, str]:
+    """The ``progress`` event of step ``s`` seen in ``snap``, made once per snapshot for all its watchers."""
+    key = ("progress", s, with_preview)
+    event = snap.cache.get(key)
+    if event is None:
+        job = snap.job
+        assert job is not None
+        step, total = job.progress_step or 0, job.progress_total
+        data: dict[str, Any] = {"step": s, "total": total, "stage": job.progress_stage}
+        if s == step and job.progress_detail:
+            data["detail"] = job.progress_detail
+        if with_preview:
+            data["preview"] = base64.b64encode(job.preview or b"").decode("ascii")
+        event = snap.cache[key] = {"event": "progress", "id": event_id(s, total, job.progress_stage),
+                                   "data": json.dumps(data)}
+    return event
+
+
+async def _end_event(settings: Settings, snap: Snapshot, base: str) -> dict[str, str] | None:
+    """``done``, ``failed`` or ``cancelled`` for an ended job (None while it runs), made once per snapshot and base
+    URL for all the watchers (``done`` carries the job's view, read in a worker thread)."""
+    if not snap.ended:
+        return None
+    key = ("end", base)
+    made = snap.cache.get(key)
+    if made is None:
+        made = snap.cache[key] = asyncio.ensure_future(_make_end_event(settings, snap, base))
+    return await asyncio.shield(made)
+
+
+async def _make_end_event(settings: Settings, snap: Snapshot, base: str) -> dict[str, str]:
+    job = snap.job
+    if job is None:
+        return {"event": "failed", "data": json.dumps({"code": "not_found", "message": "the job was deleted"})}
+    if job.status == "succeeded":
+        view = await in_session(settings, lambda s: public_job(s, job, base))
+        return {"event": "done", "data": view.model_dump_json()}
+    if job.status == "failed":
+        return {"event": "failed", "data": json.dumps({"code": job.error_code, "message": job.error_message})}
+    return {"event": "cancelled", "data": json.dumps({"id": job.id})}
+
+
+async def job_events(
+    settings: Settings, job_id: str, base: str, *, last_event_id: str | None = None, hub: WatchHub | None = None
+) -> AsyncIterator[dict[str, str]]:
+    """Server-Sent Events for one job, from the snapshots of its row the process's watch hub shares.
 
     ``queued`` when the queue position changes; ``progress`` once for every step, with its stage (when several
-    steps ended between two reads, each is reported, the preview and the job's progress detail going with the
-    newest; a new stage counts from 1 again); then ``done`` (the job),
-    ``failed`` or ``cancelled``, and the stream ends.
+    steps ended between two snapshots, each is reported, the preview and the job's progress detail going with the
+    newest; a new stage counts from 1 again); then ``done`` (the job), ``failed`` or ``cancelled``, and the stream
+    ends. Each ``progress`` event has an id; a client that reconnects with it as ``last_event_id``
+    (``Last-Event-ID``) gets the steps after it, none again.
     """
+    hub = hub or hub_for(settings)
     last_position: int | None = -1
-    counter = StepCounter()
+    counter = StepCounter.resume(last_event_id)
     last_preview: bytes | None = None
-    while True:
-        def read(s: Session) -> tuple[Job | None, int | None, JobPublic | None]:
-            job = crud.get_job(session=s, job_id=job_id)
-            if job is None:
-                return None, None, None
-            pos = crud.queue_position(session=s, job_id=job_id) if job.status == "queued" else None
-            view = public_job(s, job, base) if job.status in TERMINAL_STATUSES else None
-            return job, pos, view
-
-        job, position, view = await in_session(settings, read)
-        if job is None:
-            yield {"event": "failed", "data": json.dumps({"code": "not_found", "message": "the job was deleted"})}
-            return
-        if job.status == "queued" and position != last_position:
-            last_position = position
-            yield {"event": "queued", "data": json.dumps({"position": (position or 0) + 1})}
-        step, total = job.progress_step or 0, job.progress_total
-        for s in counter.advance(job.status, job.progress_stage, step, total):
-            data: dict[str, Any] = {"step": s, "total": total, "stage": job.progress_stage}
-            if s == step and job.progress_detail:
-                data["detail"] = job.progress_detail
-            if s == step and job.preview and job.preview != last_preview:
-                data["preview"] = base64.b64encode(job.preview).decode("ascii")
-                last_preview = job.preview
-            yield {"event": "progress", "data": json.dumps(data)}
-        if job.status == "succeeded":
-            assert view is not None
-            yield {"event": "done", "data": view.model_dump_json()}
-            return
-        if job.status == "failed":
-            yield {"event": "failed", "data": json.dumps({"code": job.error_code, "message": job.error_message})}
-            return
-        if job.status == "cancelled":
-            yield {"event": "cancelled", "data": json.dumps({"id": job.id})}
-            return
-        await asyncio.sleep(POLL_S)
+    async with hub.watch(job_id) as watch:
+        async for snap in watch:
+            job = snap.job
+            if job is not None:
+                if job.status == "queued" and snap.position != last_position:
+                    last_position = snap.position
+                    yield {"event": "queued", "data": json.dumps({"position": (snap.position or 0) + 1})}
+                step = job.progress_step or 0
+                for s in counter.advance(job.status, job.progress_stage, step, job.progress_total):
+                    with_preview = s == step and bool(job.preview) and job.preview != last_preview
+                    if with_preview:
+                        last_preview = job.preview
+                    yield _progress_event(snap, s, with_preview)
+            end = await _end_event(settings, snap, base)
+            if end is not None:
+                yield end
+                return

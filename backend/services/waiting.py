@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -12,12 +10,9 @@ from backend.errors import invalid
 from backend.schemas import JobCreated, JobPublic
 from backend.services.blocking import in_session
 from backend.services.views import base_url, created, public_job
-from echo4o.db import crud
+from backend.services.watch_hub import WatchHub, hub_for
 from echo4o.db.models import Job
-from echo4o.jobs import TERMINAL_STATUSES
 from echo4o.settings import Settings
-
-POLL_S = 0.1  # how often ?wait and the event stream re-read the job row
 
 
 def check_wait(settings: Settings, wait: float | None) -> float:
@@ -29,16 +24,18 @@ def check_wait(settings: Settings, wait: float | None) -> float:
     return wait
 
 
-async def wait_for_end(settings: Settings, job_id: str, timeout_s: float) -> Job | None:
-    """Poll the row until the job has ended or ``timeout_s`` passed; the ended job, or None."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await in_session(settings, lambda s: crud.get_job(session=s, job_id=job_id))
-        if job is not None and job.status in TERMINAL_STATUSES:
-            return job
-        if time.monotonic() >= deadline:
-            return None
-        await asyncio.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+async def wait_for_end(settings: Settings, job_id: str, timeout_s: float, *, hub: WatchHub | None = None) -> Job | None:
+    """Wait until the job has ended or ``timeout_s`` passed; the ended job, or None (also when the row is gone).
+
+    The wait is a watch of the process's :class:`~backend.services.watch_hub.WatchHub`: it wakes when the row
+    changes, and reads nothing itself."""
+    hub = hub or hub_for(settings)
+    with anyio.move_on_after(timeout_s):
+        async with hub.watch(job_id) as watch:
+            async for snap in watch:
+                if snap.ended:
+                    return snap.job
+    return None
 
 
 async def created_or_finished(

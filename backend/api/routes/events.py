@@ -19,14 +19,18 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
     "/{job_id}/events",
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}},
-                     "description": "`queued` {position}, `progress` {step, total, preview?}, then `done` (the "
-                                    "job), `failed` {code, message} or `cancelled`."},
+                     "description": "`queued` {position}, `progress` {step, total, stage, detail?, preview?} "
+                                    "(id: step:total:stage), then `done` (the job), `failed` {code, message} or "
+                                    "`cancelled`."},
                **error_responses(401, 403, 404)},
 )
 async def job_events(
     job_id: JobId, request: Request, settings: SettingsDep, principal: CurrentKey
 ) -> EventSourceResponse:
-    """Follow a job live. Every step is reported once; the stream ends with the job."""
+    """Follow a job live. Every step is reported once; the stream ends with the job. Each `progress` event has
+    an id: reconnect with it as `Last-Event-ID` to get the steps after it, none again."""
     await in_session(settings, lambda s: load_job(s, principal, job_id))
     base = base_url(settings, str(request.base_url))
-    return EventSourceResponse(event_stream(settings, job_id, base), ping=10)
+    stream = event_stream(settings, job_id, base, last_event_id=request.headers.get("last-event-id"),
+                          hub=getattr(request.app.state, "watch_hub", None))
+    return EventSourceResponse(stream, ping=10)

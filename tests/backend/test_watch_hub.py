@@ -1,0 +1,238 @@
+"""Watching is cheap: every event stream and ``?wait`` of a gateway process shares one reader of the job row
+(backend/services/watch_hub.py), told of changes by Redis pub/sub (echo4o/notify.py) or, without Redis, polling
+once for all watchers.
+
+* Live stack on Redis (gateway + one worker, tiny model): many SSE watchers of one job each get every step once,
+  in order, and the end; the job-row reads the gateway makes meanwhile (``echo4o_job_row_reads_total``) do not
+  grow with the number of watchers; a client that reconnects with ``Last-Event-ID`` gets the rest, nothing again.
+* In process: the embedded-mode poller (SQLite, no broker) fans one read out to many streams; with Redis, a
+  change whose message never came is found by the safety poll, and a message makes the hub re-read at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from backend.services.events import job_events
+from backend.services.watch_hub import SAFETY_POLL_S, WatchHub
+from echo4o import notify
+from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.jobs import MAX_STEPS
+from echo4o.settings import Settings, get_settings
+from tests.support.stack import Stack, live_stack
+
+WATCHERS = 60
+STEPS = 8  # num_steps: the sampler reports STEPS - 1 steps
+JOB = {"prompt": "a red cube on a table", "height": 32, "width": 32, "num_steps": STEPS}
+# holds the only worker until cancelled (about a second per step on a CPU, MAX_STEPS steps)
+BLOCKER = {"prompt": "a blue sphere", "height": 256, "width": 256, "num_steps": MAX_STEPS}
+DEADLINE_S = 120  # generous: a shared, loaded machine; no timing is asserted
+
+
+def _run(fn, *args):
+    """Run the async ``fn(*args)`` on a thread of its own (a session's browser tests may hold the main thread's
+    event loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(fn(*args))).result()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, module_redis_url: str) -> Iterator[Stack]:
+    with live_stack(model=tiny_model, data_dir=tmp_path_factory.mktemp("watch-stack"), broker_url=module_redis_url,
+                    env={"ECHO4O_WORKER_HEARTBEAT_S": "1"}) as s:
+        yield s
+
+
+async def _follow(client: httpx.AsyncClient, url: str, first: asyncio.Event | None = None,
+                  last_event_id: str | None = None) -> list[tuple[str, str | None, dict]]:
+    """(event, id, data) of every event of a stream, up to the one that ends it; ``first`` is set at the first."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[tuple[str, str | None, dict]] = []
+    async with client.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200, await r.aread()
+        name = event_id = None
+        async for line in r.aiter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("id:"):
+                event_id = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and name:
+                events.append((name, event_id, json.loads(line.split(":", 1)[1])))
+                if first is not None:
+                    first.set()
+                if name in ("done", "failed", "cancelled"):
+                    return events
+                name = event_id = None
+    raise AssertionError(f"the stream ended without an end event: {events}")
+
+
+def _row_reads(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith("echo4o_job_row_reads_total "):
+            return float(line.split()[1])
+    raise AssertionError("echo4o_job_row_reads_total is not in /metrics")
+
+
+async def _many_watchers(stack: Stack) -> dict:
+    limits = httpx.Limits(max_connections=WATCHERS + 10, max_keepalive_connections=10)
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=DEADLINE_S,
+                                 limits=limits) as c:
+        blocker = (await c.post("/generate", json=BLOCKER)).json()
+        job = (await c.post("/generate", json=JOB)).json()
+        firsts = [asyncio.Event() for _ in range(WATCHERS)]
+        watchers = [asyncio.create_task(_follow(c, job["events_url"], first)) for first in firsts]
+        async with asyncio.timeout(DEADLINE_S):
+            for first in firsts:  # every stream is open and has seen the job queued
+                await first.wait()
+        reads_before = _row_reads((await c.get("/metrics")).text)
+        t0 = time.monotonic()
+        assert (await c.delete(f"/jobs/{blocker['id']}")).status_code in (200, 202)  # the job runs now
+        async with asyncio.timeout(DEADLINE_S):
+            streams = await asyncio.gather(*watchers)
+        elapsed = time.monotonic() - t0
+        reads = _row_reads((await c.get("/metrics")).text) - reads_before
+        progress = [e for e in streams[0] if e[0] == "progress"]
+        resume_from = progress[2][1]
+        async with asyncio.timeout(DEADLINE_S):
+            resumed = await _follow(c, job["events_url"], last_event_id=resume_from)
+    return {"streams": streams, "reads": reads, "elapsed": elapsed, "resume_from": resume_from,
+            "resumed": resumed}
+
+
+def test_many_sse_watchers_share_one_reader_and_each_sees_every_step_once(stack: Stack) -> None:
+    out = _run(_many_watchers, stack)
+    total = STEPS - 1
+    for events in out["streams"]:
+        names = [name for name, _, _ in events]
+        assert names[0] == "queued" and names[-1] == "done", names
+        assert set(names[:-1]) <= {"queued", "progress"}, names
+        progress = [(data["step"], data["total"]) for name, _, data in events if name == "progress"]
+        assert progress == [(s, total) for s in range(1, total + 1)], progress
+        ids = [event_id for name, event_id, _ in events if name == "progress"]
+        assert len(set(ids)) == total and all(ids), ids
+        assert events[-1][2]["status"] == "succeeded"
+    # one read per change of the row (a progress write or a state change), shared by all the watchers, and the
+    # slow safety poll: none of it grows with the number of watchers
+    bound = 2 * (total + 6) + out["elapsed"] / SAFETY_POLL_S + 2
+    assert out["reads"] <= bound, (out["reads"], bound, out["elapsed"])
+    assert out["reads"] < WATCHERS, out["reads"]
+
+    # reconnecting with the id of the third step: the rest of the steps and the end, none again
+    resumed = out["resumed"]
+    assert out["resume_from"].split(":")[0] == "3"
+    steps = [data["step"] for name, _, data in resumed if name == "progress"]
+    assert steps == list(range(4, total + 1)), resumed
+    assert resumed[-1][0] == "done" and [n for n, _, _ in resumed[:-1]] == ["progress"] * (total - 3)
+
+
+def test_wait_returns_the_ended_job_through_the_hub(stack: Stack) -> None:
+    with stack.client() as c:
+        r = c.post("/generate", params={"wait": DEADLINE_S}, json=JOB)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "succeeded" and len(r.json()["result"]["images"]) == 1
+
+
+# --- in process -------------------------------------------------------------------------------------------------
+
+def _running_job(url: str) -> str:
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        return job.id
+
+
+def _write(url: str, job_id: str, step: int, total: int) -> None:
+    with session_scope(url) as s:
+        crud.update_progress(session=s, job_id=job_id, step=step, total=total)
+
+
+async def _embedded_fan_out(settings: Settings, job_id: str, watchers: int) -> tuple[list[list[dict]], int, float]:
+    hub = WatchHub(settings)
+    assert not hub.notifications  # no broker: the hub polls
+    seen = [0] * watchers
+    progressed = asyncio.Event()
+
+    async def follow(i: int) -> list[dict]:
+        events = []
+        async for event in job_events(settings, job_id, "http://test", hub=hub):
+            events.append(event)
+            if event["event"] == "progress":
+                seen[i] = json.loads(event["data"])["step"]
+                progressed.set()
+        return events
+
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(follow(i)) for i in range(watchers)]
+    async with asyncio.timeout(DEADLINE_S):
+        for step in (1, 2, 5, 6):  # 3 and 4 are never in a row: each stream still reports them
+            await anyio.to_thread.run_sync(_write, settings.database_url, job_id, step, 6)
+            while min(seen) < step:
+                progressed.clear()
+                await progressed.wait()
+        with session_scope(settings.database_url) as s:
+            assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+        streams = await asyncio.gather(*tasks)
+    return streams, hub.row_reads, time.monotonic() - t0
+
+
+def test_embedded_poller_reads_once_for_all_watchers() -> None:
+    settings = get_settings()
+    job_id = _running_job(settings.database_url)
+    streams, reads, elapsed = _run(_embedded_fan_out, settings, job_id, 50)
+    for events in streams:
+        steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
+        assert steps == [1, 2, 3, 4, 5, 6] and events[-1]["event"] == "done", events
+    # one read per poll for all 50 streams (not one per stream per poll)
+    assert reads <= elapsed / 0.1 + 5, (reads, elapsed)
+
+
+async def _lost_and_sent(settings: Settings, redis_url: str, job_id: str) -> dict:
+    # a message that never comes (the write below publishes nothing: the test process has no broker setting)
+    safety = WatchHub(settings, safety_poll_s=0.5, persistent=True)
+    await safety.start()
+    notified = WatchHub(settings, safety_poll_s=3600, persistent=True)
+    await notified.start()
+    out: dict = {}
+    try:
+        assert safety.live and notified.live
+        async with safety.watch(job_id) as watch:
+            first = await anext(watch)
+            await anyio.to_thread.run_sync(_write, settings.database_url, job_id, 2, 9)
+            async with asyncio.timeout(DEADLINE_S):
+                found = await anext(watch)
+            out["safety"] = (first.job.progress_step, found.job.progress_step, safety.messages, safety.live)
+        async with notified.watch(job_id) as watch:
+            first = await anext(watch)
+            await anyio.to_thread.run_sync(_write, settings.database_url, job_id, 3, 9)
+            publisher = notify.Publisher(redis_url)
+            try:
+                assert publisher.publish(job_id)
+            finally:
+                publisher.close()
+            async with asyncio.timeout(DEADLINE_S):
+                found = await anext(watch)
+            out["notified"] = (first.job.progress_step, found.job.progress_step, notified.messages)
+    finally:
+        await safety.stop()
+        await notified.stop()
+    return out
+
+
+def test_a_lost_message_is_made_up_by_the_safety_poll_and_a_message_is_acted_on(redis_url: str) -> None:
+    settings = Settings(broker_url=redis_url)
+    assert not notify.supports(get_settings().broker_url)  # this process's own writes publish nothing
+    job_id = _running_job(settings.database_url)
+    out = _run(_lost_and_sent, settings, redis_url, job_id)
+    assert out["safety"] == (0, 2, 0, True)  # subscribed all along, no message: the safety poll found step 2
+    first, found, messages = out["notified"]
+    assert (first, found) == (2, 3) and messages >= 1  # a one-hour safety poll: the message made the read
