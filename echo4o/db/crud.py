@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from echo4o import notify
 from echo4o.db.models import ANONYMOUS, ApiKey, Job, Worker, new_id, utcnow
 from echo4o.jobs import (
     ACTIVE_STATUSES,
@@ -144,6 +145,8 @@ def _update(session: Session, job_id: str, where: list[Any], **values: Any) -> b
         sa.update(Job).where(Job.id == job_id, *where).values(**values).execution_options(synchronize_session=False)
     )
     session.commit()
+    if res.rowcount == 1:
+        notify.job_changed(job_id, values.get("status"))  # the gateways re-read the row (echo4o/notify.py)
     return res.rowcount == 1
 
 
@@ -199,6 +202,8 @@ def update_progress(
         .execution_options(synchronize_session=False)
     ).scalar_one_or_none()
     session.commit()
+    if cancel is not None:
+        notify.job_changed(job_id)
     if cancel is None:
         return bool(session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
     return bool(cancel)
