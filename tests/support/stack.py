@@ -24,6 +24,10 @@ subprocess(es) and a model folder (the tiny one), with an admin key and two user
 * ``env`` adds ECHO4O_* settings for every process (limits, ``ECHO4O_AUTH=off``, ...).
 * Start waits until ``GET /readyz`` answers 200 (broker, database and a ready worker); a process that dies
   first fails the start with its log tail. ``stack.logs()`` gives every process's log for failure messages.
+* Faults (tests/chaos/): ``stack.restart_gateway()`` kills the gateway (SIGKILL: a crash) and starts it again
+  on the same port, data dir and database; ``stack.add_worker()`` starts one more ``echo4o worker`` with the
+  stack's settings; ``stack.kill_worker(w)`` SIGKILLs one and keeps its log in ``stack.dead_workers``;
+  ``stack.gateway_children()`` are the pids of the gateway's children (embedded mode: its worker).
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class Stack:
     gateway: subprocess.Popen[bytes] | None = None
     gateway_log: Path | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
+    #: Workers ended by :meth:`kill_worker`: no longer checked by :meth:`check_alive`, their logs still shown.
+    dead_workers: list[WorkerProcess] = field(default_factory=list)
 
     # --- clients ---------------------------------------------------------------------------------------
     def headers(self, key: str | None = "user") -> dict[str, str]:
@@ -123,7 +129,57 @@ class Stack:
             parts.append("--- gateway (and embedded worker) log ---\n" + "\n".join(text))
         for w in self.workers:
             parts.append(f"--- worker {w.pid} log ---\n{w.tail(lines)}")
+        for w in self.dead_workers:
+            parts.append(f"--- worker {w.pid} (killed) log ---\n{w.tail(lines)}")
         return "\n".join(parts)
+
+    # --- faults ----------------------------------------------------------------------------------------
+    def add_worker(self, *, wait: bool = False, env: Mapping[str, str] | None = None) -> WorkerProcess:
+        """Start one more ``echo4o worker`` with the stack's settings (plus ``env``); ``wait``: until it is
+        ready. Its log is ``<data_dir>/worker-<n>.log``."""
+        n = len(self.workers) + len(self.dead_workers)
+        settings_env = {**self.env, **dict(env or {})}
+        w = WorkerProcess(env=settings_env, model=self.model, log_path=self.data_dir / f"worker-{n}.log",
+                          database_url=self.database_url)
+        w.env = _base_env({**settings_env, "PYTHONUNBUFFERED": "1"})
+        self.workers.append(w.start())
+        if wait:
+            w.wait_ready()
+        return w
+
+    def kill_worker(self, worker: WorkerProcess) -> int:
+        """SIGKILL ``worker`` (a crash) and move it to :attr:`dead_workers`; returns its exit code."""
+        code = worker.kill()
+        self.workers.remove(worker)
+        self.dead_workers.append(worker)
+        return code
+
+    def restart_gateway(self, *, sig: int = signal.SIGKILL, ready_timeout_s: float = WAIT_S) -> None:
+        """Stop the gateway with ``sig`` (default SIGKILL: a crash, nothing cleaned up), then start it again on
+        the same port with the same settings (data dir, database, broker); waits for ``/readyz``."""
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.send_signal(sig)
+            try:
+                self.gateway.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+                self.gateway.wait()
+        _start_gateway(self)
+        _wait_ready(self, ready_timeout_s)
+
+    def gateway_children(self) -> list[int]:
+        """Pids of the gateway's live child processes (embedded mode: its worker), read from /proc."""
+        if self.gateway is None or self.gateway.poll() is not None:
+            return []
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):  # gone meanwhile
+                continue
+            if int(fields[1]) == self.gateway.pid and fields[0] not in ("Z", "X"):
+                children.append(int(stat.parent.name))
+        return sorted(children)
 
     def stop(self) -> None:
         for w in self.workers:
@@ -178,7 +234,6 @@ def start_stack(
         **({"ECHO4O_BROKER_URL": broker_url} if broker_url else {}),
         **dict(env or {}),
     }
-    full_env = _base_env(settings_env)
     stack = Stack(url=f"http://127.0.0.1:{port}", data_dir=data_dir, database_url=database_url,
                   broker_url=broker_url, model=Path(model), env=settings_env)
     try:
@@ -190,17 +245,23 @@ def start_stack(
                                   database_url=database_url)
                 w.env = _base_env({**settings_env, "PYTHONUNBUFFERED": "1"})
                 stack.workers.append(w.start())
-        stack.gateway_log = data_dir / "gateway.log"
-        with open(stack.gateway_log, "ab") as log:
-            stack.gateway = subprocess.Popen(
-                [sys.executable, "-m", "echo4o", "serve", "--model", str(model)],
-                env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=str(data_dir), start_new_session=True,
-            )
+        _start_gateway(stack)
         _wait_ready(stack, ready_timeout_s)
     except BaseException:
         stack.stop()
         raise
     return stack
+
+
+def _start_gateway(stack: Stack) -> None:
+    """``echo4o serve`` with the stack's settings, its output appended to ``<data_dir>/gateway.log``."""
+    stack.gateway_log = stack.data_dir / "gateway.log"
+    with open(stack.gateway_log, "ab") as log:
+        stack.gateway = subprocess.Popen(
+            [sys.executable, "-m", "echo4o", "serve", "--model", str(stack.model)],
+            env=_base_env(stack.env), stdout=log, stderr=subprocess.STDOUT, cwd=str(stack.data_dir),
+            start_new_session=True,
+        )
 
 
 def _wait_ready(stack: Stack, timeout_s: float) -> None:
