@@ -101,7 +101,9 @@ def test_several_images_continue_one_random_stream(pipe):
     one = pipe("a cat", seed=5, output_type="latent", **FAST).images
     two = pipe("a cat", seed=5, output_type="latent", num_images=2, **FAST).images
     assert len(two) == 2
-    assert torch.equal(one[0], two[0])  # image 0 draws first, as a single image does
+    # image 0 draws first, as a single image does; the images run as one packed batch, so the larger matrix
+    # products may round differently in the last bits
+    assert (one[0] - two[0]).abs().max() < 1e-5
     assert not torch.equal(two[0], two[1])
 
 

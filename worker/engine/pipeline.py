@@ -13,6 +13,7 @@ read from :mod:`echo4o.jobs`; sizes are checked against the loaded model (its la
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -41,12 +42,13 @@ from echo4o.settings import DEFAULT_MODEL
 from worker.engine import sampler
 from worker.engine.attention import resolve_backend
 from worker.engine.config import BagelConfig
-from worker.engine.image_processing import PreparedReference, prepare_reference
+from worker.engine.image_processing import VAE_RULE, PreparedReference, prepare_reference, resized_size
 from worker.engine.loading import (  # noqa: F401 - resolve_device/resolve_dtype/CheckpointError: re-exported
     CheckpointError,
     load_bagel,
     load_model_tokenizer,
     load_vae,
+    load_weights,
     plan_placement,
     read_config,
     resolve_checkpoint,
@@ -172,6 +174,9 @@ class Echo4oPipeline:
         self.source = source
         self.device = device or model.device
         self.dtype = model.dtype
+        #: Benchmarks only: run each guidance branch (and each request's) as its own velocity call instead of
+        #: one packed call (the same results; ``benchmarks/engine_bench.py`` times both).
+        self._sequential_branches = False
 
     @property
     def config(self) -> BagelConfig:
@@ -190,6 +195,7 @@ class Echo4oPipeline:
         device_map: str | dict | None = "auto",
         token: str | None = None,
         cache_dir: str | None = None,
+        memory_mode: str = "full",
     ) -> Echo4oPipeline:
         """Load a checkpoint in the released layout from a local folder or a Hugging Face Hub id.
 
@@ -198,6 +204,8 @@ class Echo4oPipeline:
         ``auto``, ``sdpa``, ``xformers`` or ``flash_attn``. ``device_map``: ``auto`` spreads the model over
         the visible GPUs (then the CPU) with accelerate only when it does not fit the chosen card; ``None``
         never does; a dict is an accelerate device map. ``token`` / ``cache_dir``: for the Hub download.
+        ``memory_mode``: ``full``, ``int8``, ``nf4``, ``offload``, ``int8+offload`` or ``nf4+offload`` for smaller
+        cards (see :mod:`worker.engine.memory`).
 
         A bad option is a ``ValueError`` naming it; missing, corrupt or mismatched files are a
         :class:`~worker.engine.loading.CheckpointError` naming the file and the fix.
@@ -209,17 +217,17 @@ class Echo4oPipeline:
         dtype = resolve_dtype(dtype, device)
         backend = resolve_backend(attention, device, dtype)
         if device_map == "auto":
-            device_map = plan_placement(config, device, dtype)
+            device_map = plan_placement(config, device, dtype, memory_mode)
         elif device_map is not None and not isinstance(device_map, dict):
             raise ValueError(f"device_map must be 'auto', None or a dict; got {device_map!r}")
-        model = load_bagel(path, config, device, dtype, device_map=device_map)
-        vae = load_vae(path, config, device, dtype)
+        model, vae = load_weights(path, config, device, dtype, device_map=device_map, memory_mode=memory_mode)
         tokenizer, special = load_model_tokenizer(path, config)
         pipe = cls(model, vae, tokenizer, special, attention_backend=backend, source=str(path_or_hub_id),
                    device=device)
         log.info("model loaded", extra={"model": str(path_or_hub_id), "path": str(path), "device": str(device),
                                         "dtype": str(dtype).removeprefix("torch."), "attention": backend,
                                         "placement": "accelerate" if device_map else "single-device",
+                                        "memory_mode": memory_mode,
                                         "load_s": round(time.perf_counter() - t0, 2)})
         return pipe
 
@@ -255,54 +263,133 @@ class Echo4oPipeline:
         ``num_steps`` is the number of schedule points (the reference's ``num_timesteps``): the sampler takes
         ``num_steps - 1`` Euler steps per image and ``callback(step, total, preview)`` runs after each one
         (``step`` from 1 to ``total = (num_steps - 1) * num_images``; ``preview`` a small PIL image every
-        ``preview_every`` steps when > 0, else ``None``). An exception raised in the callback stops sampling
-        and propagates; nothing of the call is kept. Any invalid argument is a ``ValueError`` naming it,
-        raised before any work.
+        ``preview_every`` steps when > 0, else ``None``). The images of one call advance together (one packed
+        forward per step, see :meth:`generate_batch`): step ``i`` of image ``k`` is number
+        ``i * num_images + k + 1``. An exception raised in the callback stops sampling and propagates;
+        nothing of the call is kept. Any invalid argument is a ``ValueError`` naming it, raised before any work.
         """
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        request = {"prompt": prompt, "images": images, "height": height, "width": width, "num_steps": num_steps,
+                   "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale, "cfg_interval": cfg_interval,
+                   "timestep_shift": timestep_shift, "cfg_renorm_type": cfg_renorm_type,
+                   "cfg_renorm_min": cfg_renorm_min, "seed": seed, "num_images": num_images,
+                   "output_type": output_type, "callback": callback, "preview_every": preview_every}
+        (result,) = self.generate_batch([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-        # 1. check inputs, resolve the mode's defaults
-        references = _as_image_list(images)
-        params = self.check_inputs(prompt, references, height, width, num_steps, cfg_text_scale, cfg_img_scale,
-                                   cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images,
-                                   output_type, callback, preview_every)
+    @staticmethod
+    def batch_key(**kwargs: Any) -> tuple[int, int, int, float]:
+        """The compatibility key of a request (``__call__``'s keyword arguments): see :func:`batch_key`."""
+        return batch_key(**kwargs)
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[dict[str, Any]]) -> list[Echo4oPipelineOutput | BaseException]:
+        """Run several requests together: each step of all of them is one packed forward of the model.
+
+        Each request is a dict of ``__call__``'s keyword arguments (``prompt`` required). The requests must
+        share ``height``, ``width``, ``num_steps`` and ``timestep_shift`` (their :func:`batch_key`): a
+        mismatch is a ``ValueError`` naming it, raised before any work. Everything else is the request's own:
+        prompt, references, seed (its own CPU generator: the same draws as alone), guidance scales, interval
+        and renorm, callback and previews. Every (request, image, guidance branch) row of a step goes through
+        one packed :meth:`Bagel.velocity` call, each row attending only its own context; the result of each
+        request equals that of ``__call__`` alone (up to float rounding of the larger matrix products).
+
+        Returns one entry per request, in order: its :class:`Echo4oPipelineOutput`, or the exception that
+        ended it (an invalid argument, a callback that raised to cancel it, a failure of its prefill, guidance
+        or decode); such a request leaves the batch at once and the others go on. A failure of a shared step
+        forward (e.g. out of memory) ends every request still running, each slot holding that exception.
+        ``timings``: ``prefill_s`` and ``decode_s`` the request's own, ``denoise_s`` the batch's sampling
+        wall time, ``step_s`` that per step and image, ``batch_requests`` how many requests started
+        sampling together.
+        """
+        t0 = time.perf_counter()
+        results: list[Echo4oPipelineOutput | BaseException | None] = [None] * len(requests)
+        jobs: list[_Request] = []
+        for slot, request in enumerate(requests):
+            try:
+                jobs.append(self._start_request(slot, request))
+            except Exception as exc:  # noqa: BLE001 - an invalid request fails alone
+                results[slot] = exc
+        _check_batch(jobs)
+        try:
+            # 2-3. each request's contexts into KV caches, then its initial latents, from its own generator
+            for job in jobs:
+                try:
+                    self._prefill_request(job)
+                except Exception as exc:  # noqa: BLE001 - one request's failure leaves the others running
+                    results[job.slot] = exc
+                    job.release()
+            live = [job for job in jobs if results[job.slot] is None]
+            # 4-5. timesteps, denoise: all live requests in lockstep
+            if live:
+                for slot, exc in self._denoise_batch(live).items():
+                    results[slot] = exc
+            for job in live:
+                job.release()  # before decoding: the caches are the largest working memory
+            # 6. decode
+            for job in live:
+                if results[job.slot] is None:
+                    try:
+                        results[job.slot] = self._finish_request(job, t0, len(live))
+                    except Exception as exc:  # noqa: BLE001
+                        results[job.slot] = exc
+        finally:
+            for job in jobs:
+                job.release()
+        return results  # type: ignore[return-value]
+
+    def _start_request(self, slot: int, request: dict[str, Any]) -> _Request:
+        """Check one request's arguments, resolve its defaults and size, prepare its references."""
+        t0 = time.perf_counter()
+        if not isinstance(request, dict):
+            raise ValueError(f"each request must be a dict of __call__'s keyword arguments; got "
+                             f"{type(request).__name__}")
+        unknown = sorted(set(request) - set(REQUEST_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown request argument(s) {', '.join(unknown)}; the arguments are those of "
+                             f"Echo4oPipeline.__call__: {', '.join(REQUEST_DEFAULTS)}")
+        if "prompt" not in request:
+            raise ValueError("prompt is required in each request")
+        a = {**REQUEST_DEFAULTS, **request}
+        references = _as_image_list(a["images"])
+        params = self.check_inputs(a["prompt"], references, a["height"], a["width"], a["num_steps"],
+                                   a["cfg_text_scale"], a["cfg_img_scale"], a["cfg_interval"], a["timestep_shift"],
+                                   a["cfg_renorm_type"], a["cfg_renorm_min"], a["seed"], a["num_images"],
+                                   a["output_type"], a["callback"], a["preview_every"])
         prepared = [prepare_reference(img) for img in references]
         if params.height is None:
             h, w = prepared[-1].size_hw if prepared else DEFAULT_SIZE
             self._check_size(h, w, from_reference=bool(prepared))
             params = dataclasses.replace(params, height=int(h), width=int(w))
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        return _Request(slot=slot, params=params, callback=a["callback"], preview_every=a["preview_every"],
+                        prepared=prepared, check_s=time.perf_counter() - t0)
 
-        # 2. encode the contexts into KV caches (draws each reference's VAE posterior sample)
-        contexts = self.encode_contexts(prompt, prepared, generator)
-        timings["prefill_s"] = time.perf_counter() - t0
-        try:
-            grid = (params.height // self.config.latent_downsample, params.width // self.config.latent_downsample)
-            # 3. initial latents: one noise draw per image, after the references' draws
-            latents = [self.prepare_latents(grid, generator) for _ in range(num_images)]
-            # 4. timesteps
-            schedule = sampler.timesteps(params.num_steps, params.timestep_shift)
-            # 5. denoise
-            t1 = time.perf_counter()
-            outputs = []
-            for index, x in enumerate(latents):
-                x = self.denoise(x, grid, contexts, schedule, params, callback, preview_every, index, num_images)
-                outputs.append(x)
-            timings["denoise_s"] = time.perf_counter() - t1
-        finally:
-            contexts.release()
-        # 6. decode
+    def _prefill_request(self, job: _Request) -> None:
+        t0 = time.perf_counter()
+        params = job.params
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        # draws each reference's VAE posterior sample, then one noise draw per image
+        job.contexts = self.encode_contexts(params.prompt, job.prepared, generator)
+        job.latents = [self.prepare_latents(self._grid(params), generator) for _ in range(params.num_images)]
+        job.timings["prefill_s"] = job.check_s + time.perf_counter() - t0
+
+    def _grid(self, params: GenerationParams) -> tuple[int, int]:
+        return params.height // self.config.latent_downsample, params.width // self.config.latent_downsample
+
+    def _finish_request(self, job: _Request, t0: float, batch_requests: int) -> Echo4oPipelineOutput:
+        params, timings = job.params, job.timings
         t2 = time.perf_counter()
-        if output_type == "latent":
-            results = [x.float().cpu() for x in outputs]
+        if params.output_type == "latent":
+            images = [x.float().cpu() for x in job.latents]
         else:
-            results = [self.decode_latents(x, grid) for x in outputs]
+            images = [self.decode_latents(x, self._grid(params)) for x in job.latents]
         timings["decode_s"] = time.perf_counter() - t2
-        steps = (params.num_steps - 1) * num_images
+        steps = (params.num_steps - 1) * params.num_images
         timings["step_s"] = timings["denoise_s"] / steps if steps else 0.0
         timings["total_s"] = time.perf_counter() - t0
-        return Echo4oPipelineOutput(images=results, params=params.to_dict(),
+        timings["batch_requests"] = batch_requests
+        return Echo4oPipelineOutput(images=images, params=params.to_dict(),
                                     timings={k: round(v, 4) for k, v in timings.items()})
 
     # -------------------------------------------------------------------------------- 1. inputs
@@ -408,49 +495,75 @@ class Echo4oPipeline:
         return noise.to(self.device)
 
     # -------------------------------------------------------------------------------- 5. denoise
-    def denoise(self, x: torch.Tensor, grid: tuple[int, int], contexts: _Contexts, schedule: torch.Tensor,
-                params: GenerationParams, callback: Callback | None, preview_every: int, index: int,
-                num_images: int) -> torch.Tensor:
-        """Euler steps of one image's latent ``x`` over ``schedule``, with three-branch guidance inside the cfg
-        interval (``params``); calls ``callback`` after each step. Returns the final latent tokens."""
+    def _denoise_batch(self, jobs: list[_Request]) -> dict[int, Exception]:
+        """Euler steps of every image of ``jobs`` over their shared schedule, in lockstep: per step, each
+        request's guidance branches (three-branch guidance inside its cfg interval, one outside) for each of
+        its images, all in one packed forward; then each request's guidance, update and callback. Updates
+        ``job.latents`` in place; returns the requests that failed (slot -> exception), which left the batch."""
         model = self.model
+        params = jobs[0].params  # the shared schedule and size (checked by _check_batch)
+        grid = self._grid(params)
+        schedule = sampler.timesteps(params.num_steps, params.timestep_shift)
         times, dts = sampler.step_sizes(schedule)  # on the CPU: the interval test needs no device sync
         times_dev, dts_dev = times.to(self.device), dts.to(self.device)
         total = len(times)
         position_ids = model.latent_position_ids(grid)
         frame = (model.embed_ids([self.special.start_of_image]), model.embed_ids([self.special.end_of_image]))
-        caches = (contexts.full, contexts.text_dropped, contexts.image_dropped)
-        for i in range(total):
-            if sampler.in_cfg_interval(times[i], params.cfg_interval):
-                text_scale, img_scale = params.cfg_text_scale, params.cfg_img_scale
-            else:
-                text_scale, img_scale = 1.0, 1.0
-            use_text, use_img = sampler.needed_branches(text_scale, img_scale)
-            # without references the image-dropped context is the full one: its prediction is branch 0's
-            run_img = use_img and contexts.image_dropped is not contexts.full
-            branches = (0, *((1,) if use_text else ()), *((2,) if run_img else ()))
-            layout = contexts.layouts.get(branches)
-            if layout is None:
-                layout = model.denoise_layout([caches[b] for b in branches], grid[0] * grid[1],
-                                              self.attention_backend)
-                contexts.layouts[branches] = layout
-            v_all = model.velocity(x, times_dev[i], layout, frame, position_ids).float()
+        failed: dict[int, Exception] = {}
+        active = list(jobs)
+        forward = _StepForward(self, grid[0] * grid[1], frame, position_ids)
+        t1 = time.perf_counter()
+        try:
+            for i in range(total):
+                steps = {job.slot: job.guidance(times[i]) for job in active}
+                try:
+                    v_all, offsets = forward(active, steps, times_dev[i])
+                except Exception as exc:  # noqa: BLE001 - a shared forward failing ends every request in it
+                    for job in active:
+                        failed[job.slot] = exc
+                        job.release()
+                    return failed
+                for job in list(active):
+                    try:
+                        self._advance(job, steps[job.slot], v_all, offsets[job.slot], i, total, times_dev[i],
+                                      dts_dev[i], grid)
+                    except Exception as exc:  # noqa: BLE001 - cancelled (callback raised) or failed: it leaves
+                        failed[job.slot] = exc
+                        active.remove(job)
+                        job.release()
+                if not active:
+                    break
+        finally:
+            forward.release()
+            denoise_s = time.perf_counter() - t1
+            for job in jobs:
+                job.timings["denoise_s"] = denoise_s
+        return failed
+
+    def _advance(self, job: _Request, step: _StepGuidance, v_all: torch.Tensor, offset: int, i: int, total: int,
+                 t: torch.Tensor, dt: torch.Tensor, grid: tuple[int, int]) -> None:
+        """One Euler step of each image of ``job`` from its rows of ``v_all`` (starting at ``offset``)."""
+        params = job.params
+        n = len(step.branches)
+        num_images = len(job.latents)
+        for k, x in enumerate(job.latents):
+            rows = v_all[offset + k * n:offset + (k + 1) * n]
             v = sampler.cfg_combine(
-                v_all[0],
-                v_all[branches.index(1)] if use_text else None,
-                (v_all[branches.index(2)] if run_img else v_all[0]) if use_img else None,
-                text_scale=text_scale, img_scale=img_scale,
+                rows[0],
+                rows[step.branches.index(1)] if step.use_text else None,
+                (rows[step.branches.index(2)] if step.run_img else rows[0]) if step.use_img else None,
+                text_scale=step.text_scale, img_scale=step.img_scale,
                 renorm_type=params.cfg_renorm_type, renorm_min=params.cfg_renorm_min,
             )
-            x = x - v * dts_dev[i]
-            if callback is not None:
+            x = x - v * dt
+            job.latents[k] = x
+            if job.callback is not None:
                 preview = None
-                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+                if job.preview_every and ((i + 1) % job.preview_every == 0 or i + 1 == total):
                     # the model's current estimate of the clean latent (x_t = t * noise + (1 - t) * data)
-                    preview = self.preview(x + v * (dts_dev[i] - times_dev[i]), grid)
-                step = index * total + i + 1 if num_images > 1 else i + 1
-                callback(step, total * num_images, preview)
-        return x
+                    preview = self.preview(x + v * (dt - t), grid)
+                # the images advance together: step i of image k is number i * num_images + k + 1
+                job.callback(i * num_images + k + 1, total * num_images, preview)
 
     # -------------------------------------------------------------------------------- 6. decode
     @property
@@ -478,6 +591,194 @@ class Echo4oPipeline:
         preview = self.decode_latents(tokens, grid, half_resolution=True)
         preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
         return preview
+
+
+# ================================================================================== batching
+
+#: A request's keyword arguments (those of ``Echo4oPipeline.__call__``) and their defaults.
+REQUEST_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(Echo4oPipeline.__call__).parameters.items() if name != "self"
+}
+#: What the requests of one ``generate_batch`` must share: the fields of :func:`batch_key`.
+BATCH_KEY_FIELDS = ("height", "width", "num_steps", "timestep_shift")
+
+
+def batch_key(**kwargs: Any) -> tuple[int, int, int, float]:
+    """``(height, width, num_steps, timestep_shift)`` of a request given as ``__call__``'s keyword arguments,
+    defaults resolved: requests with equal keys can run in one :meth:`Echo4oPipeline.generate_batch`.
+
+    Needs no model: a multi-reference request without a size takes its last reference's size after the
+    resize rule, worked out from the image's size (and EXIF orientation) without decoding its pixels. Only
+    these four arguments are read; a value that cannot be read is a ``ValueError`` naming it (the other
+    arguments are checked by the call).
+    """
+    unknown = sorted(set(kwargs) - set(REQUEST_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown request argument(s) {', '.join(unknown)}")
+    a = {**REQUEST_DEFAULTS, **kwargs}
+    height, width = a["height"], a["width"]
+    if (height is None) != (width is None):
+        raise ValueError("height and width must be given together (or neither, for the mode's default size)")
+    if height is None:
+        references = _as_image_list(a["images"])
+        height, width = reference_output_size(references[-1]) if references else DEFAULT_SIZE
+    for name, value in (("height", height), ("width", width), ("num_steps", a["num_steps"])):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
+    shift = _finite("timestep_shift", a["timestep_shift"])
+    return int(height), int(width), int(a["num_steps"]), shift
+
+
+def reference_output_size(image: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` an output takes from ``image`` as its last reference: the VAE resize rule applied
+    to its size after EXIF orientation, as :func:`~worker.engine.image_processing.prepare_reference` does."""
+    w, h = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: exif_transpose leaves such an image as it is
+        orientation = None
+    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90 degrees: the sides swap
+        w, h = h, w
+    new_w, new_h = resized_size(w, h, **VAE_RULE)
+    return new_h, new_w
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _check_batch(jobs: list[_Request]) -> None:
+    """``ValueError`` naming the first field two requests of a batch disagree on (see ``BATCH_KEY_FIELDS``)."""
+    if not jobs:
+        return
+    first = jobs[0]
+    for job in jobs[1:]:
+        for name in BATCH_KEY_FIELDS:
+            a, b = getattr(first.params, name), getattr(job.params, name)
+            if a != b:
+                raise ValueError(
+                    f"requests of one batch must share {', '.join(BATCH_KEY_FIELDS)}: request {first.slot} has "
+                    f"{name}={a} but request {job.slot} has {name}={b}; group requests by "
+                    f"Echo4oPipeline.batch_key(**request)")
+
+
+@dataclass(frozen=True)
+class _StepGuidance:
+    """What one request runs at one step: its scales and which context branches its forward needs."""
+
+    text_scale: float
+    img_scale: float
+    use_text: bool
+    use_img: bool
+    run_img: bool
+    branches: tuple[int, ...]
+
+
+@dataclass
+class _Request:
+    """One request of a batch while it runs: its checked parameters, contexts, latents and timings."""
+
+    slot: int
+    params: GenerationParams
+    callback: Callback | None
+    preview_every: int
+    prepared: list[PreparedReference]
+    check_s: float = 0.0
+    contexts: _Contexts | None = None
+    latents: list[torch.Tensor] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def guidance(self, t: torch.Tensor) -> _StepGuidance:
+        """The scales at time ``t`` (1 outside the cfg interval) and the branches they need."""
+        params = self.params
+        if sampler.in_cfg_interval(t, params.cfg_interval):
+            text_scale, img_scale = params.cfg_text_scale, params.cfg_img_scale
+        else:
+            text_scale, img_scale = 1.0, 1.0
+        use_text, use_img = sampler.needed_branches(text_scale, img_scale)
+        # without references the image-dropped context is the full one: its prediction is branch 0's
+        run_img = use_img and self.contexts.image_dropped is not self.contexts.full
+        branches = (0, *((1,) if use_text else ()), *((2,) if run_img else ()))
+        return _StepGuidance(text_scale, img_scale, use_text, use_img, run_img, branches)
+
+    def caches(self) -> tuple[KVCache, KVCache, KVCache]:
+        c = self.contexts
+        return c.full, c.text_dropped, c.image_dropped
+
+    def release(self) -> None:
+        if self.contexts is not None:
+            self.contexts.release()
+
+
+class _StepForward:
+    """One step's packed forward over the rows (request, image, branch) of the running requests.
+
+    The :class:`DenoiseLayout` (with its per-layer key/value buffers holding a copy of every row's context)
+    is kept while the rows stay the same and rebuilt when they change (a request enters or leaves its cfg
+    interval, or leaves the batch); only the current one is held. A lone image with its branches queries
+    with one latent (the single-request path); several images query with a stack of latents.
+
+    ``sequential`` (benchmarks only): one velocity call per row instead of one packed call, same results.
+    """
+
+    def __init__(self, pipe: Echo4oPipeline, num_tokens: int, frame: tuple[torch.Tensor, torch.Tensor],
+                 position_ids: torch.Tensor):
+        self.pipe = pipe
+        self.num_tokens = num_tokens
+        self.frame = frame
+        self.position_ids = position_ids
+        self.sequential = pipe._sequential_branches
+        self._key: tuple | None = None
+        self._layout: DenoiseLayout | None = None
+        self._row_layouts: dict[tuple[int, int, int], DenoiseLayout] = {}
+
+    def __call__(self, jobs: list[_Request], steps: dict[int, _StepGuidance],
+                 t: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+        """``(v_all, offsets)``: the velocity of every row ``(rows, tokens, D)`` in float32, and where each
+        request's rows start (its image ``k`` at ``offset + k * len(branches)``)."""
+        rows: list[tuple[_Request, int, int]] = []
+        offsets: dict[int, int] = {}
+        for job in jobs:
+            offsets[job.slot] = len(rows)
+            rows.extend((job, k, b) for k in range(len(job.latents)) for b in steps[job.slot].branches)
+        model, backend = self.pipe.model, self.pipe.attention_backend
+        single = len(jobs) == 1 and len(jobs[0].latents) == 1
+        x = jobs[0].latents[0] if single else torch.stack([x for job in jobs for x in job.latents])
+        if self.sequential:
+            return self._sequential(rows, x if not single else x[None], t), offsets
+        key = tuple((job.slot, k, b) for job, k, b in rows)
+        if key != self._key:
+            self._layout = self._key = None  # let the old buffers go before the new ones are built
+            sources = None
+            if not single:
+                index = {}
+                for job in jobs:
+                    for k in range(len(job.latents)):
+                        index[(job.slot, k)] = len(index)
+                sources = [index[(job.slot, k)] for job, k, _ in rows]
+            self._layout = model.denoise_layout([job.caches()[b] for job, _, b in rows], self.num_tokens, backend,
+                                                sources)
+            self._key = key
+        return model.velocity(x, t, self._layout, self.frame, self.position_ids).float(), offsets
+
+    def _sequential(self, rows: list[tuple[_Request, int, int]], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model, backend = self.pipe.model, self.pipe.attention_backend
+        out, index, seen = [], {}, set()
+        for job, k, b in rows:
+            index.setdefault((job.slot, k), len(index))
+            key = (job.slot, k, b)
+            seen.add(key)
+            layout = self._row_layouts.get(key)
+            if layout is None:
+                layout = model.denoise_layout([job.caches()[b]], self.num_tokens, backend)
+                self._row_layouts[key] = layout
+            out.append(model.velocity(x[index[(job.slot, k)]], t, layout, self.frame, self.position_ids).float())
+        for key in set(self._row_layouts) - seen:
+            del self._row_layouts[key]
+        return torch.cat(out)
+
+    def release(self) -> None:
+        self._layout = self._key = None
+        self._row_layouts.clear()
 
 
 # ================================================================================== helpers

@@ -42,6 +42,9 @@ class DenoiseLayout:
     route: Route
     num_branches: int
     num_tokens: int
+    #: Which latent each packed row (branch) queries with: ``None`` when every row shares one latent
+    #: (``x_t`` of shape ``(tokens, D)``), else one index per row into ``x_t`` of shape ``(latents, tokens, D)``.
+    sources: torch.Tensor | None = None
 
 
 class Bagel(nn.Module):
@@ -185,9 +188,16 @@ class Bagel(nn.Module):
         cache.rope += 1
 
     # ------------------------------------------------------------------------------------------ denoising
-    def denoise_layout(self, contexts: list[KVCache], num_tokens: int, backend: str) -> DenoiseLayout:
-        """The packed query ``[start, latents, end]`` once per context, each against its own context."""
+    def denoise_layout(self, contexts: list[KVCache], num_tokens: int, backend: str,
+                       sources: list[int] | None = None) -> DenoiseLayout:
+        """The packed query ``[start, latents, end]`` once per context, each against its own context.
+
+        ``sources``: for a query of several latents (the images of a batch of requests), which latent each
+        context's row reads (one index per context); ``None``: every row reads the same single latent.
+        """
         device = self.device
+        if sources is not None and len(sources) != len(contexts):
+            raise ValueError(f"one source latent per context; got {len(sources)} for {len(contexts)}")
         seg = num_tokens + 2
         plan = BranchPlan(contexts, [seg] * len(contexts), backend, device)
         positions = torch.cat([torch.full((seg,), c.rope, dtype=torch.long) for c in contexts]).to(device)
@@ -195,15 +205,30 @@ class Bagel(nn.Module):
         und = torch.stack([base, base + seg - 1], dim=1).flatten()
         gen = (base[:, None] + torch.arange(1, seg - 1, device=device)[None]).flatten()
         return DenoiseLayout(plan=plan, rope=self.llm.rope(positions), route=Route(und=und, gen=gen),
-                             num_branches=len(contexts), num_tokens=num_tokens)
+                             num_branches=len(contexts), num_tokens=num_tokens,
+                             sources=None if sources is None else torch.tensor(sources, device=device))
 
     @torch.inference_mode()
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, layout: DenoiseLayout, frame: tuple[torch.Tensor,
                  torch.Tensor], position_ids: torch.Tensor) -> torch.Tensor:
-        """Predicted ``noise - data`` for latent tokens ``x_t`` at time ``t``: ``(branches, tokens, p*p*C)``."""
-        lat = self.embed_latents(x_t, t, position_ids).to(self.dtype)
+        """Predicted ``noise - data`` for latent tokens ``x_t`` at time ``t``: ``(branches, tokens, p*p*C)``.
+
+        ``x_t``: ``(tokens, D)``, one latent every row queries with; or, with a layout built with ``sources``,
+        ``(latents, tokens, D)``, row ``r`` querying with ``x_t[sources[r]]`` (the rows of a request batch).
+        """
         start, end = frame
-        seq = torch.cat([start, lat, end] * layout.num_branches)
+        if layout.sources is None:
+            lat = self.embed_latents(x_t, t, position_ids).to(self.dtype)
+            seq = torch.cat([start, lat, end] * layout.num_branches)
+        else:
+            num, tokens, dim = x_t.shape
+            lat = self.vae2llm(x_t.reshape(num * tokens, dim).to(self.dtype)).view(num, tokens, -1)
+            lat = (lat + self.time_embedder(t.reshape(1).to(self.device))
+                   + self.latent_pos_embed(position_ids)).to(self.dtype)
+            rows = lat.index_select(0, layout.sources)
+            width = rows.shape[-1]
+            seq = torch.cat([start.expand(rows.shape[0], 1, width), rows, end.expand(rows.shape[0], 1, width)],
+                            dim=1).reshape(-1, width)
         hidden = self.llm(seq, layout.rope, layout.plan, layout.route, final_norm=False)
         hidden = hidden.view(layout.num_branches, layout.num_tokens + 2, -1)[:, 1:-1]  # the latent rows
         return self.llm2vae(self.llm.norm_moe_gen(hidden))
