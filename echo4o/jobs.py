@@ -378,6 +378,17 @@ class BenchmarkJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    #: As on image jobs: kept out of the params; the gateway stores it in the job's webhook delivery.
+    webhook_url: str | None = Field(
+        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
+        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, v: str | None) -> str | None:
+        return check_webhook_url_syntax(v)
+
     kind: ClassVar[str] = "benchmark"
 
     suite: BenchmarkSuite = Field(..., description="Benchmark suite.")
@@ -483,6 +494,17 @@ class FinetuneJob(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    #: As on image jobs: kept out of the params; the gateway stores it in the job's webhook delivery.
+    webhook_url: str | None = Field(
+        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
+        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, v: str | None) -> str | None:
+        return check_webhook_url_syntax(v)
 
     kind: ClassVar[str] = "finetune"
 

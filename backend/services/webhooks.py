@@ -33,6 +33,7 @@ from backend.services.blocking import in_session, run_sync
 from echo4o import __version__
 from echo4o.db import crud
 from echo4o.db import webhooks as records
+from echo4o.db.models import Job
 from echo4o.logging import get_logger
 from echo4o.settings import Settings
 
@@ -95,6 +96,18 @@ def register(session: Session, settings: Settings, job_id: str, owner: str, url:
     """The job's ``waiting`` delivery, and its owner's secret made if it has none yet."""
     records.get_secret(session=session, owner=owner)
     records.create_delivery(session=session, job_id=job_id, owner=owner, url=url, base_url=settings.public_url)
+
+
+async def checked(settings: Settings, url: str | None) -> str | None:
+    """:func:`check_url` off the event loop (it resolves the host), for routes that submit on their own."""
+    return await run_sync(check_url, settings, url)
+
+
+async def attach(settings: Settings, job: Job, url: str | None) -> None:
+    """:func:`register` ``url`` (checked) for ``job`` once it is submitted. A job that ends first is delivered
+    all the same: the dispatcher only needs the row and the job's end."""
+    if url:
+        await in_session(settings, lambda s: register(s, settings, job.id, job.owner, url))
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:

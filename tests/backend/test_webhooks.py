@@ -377,3 +377,28 @@ def test_verify_refuses_tampering_and_old_timestamps() -> None:
     assert not webhooks.verify(secret, str(now + 1), body, sig, now=now)
     assert not webhooks.verify("whsec_other", ts, body, sig, now=now)
     assert not webhooks.verify(secret, "not-a-number", body, sig, now=now)
+
+
+def test_admin_finetune_and_benchmark_runs_take_a_webhook(make_gateway, receiver: Receiver) -> None:
+    from worker.training.data import TEXT_TO_IMAGE, write_test_dataset
+
+    gw = make_gateway()
+    with session_scope(gw.database_url) as s:
+        admin = crud.create_api_key(session=s, name="admin", is_admin=True)[1]
+    dataset = write_test_dataset(get_settings().data_dir / "datasets" / "t2i", TEXT_TO_IMAGE, num_rows=2)
+    submits = {"finetune": ("/admin/finetune", {"dataset": str(dataset), "steps": 2}),
+               "benchmark": ("/admin/benchmarks", {"suite": "geneval", "limit": 1})}
+    gw.client.app.state.settings.webhook_allow_private = False
+    for kind, (path, body) in submits.items():
+        r = gw.client.post(path, json={**body, "webhook_url": "http://10.0.0.1/hook"}, headers=gw.h(admin))
+        assert r.status_code == 422 and r.json()["error"]["param"] == "webhook_url", r.text
+        gw.client.app.state.settings.webhook_allow_private = True
+        r = gw.client.post(path, json={**body, "webhook_url": receiver.url}, headers=gw.h(admin))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert "webhook_url" not in gw.client.get(f"/jobs/{job_id}", headers=gw.h(admin)).json()["params"]
+        assert gw.client.delete(f"/jobs/{job_id}", headers=gw.h(admin)).status_code == 200
+        headers, sent = receiver.wait(1 + list(submits).index(kind))[-1]
+        _check_signed(headers, sent, gw.client.get("/keys/webhook-secret", headers=gw.h(admin)).json()["secret"])
+        assert json.loads(sent)["kind"] == kind and json.loads(sent)["status"] == "cancelled"
+        gw.client.app.state.settings.webhook_allow_private = False

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 
 from backend.api.deps import AdminKey, MetricsDep, SessionDep, SettingsDep
 from backend.schemas import BenchmarkOptions, BenchmarkRunPublic, BenchmarkRunsPublic, JobCreated, error_responses
-from backend.services import benchmarks
+from backend.services import benchmarks, webhooks
 from backend.services.blocking import in_session
 from backend.services.jobs import served_versions
 from backend.services.views import base_url, created
@@ -28,7 +28,9 @@ async def start_benchmark(payload: BenchmarkJob, request: Request, settings: Set
                           metrics: MetricsDep) -> JobCreated:
     """Start a benchmark run: the suite's prompts (first `limit` per group) become image jobs on the gpu queue,
     then a judge scores them. Generation fields left out take the paper's settings."""
+    webhook_url = await webhooks.checked(settings, payload.webhook_url)
     job = await in_session(settings, lambda s: benchmarks.submit_benchmark(s, settings, metrics, principal, payload))
+    await webhooks.attach(settings, job, webhook_url)
     return created(job, base_url(settings, str(request.base_url)))
 
 

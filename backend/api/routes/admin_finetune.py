@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 
 from backend.api.deps import AdminKey, MetricsDep, SettingsDep
 from backend.schemas import JobCreated, error_responses
+from backend.services import webhooks
 from backend.services.blocking import in_session
 from backend.services.finetune import submit_finetune
 from backend.services.views import base_url, created
@@ -26,5 +27,7 @@ async def finetune(payload: FinetuneJob, request: Request, settings: SettingsDep
                    metrics: MetricsDep) -> JobCreated:
     """Queue a fine-tuning run of `base_version` (default: the current version) on `dataset`; every training
     field left out takes the trainer's default (lora, lr 2e-5, ...)."""
+    webhook_url = await webhooks.checked(settings, payload.webhook_url)
     job = await in_session(settings, lambda s: submit_finetune(s, settings, metrics, principal, payload))
+    await webhooks.attach(settings, job, webhook_url)
     return created(job, base_url(settings, str(request.base_url)))
