@@ -31,6 +31,7 @@ _STATUS_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
@@ -125,9 +126,22 @@ async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _not_json(request: Request, errors: Sequence[Mapping[str, Any]]) -> ApiError | None:
+    """A JSON route given a body of another type (text/plain, a form): 415 naming the type to send, rather than a
+    422 saying the body is not an object."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("model_attributes_type", "dict_type")
+           for e in errors):
+        return ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}: send the "
+                             "fields as a JSON object", code="unsupported_media_type")
+    return None
+
+
 async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = from_validation_errors(exc.errors())
+    err = _not_json(request, exc.errors()) or from_validation_errors(exc.errors())
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -139,8 +153,15 @@ async def _pydantic_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}.get(exc.status_code,
+                                                                                     f"http_{exc.status_code}")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 400 and message == "There was an error parsing the body":
+        # FastAPI's answer to a body it cannot decode (not UTF-8, a broken multipart frame): bad input like
+        # malformed JSON, so the same 422 that names the fix
+        err = ApiError(422, "the body could not be parsed: send a JSON object (Content-Type application/json, "
+                            "UTF-8) or a well-formed multipart/form-data form", code="invalid_body")
+        return JSONResponse(err.body(), status_code=err.status)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}: see /docs for the API"
     body = error_body(message, type=_STATUS_TYPES.get(exc.status_code, "api_error"), param=None, code=code)

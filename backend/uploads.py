@@ -6,7 +6,7 @@ Bodies come as multipart forms (:func:`read_form`, files plus text fields) or JS
 Order of checks, cheapest first, so a hostile file costs little: byte size (before reading it all),
 magic bytes (PNG, JPEG or WebP, whatever the file is called), pixel count from the header (before any pixel is
 decoded: decompression bombs), a full decode (truncated or corrupt files fail here). Accepted images are
-normalised to RGB (alpha over white, EXIF orientation applied) and written to
+normalised to RGB (alpha over white, EXIF orientation applied, CMYK converted, 16-bit scaled to 8) and written to
 ``<data_dir>/uploads/<job_id>/<n>.png`` atomically.
 """
 
@@ -33,6 +33,7 @@ from echo4o.settings import Settings
 
 _FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass
@@ -96,10 +97,16 @@ def check_image(data: bytes, *, param: str, max_bytes: int, max_pixels: int) -> 
             rgb = _to_rgb(ImageOps.exif_transpose(img))
     except ApiError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise _too_large(param, f"refused before decoding: {exc} The limit here is {max_pixels} pixels "
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, hit while reading the header
+        declared = _BOMB_PIXELS.search(str(exc))
+        size = f"its header declares {declared.group(1)} pixels" if declared else "its header declares too many pixels"
+        raise _too_large(param, f"refused before decoding: {size}, more than the {max_pixels}-pixel limit "
                                 "(ECHO4O_MAX_IMAGE_PIXELS); downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:  # a header Pillow cannot read (a 0x0 PNG, a damaged first chunk)
+        raise ApiError(422, f"{param}: the {fmt} header is invalid (a 0x0 image, or a damaged file); send a "
+                            f"complete {fmt} of at least {MIN_SIDE}x{MIN_SIDE} px", code="invalid_image",
+                       param=param) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(
             422, f"{param}: the {fmt} file is truncated or corrupt ({exc}); send the complete file",
             code="invalid_image", param=param,
@@ -110,6 +117,8 @@ def check_image(data: bytes, *, param: str, max_bytes: int, max_pixels: int) -> 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img.copy()
+    if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale PNG: scale to 8 bits, not clip
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))

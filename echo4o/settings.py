@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(60, ge=1, description="Jobs one key may submit per minute.")
     max_queued_jobs_per_key: int = Field(16, ge=1, description="Queued + running jobs one key may have.")
     wait_max_s: float = Field(600.0, ge=0, description="Upper bound of ?wait=SECONDS.")
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a client has to send a request's whole body (`echo4o serve`); "
+                                         "slower ones get 408 and the connection is closed (slow-client guard).")
 
     # --- demo UI (echo4o ui) ----------------------------------------------------------------------
     ui_api_url: str = Field("http://127.0.0.1:8000", description="The gateway the demo UI calls.")

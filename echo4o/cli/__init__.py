@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "echo4o.cli.bench",
     "echo4o.cli.versions",
     "echo4o.cli.finetune",
+    "echo4o.cli.healthcheck",
 )
 
 for _name in COMMAND_MODULES:

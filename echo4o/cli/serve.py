@@ -19,6 +19,11 @@ keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in 
 app.add_typer(keys_app, name="keys")
 
 WORKER_STOP_TIMEOUT_S = 30.0
+#: How long a stopping gateway lets in-flight requests finish (a submit with ?wait longer than this is cut off);
+#: below Docker's and Kubernetes' default grace before SIGKILL (10 s and 30 s).
+GRACEFUL_SHUTDOWN_S = 8
+#: Idle keep-alive connections are closed after this many seconds.
+KEEP_ALIVE_S = 5
 
 
 def _settings_with(**overrides: object):  # noqa: ANN202 - Settings, imported lazily
@@ -66,10 +71,14 @@ def serve(
     import uvicorn
 
     from backend.app import create_app
+    from backend.serving import for_serving
 
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for GRACEFUL_SHUTDOWN_S and ends event
+    # streams (cleanly: backend.serving.EndStreamsCleanly); bodies have ECHO4O_BODY_TIMEOUT_S to arrive.
     server = uvicorn.Server(uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_config=None,
-        access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=5))
+        for_serving(create_app(settings), settings), host=settings.host, port=settings.port, log_config=None,
+        access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=KEEP_ALIVE_S))
     worker, startup_failure = None, threading.Event()
     if settings.embedded_broker:
         # the child must see the same data dir (embedded broker and SQLite live there) whatever its cwd

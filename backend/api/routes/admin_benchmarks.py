@@ -62,7 +62,7 @@ def get_benchmark(run_id: str, request: Request, session: SessionDep, settings: 
     return benchmarks.public_run(job, base_url(settings, str(request.base_url)), counts)
 
 
-@router.get("/{run_id}/report", response_class=HTMLResponse,
+@router.get("/{run_id}/report", response_class=Response,  # errors are JSON: not documented as text/html
             responses={200: {"content": {"text/html": {}, "text/markdown": {}, "application/json": {}}},
                        **error_responses(401, 403, 404, 409)})
 def get_report(run_id: str, session: SessionDep, settings: SettingsDep, principal: AdminKey,

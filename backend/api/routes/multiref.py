@@ -84,7 +84,8 @@ async def read_multiref_body(
         try:
             form = await request.form(max_files=max_files + 8, max_fields=200)
         except StarletteHTTPException as exc:  # malformed multipart, too many parts
-            raise invalid("images", f"images: {exc.detail}", status=exc.status_code) from None
+            status = exc.status_code if exc.status_code in (408, 413) else 422  # bad form: 422 like any bad field
+            raise invalid("images", f"images: {exc.detail}", status=status) from None
         return await read_form(form, file_fields=("images",), max_bytes=max_bytes)
     if content_type == "application/json":
         try:

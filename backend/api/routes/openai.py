@@ -102,7 +102,7 @@ async def wait_synchronously(settings: Settings, job: Job) -> Job:
     return ended
 
 
-@router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 422, 429))
+@router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 422, 429, 504))
 async def generations(body: ImagesGenerationRequest, request: Request, settings: SettingsDep,
                       principal: CurrentKey, metrics: MetricsDep) -> ImagesResponse:
     """Text to image, OpenAI style (`size` is WIDTHxHEIGHT, each side within the limits of GET /parameters)."""
@@ -122,7 +122,7 @@ async def generations(body: ImagesGenerationRequest, request: Request, settings:
 @router.post(
     "/edits",
     response_model=ImagesResponse,
-    responses=error_responses(401, 413, 415, 422, 429),
+    responses=error_responses(401, 413, 415, 422, 429, 504),
     openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object",
         "required": ["image", "prompt"],
@@ -169,7 +169,8 @@ async def read_edit_form(request: Request, settings: Settings) -> tuple[dict[str
         form = await request.form(max_files=settings.max_references + 8, max_fields=200)
     except Exception as exc:  # noqa: BLE001 - starlette's multipart errors carry their own reason
         detail = getattr(exc, "detail", str(exc))
-        raise invalid("image", f"image: {detail}", status=getattr(exc, "status_code", 400)) from None
+        status = getattr(exc, "status_code", 400)  # a malformed form, too many parts: 422 like any bad field
+        raise invalid("image", f"image: {detail}", status=status if status in (408, 413) else 422) from None
     return await read_form(form, file_fields=("image",), max_bytes=settings.max_upload_bytes)
 
 
