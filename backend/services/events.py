@@ -9,10 +9,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sse_starlette.event import ensure_bytes
+
 from backend.services.blocking import in_session
 from backend.services.views import public_job
 from backend.services.watch_hub import Snapshot, WatchHub, hub_for
 from echo4o.settings import Settings
+
+SEP = "\r\n"  # sse-starlette's line separator
 
 
 class StepCounter:
@@ -100,9 +104,26 @@ async def _make_end_event(settings: Settings, snap: Snapshot, base: str) -> dict
     return {"event": "cancelled", "data": json.dumps({"id": job.id})}
 
 
+def encoded(snap: Snapshot, event: dict[str, str]) -> bytes:
+    """``event`` as the bytes of an SSE message, encoded once per snapshot for all the watchers."""
+    key = ("bytes", id(event))  # the event objects live in the same cache, so their ids stay theirs
+    raw = snap.cache.get(key)
+    if raw is None:
+        raw = snap.cache[key] = ensure_bytes(event, SEP)
+    return raw
+
+
+def _queued_event(snap: Snapshot) -> dict[str, str]:
+    event = snap.cache.get("queued")
+    if event is None:
+        event = snap.cache["queued"] = {"event": "queued", "data": json.dumps({"position": (snap.position or 0) + 1})}
+    return event
+
+
 async def job_events(
-    settings: Settings, job_id: str, base: str, *, last_event_id: str | None = None, hub: WatchHub | None = None
-) -> AsyncIterator[dict[str, str]]:
+    settings: Settings, job_id: str, base: str, *, last_event_id: str | None = None, hub: WatchHub | None = None,
+    as_bytes: bool = False,
+) -> AsyncIterator[Any]:
     """Server-Sent Events for one job, from the snapshots of its row the process's watch hub shares.
 
     ``queued`` when the queue position changes; ``progress`` once for every step, with its stage (when several
@@ -110,6 +131,9 @@ async def job_events(
     newest; a new stage counts from 1 again); then ``done`` (the job), ``failed`` or ``cancelled``, and the stream
     ends. Each ``progress`` event has an id; a client that reconnects with it as ``last_event_id``
     (``Last-Event-ID``) gets the steps after it, none again.
+
+    The events are dicts (``event``, ``id``, ``data``), or with ``as_bytes`` their SSE encoding, shared by every
+    watcher of the same snapshot (what the route sends: no per-watcher encoding).
     """
     hub = hub or hub_for(settings)
     last_position: int | None = -1
@@ -121,14 +145,16 @@ async def job_events(
             if job is not None:
                 if job.status == "queued" and snap.position != last_position:
                     last_position = snap.position
-                    yield {"event": "queued", "data": json.dumps({"position": (snap.position or 0) + 1})}
+                    event = _queued_event(snap)
+                    yield encoded(snap, event) if as_bytes else event
                 step = job.progress_step or 0
                 for s in counter.advance(job.status, job.progress_stage, step, job.progress_total):
                     with_preview = s == step and bool(job.preview) and job.preview != last_preview
                     if with_preview:
                         last_preview = job.preview
-                    yield _progress_event(snap, s, with_preview)
+                    event = _progress_event(snap, s, with_preview)
+                    yield encoded(snap, event) if as_bytes else event
             end = await _end_event(settings, snap, base)
             if end is not None:
-                yield end
+                yield encoded(snap, end) if as_bytes else end
                 return

@@ -32,5 +32,5 @@ async def job_events(
     await in_session(settings, lambda s: load_job(s, principal, job_id))
     base = base_url(settings, str(request.base_url))
     stream = event_stream(settings, job_id, base, last_event_id=request.headers.get("last-event-id"),
-                          hub=getattr(request.app.state, "watch_hub", None))
+                          hub=getattr(request.app.state, "watch_hub", None), as_bytes=True)
     return EventSourceResponse(stream, ping=10)
