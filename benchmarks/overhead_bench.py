@@ -1,0 +1,229 @@
+"""Serving overhead of a ~1 s job, alone and while 8 other jobs are being submitted and followed.
+
+The same job two ways, alternated: the bare pipeline call in this process (``Echo4oPipeline``, CPU, the same
+model, size, steps and seed), and end to end through a live stack (``echo4o serve``, Redis broker, one
+``echo4o worker``): ``POST /generate?wait=`` until the finished job comes back, then its PNG downloaded.
+``overhead_ratio`` = median end-to-end / median direct. Measured twice:
+
+* ``idle``: nothing else runs;
+* ``load``: a client process keeps 8 other jobs going: each of 8 loops submits a job (priority 0, below the
+  timed job's 9, so the timed job never queues behind them), follows its event stream until it is queued,
+  cancels it and follows the stream to its end, then starts again. The gateway serves those submits, streams
+  and cancels while the timed job passes through it. (A background job the worker picks up before its cancel
+  lands runs until its next step; ``background_started`` counts them.)
+
+The step count is calibrated so that the direct call takes about ``--target-s`` seconds.
+
+    .venv/bin/python benchmarks/overhead_bench.py --json overhead.json
+
+Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/11, flushed before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
+
+PROMPT = "a lighthouse on a cliff at dawn"
+BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_steps": 2, "priority": 0}
+
+
+# --- background load (a process of its own) ----------------------------------------------------------------------
+
+def load_main(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: ANN001 - mp types
+    """``loops`` submit-follow-cancel loops until ``stop``; counts[0] = cycles done, counts[1] = errors."""
+    asyncio.run(_load(url, key, loops, counts, stop))
+
+
+async def _read_events(stream: httpx.Response, until: set[str]) -> str:
+    name = ""
+    async for line in stream.aiter_lines():
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+            if name in until:
+                return name
+    return name
+
+
+async def _load(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: ANN001
+    limits = httpx.Limits(max_connections=4 * loops, max_keepalive_connections=4 * loops)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                 limits=limits) as c:
+        async def loop() -> None:
+            while not stop.is_set():
+                try:
+                    r = await c.post("/generate", json=BACKGROUND_JOB)
+                    r.raise_for_status()
+                    job = r.json()
+                    async with c.stream("GET", job["events_url"]) as s:
+                        name = await _read_events(s, {"queued", "progress", "done", "failed", "cancelled"})
+                        if name in ("queued", "progress"):
+                            await c.delete(f"/jobs/{job['id']}")
+                            await _read_events(s, {"done", "failed", "cancelled"})
+                    counts[0] += 1
+                except httpx.HTTPError:
+                    counts[1] += 1
+                    await asyncio.sleep(0.1)
+
+        await asyncio.gather(*(loop() for _ in range(loops)))
+
+
+class Load:
+    def __init__(self, url: str, key: str, loops: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.counts = ctx.Array("q", 2, lock=True)
+        self.stop = ctx.Event()
+        self.proc = ctx.Process(target=load_main, args=(url, key, loops, self.counts, self.stop), daemon=True)
+        self.proc.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# --- the two paths ----------------------------------------------------------------------------------------------
+
+class Direct:
+    """The pipeline in this process, on the CPU like the worker, warmed up as the worker is."""
+
+    def __init__(self, model: Path, size: int, seed: int) -> None:
+        from worker.engine import Echo4oPipeline
+
+        self.pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
+        self.kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
+        self.pipe(PROMPT, num_steps=3, **self.kwargs)
+
+    def calibrate(self, target_s: float) -> int:
+        """Steps for a call of about ``target_s`` seconds (per-step time from two call lengths)."""
+        times = {}
+        for n in (3, 9):
+            t0 = time.perf_counter()
+            self.pipe(PROMPT, num_steps=n, **self.kwargs)
+            times[n] = time.perf_counter() - t0
+        per_step = max(1e-3, (times[9] - times[3]) / 6)
+        fixed = max(0.0, times[3] - 2 * per_step)
+        return max(2, min(100, round((target_s - fixed) / per_step) + 1))
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        self.pipe(PROMPT, num_steps=steps, **self.kwargs)
+        return time.perf_counter() - t0
+
+
+def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> float:
+    """Seconds from submit to the PNG in hand for one job (priority 9)."""
+    body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed, "priority": 9}
+    t0 = time.perf_counter()
+    r = client.post("/generate", params={"wait": 600}, json=body)
+    r.raise_for_status()
+    job = r.json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed in time: {job}")
+    client.get(job["result"]["images"][0]["url"]).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: int, repeats: int) -> dict:
+    """Alternated runs (load from elsewhere on the machine hits both paths alike)."""
+    d, e = [], []
+    for _ in range(repeats):
+        d.append(direct.run(steps))
+        e.append(end_to_end(client, size, steps, seed))
+    dm, em = statistics.median(d), statistics.median(e)
+    return {"direct_s": d, "end_to_end_s": e, "direct_s_median": dm, "end_to_end_s_median": em,
+            "overhead_s_median": em - dm, "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
+    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/11")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
+    ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
+    ap.add_argument("--target-s", type=float, default=1.0, help="seconds of the direct call to calibrate to")
+    ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
+    ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+
+    import redis
+
+    from tests.support.stack import live_stack
+
+    tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
+    model = args.model
+    if model is None:
+        from worker.engine.tiny import write_tiny_model
+
+        model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
+    seed = 1234
+    r = redis.Redis.from_url(args.broker_url)
+    r.flushdb()
+    load: Load | None = None
+    try:
+        with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
+                        env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000"}) as stack:
+            direct = Direct(model, args.size, seed)
+            steps = args.steps or direct.calibrate(args.target_s)
+            print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
+            with stack.client(timeout=600) as client:
+                end_to_end(client, args.size, steps, seed)  # warm path
+                idle = measure(direct, client, args.size, steps, seed, args.repeats)
+                print(f"idle: overhead_ratio {idle['overhead_ratio']:.3f}", flush=True)
+                load = Load(stack.url, stack.user_key, args.loops)
+                deadline = time.monotonic() + 120
+                while load.counts[0] < args.loops and time.monotonic() < deadline:  # the loops are going
+                    time.sleep(0.2)
+                cycles0 = load.counts[0]
+                t0 = time.monotonic()
+                loaded = measure(direct, client, args.size, steps, seed, args.repeats)
+                loaded["background_cycles_per_s"] = (load.counts[0] - cycles0) / (time.monotonic() - t0)
+                loaded["background_errors"] = load.counts[1]
+                load.close()
+                load = None
+                jobs = client.get("/jobs", params={"status": "cancelled", "limit": 1}).json()["count"]
+                started = 0
+                offset = 0
+                while offset < jobs:
+                    page = client.get("/jobs", params={"status": "cancelled", "limit": 200, "offset": offset})
+                    started += sum(1 for j in page.json()["data"] if j["started_at"])
+                    offset += 200
+                loaded["background_jobs"] = jobs
+                loaded["background_started"] = started
+    finally:
+        if load is not None:
+            load.close()
+        r.flushdb()
+
+    figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model)},
+               "idle": idle, "load": loaded, "overhead_ratio": idle["overhead_ratio"],
+               "overhead_ratio_under_load": loaded["overhead_ratio"]}
+    print()
+    print(f"{'condition':<28}{'direct s':>10}{'e2e s':>10}{'overhead ms':>13}{'ratio':>8}{'ratio (min)':>13}")
+    for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
+        print(f"{name:<28}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>10.3f}"
+              f"{f['overhead_s_median'] * 1000:>13.0f}{f['overhead_ratio']:>8.3f}{f['overhead_ratio_min']:>13.3f}")
+    print(f"background: {loaded['background_cycles_per_s']:.1f} submit-follow-cancel cycles/s, "
+          f"{loaded['background_jobs']} jobs, {loaded['background_started']} started before their cancel, "
+          f"{loaded['background_errors']} errors")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
