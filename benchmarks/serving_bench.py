@@ -198,6 +198,22 @@ def run_client_processes(url: str, key: str | None, concurrency: int, duration_s
             "client": "python"}
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk_counting_cpu(pid: int, url: str, key: str | None, concurrency: int, duration_s: float,
+                         tmp: Path) -> dict[str, float]:
+    """:func:`run_wrk`, plus the server process's CPU milliseconds per answered request: a figure that the
+    other load on a shared machine changes much less than the throughput."""
+    cpu0 = process_cpu_s(pid)
+    figures = run_wrk(url, key, concurrency, duration_s, tmp)
+    figures["server_cpu_ms_per_request"] = (process_cpu_s(pid) - cpu0) * 1000 / max(1, figures["requests"])
+    return figures
+
+
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -215,8 +231,8 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: fl
 
 @contextlib.contextmanager
 def gateway_only(*, data_dir: Path, broker_url: str, database_url: str | None,
-                 env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
-    """``echo4o serve`` with no worker (jobs stay queued): yields (url, user key)."""
+                 env: dict[str, str] | None = None) -> Iterator[tuple[str, str, int]]:
+    """``echo4o serve`` with no worker (jobs stay queued): yields (url, user key, its pid)."""
     from echo4o.db import crud, dispose_engines, session_scope, upgrade_to_head
     from tests.support.stack import _base_env, free_port
 
@@ -240,7 +256,7 @@ def gateway_only(*, data_dir: Path, broker_url: str, database_url: str | None,
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/healthz", proc, log)
-        yield url, key
+        yield url, key, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -251,7 +267,7 @@ def gateway_only(*, data_dir: Path, broker_url: str, database_url: str | None,
 
 
 @contextlib.contextmanager
-def noop_gateway(data_dir: Path) -> Iterator[str]:
+def noop_gateway(data_dir: Path) -> Iterator[tuple[str, int]]:
     """benchmarks/noop_app.py on uvicorn, as ``echo4o serve`` runs the gateway: the framework's ceiling."""
     from tests.support.stack import _base_env, free_port
 
@@ -264,7 +280,7 @@ def noop_gateway(data_dir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/healthz", proc, log)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -291,9 +307,9 @@ def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     r = redis.Redis.from_url(args.broker_url)
     figures: dict[str, Any] = {"client": "wrk" if WRK else "python processes", "duration_s": args.duration}
-    with noop_gateway(tmp / "noop") as url:
+    with noop_gateway(tmp / "noop") as (url, pid):
         run_wrk(url, None, 64, 2, tmp)  # warm-up
-        figures["noop"] = run_wrk(url, None, 64, args.duration, tmp)
+        figures["noop"] = run_wrk_counting_cpu(pid, url, None, 64, args.duration, tmp)
     figures["noop_submits_per_s"] = figures["noop"]["submits_per_s"]
     backends = [("sqlite", None)]
     if args.postgres_url:
@@ -305,12 +321,12 @@ def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 from tests.support.stack import fresh_database
 
                 db = stack.enter_context(fresh_database(db))
-            url, key = stack.enter_context(gateway_only(data_dir=tmp / f"gw-{name}", broker_url=args.broker_url,
+            url, key, pid = stack.enter_context(gateway_only(data_dir=tmp / f"gw-{name}", broker_url=args.broker_url,
                                                         database_url=db))
             run_wrk(url, key, 8, 2, tmp)  # warm-up
             levels = {}
             for c in (8, 64):
-                levels[c] = run_wrk(url, key, c, args.duration, tmp)
+                levels[c] = run_wrk_counting_cpu(pid, url, key, c, args.duration, tmp)
             accepted = sum(x["requests"] - x["errors"] for x in levels.values())
             queued = queued_messages(args.broker_url)
             figures[name] = {"c8": levels[8], "c64": levels[64], "messages_queued": queued}
@@ -329,14 +345,14 @@ def print_submission_figures(figures: dict[str, Any]) -> None:
     print()
     print(f"submissions ({figures['client']}, {figures['duration_s']:g} s per level, no worker)")
     print(f"{'stack':<22}{'conc':>6}{'requests':>10}{'errors':>8}{'submits/s':>11}{'mean ms':>9}{'p50 ms':>8}"
-          f"{'p99 ms':>8}")
+          f"{'p99 ms':>8}{'cpu ms/req':>11}")
     rows = [("no-op route", figures["noop"])]
     for name in ("sqlite", "postgres"):
         if name in figures:
             rows += [(f"{name} + redis", figures[name]["c8"]), (f"{name} + redis", figures[name]["c64"])]
     for label, b in rows:
         print(f"{label:<22}{b['concurrency']:>6}{b['requests']:>10}{b['errors']:>8}{b['submits_per_s']:>11.1f}"
-              f"{b['mean_ms']:>9.1f}{b['p50_ms']:>8.1f}{b['p99_ms']:>8.1f}")
+              f"{b['mean_ms']:>9.1f}{b['p50_ms']:>8.1f}{b['p99_ms']:>8.1f}{b['server_cpu_ms_per_request']:>11.2f}")
 
 
 def main() -> None:

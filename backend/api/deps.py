@@ -12,8 +12,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from backend.auth import Principal, authenticate, key_from_headers, require_admin
+from backend.auth import Principal, authenticate, cached_principal, key_from_headers, require_admin
 from backend.metrics import Metrics
+from backend.services.blocking import run_sync
 from echo4o.db import get_sessionmaker
 from echo4o.settings import Settings
 
@@ -49,7 +50,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_current_key(
+async def get_current_key(
     request: Request,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
@@ -57,15 +58,22 @@ def get_current_key(
 ) -> Principal:
     # HTTPBearer returns None for a non-Bearer scheme; read the raw header so that case gets a clear 401.
     key = key_from_headers(request.headers.get("authorization"), x_api_key)
+    # async, so that a key verified lately (the usual case) costs no thread hop; else the lookup runs in a thread
+    principal = cached_principal(settings, key)
+    if principal is None:
+        principal = await run_sync(_authenticate, settings, key)
+    request.state.principal = principal
+    return principal
+
+
+def _authenticate(settings: Settings, key: str | None) -> Principal:
     # A session of its own, closed before the route runs: no pooled connection is held across the thread
     # hops of an async route (with every worker thread waiting for a connection, that would deadlock).
     session = get_sessionmaker(settings.database_url)()
     try:
-        principal = authenticate(session, settings, key)
+        return authenticate(session, settings, key)
     finally:
         session.close()
-    request.state.principal = principal
-    return principal
 
 
 CurrentKey = Annotated[Principal, Depends(get_current_key)]
