@@ -170,8 +170,8 @@ class WatchHub:
         return self._live
 
     async def start(self) -> None:
-        """Start the reader (and the subscription); idempotent. A persistent hub waits a moment for the
-        subscription, so the first watchers are notified rather than polled."""
+        """Start the reader (and the subscription); idempotent. A persistent hub waits for its first attempt to
+        subscribe (a few seconds at most), so the first watchers are notified rather than polled."""
         if self._tasks:
             return
         self._wake = asyncio.Event()
@@ -302,6 +302,7 @@ class WatchHub:
                 pubsub = await notify.subscribe(self.broker_url)
             except Exception as exc:  # noqa: BLE001 - polling covers until Redis is back
                 failures += 1
+                subscribed.set()  # the first attempt is over: start() waits no longer
                 if failures == 1 or failures % 60 == 0:
                     log.warning("watch hub: cannot subscribe to job notifications; polling meanwhile",
                                 extra={"error": str(exc), "attempts": failures})
