@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         0, ge=0, description="Parameter bytes a worker's resident versions may take; 0: 80 % of the CUDA device's "
                              "memory, no byte limit on the CPU (only resident_models)."
     )
+    memory_mode: Literal["full", "int8", "nf4", "offload", "int8+offload", "nf4+offload"] = Field(
+        "full", description="Weights on the card (bf16): full 27.4 GiB, int8 (LLM Linears 8-bit) 14.2, nf4 (4-bit) 8.9, "
+        "offload (idle parts in host memory, streamed) 13.3, int8+offload 7.2, nf4+offload 4.5; int4 is an alias "
+        "of nf4. See docs/performance.md, \"Memory modes\".")
 
     # --- queue ---------------------------------------------------------------------------------
     broker_url: str = Field(
@@ -84,7 +88,13 @@ class Settings(BaseSettings):
         description="Seconds after which Redis hands an unacknowledged job (its worker died) to another "
         "worker; must exceed job_timeout_s. 0: job_timeout_s + 10 % + 60.",
     )
-    worker_heartbeat_s: float = Field(5.0, gt=0, le=60, description="Seconds between a worker's heartbeats.")
+    worker_heartbeat_s: float = Field(5.0, gt=0, le=60, description="Seconds between a worker's heartbeats; a worker "
+                                      "silent for 3 of them is dead and its running jobs are requeued.")
+    worker_shutdown_grace_s: float = Field(
+        25.0, ge=0, le=24 * 3600,
+        description="On SIGTERM a worker lets its running job finish for this long, then requeues it (another "
+        "worker runs it) and exits. Below the 30 s most supervisors (Kubernetes, `echo4o serve`) wait before SIGKILL.",
+    )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
 
     # --- gateway -------------------------------------------------------------------------------
@@ -177,6 +187,16 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         """Spelled as the engine accepts them: any case, and a dtype with or without ``torch.``."""
         return v.strip().lower().removeprefix("torch.") if isinstance(v, str) else v
+
+    @field_validator("memory_mode", mode="before")
+    @classmethod
+    def _memory_mode(cls, v: object) -> object:
+        """Any case and order (``offload+int8``), ``int4`` for ``nf4``: spelled as the canonical mode."""
+        if not isinstance(v, str):
+            return v
+        tokens = [t.strip().lower().replace("int4", "nf4") for t in v.replace(",", "+").split("+")]
+        quant = [t for t in tokens if t != "offload"]
+        return "+".join(quant + ["offload"] * tokens.count("offload"))
 
     @field_validator("log_level", mode="before")
     @classmethod

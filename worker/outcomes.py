@@ -1,5 +1,7 @@
-"""How a job handler ends a job badly, written once for the image, fine-tuning and benchmark handlers: the payload
-check every handler starts with, the failed row, and the device memory a failed run gives back.
+"""How a job handler starts and ends a job, written once for the image, fine-tuning and benchmark handlers: the
+preamble every handler starts with (:func:`open_job`: the row, the terminal and cancel checks, the payload check),
+the claim (:func:`claim_job`, which gives the run its :class:`Claim`, the fence of every write it makes), the
+failed row, and the device memory a failed run gives back.
 
 Torch-free at import time.
 """
@@ -7,11 +9,15 @@ Torch-free at import time.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import ValidationError
 
 from echo4o.db import crud, session_scope
+from echo4o.db.models import Job
 from echo4o.jobs import describe_validation_error, parse_job
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
@@ -19,10 +25,92 @@ from echo4o.settings import get_settings
 log = get_logger(__name__)
 
 
-def fail_job(job_id: str, code: str, message: str) -> str:
-    """Mark the job failed with ``code`` and ``message`` (the worker takes the next job); returns ``"failed"``."""
+@dataclass(frozen=True)
+class Claim:
+    """One attempt at a job: the row's ``attempts`` and ``worker`` when this run claimed it. Every write of the run
+    passes them (:meth:`fence`), so once the job is requeued (its worker was found dead, or stopped) and claimed
+    again, this run can no longer write its progress, result or failure."""
+
+    job_id: str
+    worker: str
+    attempt: int
+
+    def fence(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "worker": self.worker}
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :func:`open_job` found: ``outcome`` set means the handler returns it at once; else the row (detached)
+    and its validated payload."""
+
+    outcome: str | None
+    job: Job | None = None
+    payload: Any = None
+
+
+def open_job(job_id: str, *, cancel: Callable[[str], str] | None = None) -> Opened:
+    """The preamble of every handler: the job's row (none: ``missing``), a finished job left as it is (a duplicate
+    delivery), a job with a cancel request cancelled (by ``cancel`` when given: a benchmark also cancels its image
+    jobs), stored params re-validated (bad: the job fails as ``invalid_params``)."""
     with session_scope(get_settings().database_url) as s:
-        crud.mark_failed(session=s, job_id=job_id, code=code, message=message)
+        job = crud.get_job(session=s, job_id=job_id)
+        if job is None:
+            log.error("job not found; message dropped", extra={"job_id": job_id})
+            return Opened("missing")
+        if job.is_terminal:
+            log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": job.status})
+            return Opened(job.status)
+        if job.cancel_requested:
+            if cancel is not None:
+                return Opened(cancel(job_id))
+            crud.mark_cancelled(session=s, job_id=job_id)
+            log.info("job cancelled before it started", extra={"job_id": job_id})
+            return Opened("cancelled")
+        s.expunge(job)
+    payload, problem = payload_problem(job.kind, job.params)
+    if problem is not None:
+        return Opened(fail_job(job_id, "invalid_params", problem))
+    return Opened(None, job, payload)
+
+
+def claim_job(job_id: str, runtime: Any, *, cancel: Callable[[str], str] | None = None) -> Claim | str:
+    """Claim the job for this worker (``runtime``: :class:`worker.runtime.WorkerRuntime`); returns the run's
+    :class:`Claim`, or the job's status when it cannot be claimed: finished, cancelled (a queued job with a cancel
+    request is cancelled here, by ``cancel`` when given), or running on a worker that is alive (a late or duplicate
+    delivery, dropped). The runtime keeps the claim while the job runs (see ``WorkerRuntime.claim``)."""
+    with session_scope(get_settings().database_url) as s:
+        if crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name,
+                             stale_after_s=runtime.dead_after_s):
+            attempt = s.scalar(sa.select(Job.attempts).where(Job.id == job_id))
+            claim = Claim(job_id, runtime.worker_id, int(attempt))
+            runtime.claim = claim
+            return claim
+        row = crud.get_job(session=s, job_id=job_id)
+        if row is None:
+            return "missing"
+        if row.status == "queued" and row.cancel_requested:
+            if cancel is not None:
+                return cancel(job_id)
+            crud.mark_cancelled(session=s, job_id=job_id)
+            return "cancelled"
+        if row.status == "running":
+            log.info("job runs on a live worker; duplicate delivery dropped",
+                     extra={"job_id": job_id, "running_on": row.worker, "attempts": row.attempts})
+        return row.status
+
+
+def fail_job(job_id: str, code: str, message: str, claim: Claim | None = None) -> str:
+    """Mark the job failed with ``code`` and ``message`` (the worker takes the next job); returns ``"failed"``. With
+    ``claim``, only while that attempt holds the job (else the failure is dropped and the row's status returned)."""
+    with session_scope(get_settings().database_url) as s:
+        stored = crud.mark_failed(session=s, job_id=job_id, code=code, message=message,
+                                  **(claim.fence() if claim else {}))
+        if not stored and claim is not None:
+            row = crud.get_job(session=s, job_id=job_id)
+            log.warning("job failure not stored: the job is no longer this attempt's",
+                        extra={"job_id": job_id, "attempt": claim.attempt, "code": code})
+            return row.status if row is not None else "missing"
     log.warning("job failed", extra={"job_id": job_id, "code": code, "error": message})
     return "failed"
 

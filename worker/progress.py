@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from echo4o.db import crud, session_scope
 from echo4o.logging import get_logger
@@ -46,9 +47,13 @@ class ProgressReporter:
         *,
         min_interval_s: float = MIN_WRITE_INTERVAL_S,
         poll_s: float = CANCEL_POLL_S,
+        claim: Any = None,
     ) -> None:
         self.database_url = database_url
         self.job_id = job_id
+        #: worker.outcomes.Claim: writes only while its attempt holds the job; :attr:`cancelled` is set once it does
+        #: not (the job was requeued: this run stops as for a cancel).
+        self.fence = claim.fence() if claim is not None else {}
         self.min_interval_s = min_interval_s
         self.poll_s = poll_s
         self.cancelled = threading.Event()
@@ -119,7 +124,7 @@ class ProgressReporter:
         try:
             with session_scope(self.database_url) as s:
                 cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview,
-                                              stage=stage, detail=detail)
+                                              stage=stage, detail=detail, **self.fence)
             self.writes += 1
         except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
             log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
@@ -132,6 +137,8 @@ class ProgressReporter:
             with session_scope(self.database_url) as s:
                 job = crud.get_job(session=s, job_id=self.job_id)
                 cancel = job is not None and job.cancel_requested
+                if self.fence and not crud.holds_job(session=s, job_id=self.job_id, **self.fence):
+                    cancel = True
         except Exception as exc:  # noqa: BLE001 - the next poll retries
             log.warning("cancel check failed", extra={"job_id": self.job_id, "error": str(exc)})
             return

@@ -6,11 +6,21 @@ time, in this process, so the model is never copied) and report ``ready``; ``bus
 ``stopped`` at shutdown. A job that names another model version (promoted, or asked for) gets it loaded
 between jobs and kept resident while the budget allows (:mod:`worker.models_cache`). A thread refreshes the
 heartbeat every ``worker_heartbeat_s`` seconds, also while a job runs.
+
+Dead workers are found fast: at every beat each worker also sweeps (:meth:`WorkerRuntime.sweep`): a worker that
+has not beaten for :data:`DEAD_AFTER_BEATS` beats and is not ``stopped`` is marked ``dead`` and its ``running``
+jobs are put back to ``queued`` (one conditional UPDATE, so two sweepers never both requeue a job) and sent to
+their queue again, on either broker. The broker's own redelivery (Redis, after its visibility timeout) then finds
+the job finished or running on a live worker and is dropped (``worker.outcomes.claim_job``).
+
+SIGTERM is a warm shutdown: the job that runs may finish within ``worker_shutdown_grace_s``; past it the job is
+put back to ``queued`` and sent again (another worker runs it), the row says ``stopped`` and the process exits.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import threading
@@ -27,6 +37,8 @@ from echo4o.settings import Settings, get_settings
 log = get_logger(__name__)
 
 WARMUP_SIZE = 64
+#: A worker whose heartbeat is this many beats old (and that is not ``stopped``) is dead: its jobs are requeued.
+DEAD_AFTER_BEATS = 3
 
 
 class WorkerRuntime:
@@ -45,7 +57,10 @@ class WorkerRuntime:
         self.gpu_name: str | None = None
         self.attention: str | None = None
         self.status = "loading"
+        #: The claim (worker.outcomes.Claim) of the job this worker runs, None between jobs.
+        self.claim: Any = None
         self._stop = threading.Event()
+        self._shutdown_timer: threading.Timer | None = None
         self._beat: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -129,10 +144,55 @@ class WorkerRuntime:
             self.status = status
             self._write(status=status)
 
+    @property
+    def dead_after_s(self) -> float:
+        """Seconds without a heartbeat after which a worker is dead (:data:`DEAD_AFTER_BEATS` beats)."""
+        return DEAD_AFTER_BEATS * self.settings.worker_heartbeat_s
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM arrived (Celery's warm shutdown: the running job may finish, no new one starts): past
+        ``worker_shutdown_grace_s`` the job still running is requeued and the process exits (:meth:`_overdue`)."""
+        if self._shutdown_timer is not None:
+            return
+        grace = self.settings.worker_shutdown_grace_s
+        log.info("worker shutting down", extra={"worker": self.worker_id, "grace_s": grace,
+                                                "job_id": self.claim.job_id if self.claim else None})
+        self._shutdown_timer = threading.Timer(grace, self._overdue)
+        self._shutdown_timer.name = "echo4o-shutdown-grace"
+        self._shutdown_timer.daemon = True
+        self._shutdown_timer.start()
+
+    def _overdue(self) -> None:
+        claim = self.claim
+        if claim is None or not self.requeue_claim(claim, reason="the worker stops (grace period over)"):
+            return  # no job, or it ended meanwhile: the warm shutdown ends by itself
+        self.stop()
+        logging.shutdown()
+        os._exit(0)  # the job is queued again; the run in the main thread is abandoned (another worker reruns it)
+
+    def requeue_claim(self, claim: Any, *, reason: str) -> bool:
+        """Put the job of ``claim`` back to ``queued`` while this attempt holds it, and send it again; False when
+        the attempt no longer holds it (it ended, or was taken)."""
+        from echo4o.queue import submit
+
+        with session_scope(self.settings.database_url) as s:
+            if not crud.requeue_job(session=s, job_id=claim.job_id, **claim.fence()):
+                return False
+            job = crud.get_job(session=s, job_id=claim.job_id)
+            kind, priority = job.kind, job.priority
+        try:
+            submit(claim.job_id, kind, priority)
+        except Exception as exc:  # noqa: BLE001 - Redis still holds the unacknowledged message
+            log.error("requeued job could not be sent again", extra={"job_id": claim.job_id, "error": str(exc)})
+        log.warning("job requeued", extra={"job_id": claim.job_id, "attempt": claim.attempt, "reason": reason})
+        return True
+
     def stop(self) -> None:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._shutdown_timer is not None:
+            self._shutdown_timer.cancel()
         try:
             self._write(status="stopped")
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
@@ -151,6 +211,32 @@ class WorkerRuntime:
                     self._write(status=self.status)
             except Exception as exc:  # noqa: BLE001 - a missed beat is logged, the next one retries
                 log.warning("heartbeat failed", extra={"worker": self.worker_id, "error": str(exc)})
+                continue
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - the next beat sweeps again
+                log.warning("dead-worker sweep failed", extra={"worker": self.worker_id, "error": str(exc)})
+
+    def sweep(self) -> list[str]:
+        """Mark ``dead`` the workers silent for :data:`DEAD_AFTER_BEATS` beats, put their running jobs back to
+        ``queued`` and send them again; returns the ids of the jobs requeued. Any worker may run it at any time:
+        each job is requeued by one sweeper only (conditional UPDATE)."""
+        from echo4o.queue import submit
+
+        with session_scope(self.settings.database_url) as s:
+            dead = crud.mark_dead_workers(session=s, max_age_s=self.dead_after_s)
+            jobs = crud.requeue_jobs_of_dead_workers(session=s)
+        for worker in dead:
+            log.warning("worker found dead (no heartbeat)", extra={"dead_worker": worker, "by": self.worker_id,
+                                                                    "max_age_s": self.dead_after_s})
+        for job_id, kind, priority, worker, attempts in jobs:
+            try:
+                submit(job_id, kind, priority)
+            except Exception as exc:  # noqa: BLE001 - Redis still holds the unacknowledged message
+                log.error("requeued job could not be sent again", extra={"job_id": job_id, "error": str(exc)})
+            log.warning("requeued a job whose worker is dead",
+                        extra={"job_id": job_id, "dead_worker": worker, "attempts": attempts})
+        return [job[0] for job in jobs]
 
     # --- recovery ----------------------------------------------------------------------------------
     def recover_orphans(self) -> list[str]:
@@ -226,6 +312,11 @@ def set_runtime(runtime: WorkerRuntime | None) -> None:
         _runtime = runtime
 
 
+def current_runtime() -> WorkerRuntime | None:
+    """This process's runtime if one was made (never makes one)."""
+    return _runtime
+
+
 def get_runtime() -> WorkerRuntime:
     """This process's runtime; created and loaded on first use when the process was not started by
     ``echo4o worker`` (for example a Celery worker started by hand)."""
@@ -271,7 +362,11 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
                 extra={"worker": runtime.worker_id, "queues": ",".join(queues), "broker": _broker(app)},
             )
 
+        def _shutting_down(**_: Any) -> None:
+            runtime.begin_shutdown()
+
         signals.worker_ready.connect(_ready, weak=False)
+        signals.worker_shutting_down.connect(_shutting_down, weak=False)
         argv = [
             "worker",
             "--queues",

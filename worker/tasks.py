@@ -26,7 +26,7 @@ from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
-from worker.outcomes import fail_job, free_device_memory, payload_problem
+from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -66,13 +66,20 @@ def _redelivered(task: Any) -> bool:
 def execute_job(job_id: str, *, redelivered: bool = False) -> str:
     """Run job ``job_id`` with the handler of its kind (:data:`JOB_HANDLERS`); returns its final status, or
     ``"missing"`` when it has no row. Callable without Celery."""
+    from worker.runtime import current_runtime
+
     with session_scope(get_settings().database_url) as s:
         job = crud.get_job(session=s, job_id=job_id)
     if job is None:
         log.error("job not found; message dropped", extra={"job_id": job_id})
         return "missing"
     handler = JOB_HANDLERS.get(job.kind) or _not_supported(job.kind)
-    return handler(job_id, redelivered=redelivered)
+    try:
+        return handler(job_id, redelivered=redelivered)
+    finally:
+        runtime = current_runtime()
+        if runtime is not None:
+            runtime.claim = None  # the job's run is over here (a SIGTERM past its grace has nothing to requeue)
 
 
 def _not_supported(kind: str) -> JobHandler:
@@ -88,60 +95,40 @@ def _not_supported(kind: str) -> JobHandler:
 
 
 def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
-    """The handler of the image kinds (``IMAGE_KINDS``): claim the job, run the pipeline, store the images;
-    returns the final status. Callable without Celery (benchmarks, tests)."""
+    """The handler of the image kinds (``IMAGE_KINDS``): claim the job, load its model version, run the pipeline,
+    store the images; returns the final status. Every write after the claim is fenced by it
+    (:class:`worker.outcomes.Claim`). Callable without Celery (benchmarks, tests)."""
     from worker.runtime import get_runtime
 
-    settings = get_settings()
-    db = settings.database_url
     t_received = time.perf_counter()
-    with session_scope(db) as s:
-        job = crud.get_job(session=s, job_id=job_id)
-        if job is None:
-            log.error("job not found; message dropped", extra={"job_id": job_id})
-            return "missing"
-        if job.is_terminal:
-            log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": job.status})
-            return job.status
-        if job.cancel_requested:
-            crud.mark_cancelled(session=s, job_id=job_id)
-            log.info("job cancelled before it started", extra={"job_id": job_id})
-            return "cancelled"
-        payload, problem = payload_problem(job.kind, job.params)
-        if problem is not None:
-            return fail_job(job_id, "invalid_params", problem)
-
-        runtime = get_runtime()
-        version = payload.model_version or job.model_version or runtime.model_version
-        s.commit()  # no read transaction stays open while a version loads (tens of seconds for the 7B)
-        try:  # between jobs: load the job's version unless it is resident (worker/models_cache.py)
-            runtime.use(version)
-        except Exception as exc:  # noqa: BLE001 - unregistered, missing or unloadable: this job fails, not the worker
-            crud.mark_failed(session=s, job_id=job_id, code="model_unavailable",
-                             message=f"model_version {version!r} cannot be served by this worker: {exc}")
-            log.warning("model version unavailable", extra={"job_id": job_id, "model_version": version,
-                                                             "error": str(exc)})
-            return "failed"
-
-        if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
-            # cancelled or finished between our read and the claim
-            row = crud.get_job(session=s, job_id=job_id)
-            if row is not None and row.status == "queued" and row.cancel_requested:
-                crud.mark_cancelled(session=s, job_id=job_id)
-            return row.status if row is not None else "missing"
-        job = crud.get_job(session=s, job_id=job_id)
-        assert job is not None
-        queue_wait_s = max(0.0, (job.started_at - job.created_at).total_seconds())
-        attempt = job.attempts
+    opened = open_job(job_id)
+    if opened.outcome is not None:
+        return opened.outcome
+    job, payload = opened.job, opened.payload
+    runtime = get_runtime()
+    claim = claim_job(job_id, runtime)
+    if not isinstance(claim, Claim):
+        return claim  # finished, cancelled, or running on a live worker
+    version = payload.model_version or job.model_version or runtime.model_version
+    try:  # between jobs: load the job's version unless it is resident (worker/models_cache.py)
+        runtime.use(version)
+    except Exception as exc:  # noqa: BLE001 - unregistered, missing or unloadable: this job fails, not the worker
+        log.warning("model version unavailable", extra={"job_id": job_id, "model_version": version,
+                                                         "error": str(exc)})
+        return fail_job(job_id, "model_unavailable",
+                        f"model_version {version!r} cannot be served by this worker: {exc}", claim)
+    with session_scope(get_settings().database_url) as s:
+        started = crud.get_job(session=s, job_id=job_id)
+        queue_wait_s = max(0.0, (started.started_at - started.created_at).total_seconds())
 
     log.info(
         "job started",
-        extra={"job_id": job_id, "kind": job.kind, "attempt": attempt, "redelivered": redelivered,
+        extra={"job_id": job_id, "kind": job.kind, "attempt": claim.attempt, "redelivered": redelivered,
                "queue_wait_s": round(queue_wait_s, 3)},
     )
     runtime.set_status("busy")
     try:
-        status = _run(job_id, payload, runtime, queue_wait_s, t_received)
+        status = _run(claim, payload, runtime, queue_wait_s, t_received)
         if status == "succeeded" and job.parent_id is not None:
             image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
         return status
@@ -158,18 +145,19 @@ JOB_HANDLERS["benchmark"] = execute_benchmark_job  # phased: never holds a worke
 JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train, publish, register
 
 
-def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
+def _run(claim: Claim, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
     settings = get_settings()
     db = settings.database_url
+    job_id = claim.job_id
     deadline = time.monotonic() + settings.job_timeout_s
 
     last: dict[str, Any] = {"step": 0, "total": None}
     try:
         kwargs = payload.to_pipeline_kwargs()  # multiref opens its references under settings.data_dir
         with session_scope(db) as s:
-            if crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling"):
+            if crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling", **claim.fence()):
                 raise JobCancelled(job_id)
-        with ProgressReporter(db, job_id) as reporter:  # leaving it puts the last step in the row
+        with ProgressReporter(db, job_id, claim=claim) as reporter:  # leaving it puts the last step in the row
             t0 = time.perf_counter()
             on_step = step_callback(job_id, reporter, deadline, last)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
@@ -177,22 +165,20 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobCancelled(job_id)
     except JobCancelled:
-        with session_scope(db) as s:
-            crud.mark_cancelled(session=s, job_id=job_id)
-        log.info("job cancelled while running", extra={"job_id": job_id, "step": last["step"]})
-        return "cancelled"
+        return _stopped(claim, last["step"])
     except JobTimedOut:
-        return fail_job(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s")
+        return fail_job(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s", claim)
     except ValueError as exc:
-        return fail_job(job_id, "invalid_params", str(exc))
+        return fail_job(job_id, "invalid_params", str(exc), claim)
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         log.exception("engine error", extra={"job_id": job_id})
         free_device_memory()
-        return fail_job(job_id, "engine_error", f"{type(exc).__name__}: {exc}")
+        return fail_job(job_id, "engine_error", f"{type(exc).__name__}: {exc}", claim)
 
     try:
         with session_scope(db) as s:
-            crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding")
+            crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding",
+                                 **claim.fence())
         t1 = time.perf_counter()
         params = dict(out.params)
         params.setdefault("model_version", runtime.active_version)
@@ -200,7 +186,8 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
         encoding_s = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - disk full, permissions: fail the job, keep serving
         log.exception("could not store images", extra={"job_id": job_id})
-        return fail_job(job_id, "storage_error", f"could not write the images under {settings.data_dir}: {exc}")
+        return fail_job(job_id, "storage_error", f"could not write the images under {settings.data_dir}: {exc}",
+                        claim)
 
     timings = {
         "queue_wait_s": round(queue_wait_s, 4),
@@ -210,14 +197,26 @@ def _run(job_id: str, payload: Any, runtime: Any, queue_wait_s: float, t_receive
     }
     result = {"images": paths, "seed": int(params.get("seed", payload.seed)), "timings": timings}
     with session_scope(db) as s:
-        stored = crud.mark_succeeded(session=s, job_id=job_id, result=result)
-    if not stored:  # cancelled at the very end: the images stay, the row says cancelled
-        log.info("job finished after a cancel; kept cancelled", extra={"job_id": job_id})
-        with session_scope(db) as s:
-            crud.mark_cancelled(session=s, job_id=job_id)
-        return "cancelled"
-    log.info("job succeeded", extra={"job_id": job_id, **timings, "images": len(paths)})
+        if not crud.mark_succeeded(session=s, job_id=job_id, result=result, **claim.fence()):
+            row = crud.get_job(session=s, job_id=job_id)  # the attempt lost the job: its row is another's now
+            log.warning("result not stored: the job is no longer this attempt's",
+                        extra={"job_id": job_id, "attempt": claim.attempt, "status": row and row.status})
+            return row.status if row is not None else "missing"
+    log.info("job succeeded", extra={"job_id": job_id, "attempt": claim.attempt, **timings, "images": len(paths)})
     return "succeeded"
+
+
+def _stopped(claim: Claim, step: int) -> str:
+    """The run stopped at a step because its cancel was requested, or because the attempt no longer holds the job
+    (its worker was taken for dead and the job requeued): cancelled in the first case, left alone in the second."""
+    with session_scope(get_settings().database_url) as s:
+        if crud.mark_cancelled(session=s, job_id=claim.job_id, **claim.fence()):
+            log.info("job cancelled while running", extra={"job_id": claim.job_id, "step": step})
+            return "cancelled"
+        row = crud.get_job(session=s, job_id=claim.job_id)
+    log.warning("job run stopped: the job is no longer this attempt's (requeued)",
+                extra={"job_id": claim.job_id, "attempt": claim.attempt, "step": step, "status": row and row.status})
+    return row.status if row is not None else "missing"
 
 
 def step_callback(
@@ -246,7 +245,8 @@ def step_callback(
 def write_images(job_id: str, images: list[Any], params: dict[str, Any], data_dir: Path) -> list[str]:
     """Write ``<data_dir>/results/<job_id>/<n>.png`` atomically (temp file + rename) with the generation
     parameters in the PNG text chunks; returns the paths relative to ``data_dir``. A rerun of the same job
-    overwrites the same files, so a redelivered job is harmless."""
+    overwrites the same files, so a redelivered job is harmless; the row's result is written once, by the
+    attempt that holds the job (``crud.mark_succeeded`` with the claim's fence)."""
     from echo4o.pnginfo import write_png
 
     rel: list[str] = []

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from echo4o import notify
-from echo4o.db.models import ANONYMOUS, ApiKey, Job, Worker, new_id, utcnow
+from echo4o.db.models import ANONYMOUS, GONE_WORKER_STATUSES, ApiKey, Job, Worker, new_id, utcnow
 from echo4o.jobs import (
     ACTIVE_STATUSES,
     DEFAULT_PRIORITY,
@@ -150,16 +150,39 @@ def _update(session: Session, job_id: str, where: list[Any], **values: Any) -> b
     return res.rowcount == 1
 
 
-def mark_running(*, session: Session, job_id: str, worker: str, gpu: str | None) -> bool:
-    """Claim the job for an attempt. False when it is finished, cancelled or has a cancel request.
+def _alive_workers(max_age_s: float) -> Any:
+    """The ids of the workers that are alive: not ``stopped`` nor ``dead`` and beaten within ``max_age_s``."""
+    since = utcnow() - timedelta(seconds=max_age_s)
+    return sa.select(Worker.id).where(Worker.status.not_in(GONE_WORKER_STATUSES), Worker.heartbeat_at >= since)
 
-    A job already ``running`` may be claimed again: that is a redelivery after its worker died.
+
+def _fence(attempt: int | None, worker: str | None) -> list[Any]:
+    """The conditions under which attempt ``attempt`` of ``worker`` may still write its job's row: the row runs,
+    with these attempts and this worker. None: no fence (the gateway, or a write before any claim)."""
+    if attempt is None:
+        return []
+    return [Job.status == "running", Job.attempts == attempt, Job.worker == worker]
+
+
+def mark_running(
+    *, session: Session, job_id: str, worker: str, gpu: str | None, stale_after_s: float | None = None
+) -> bool:
+    """Claim the job for a new attempt (``attempts`` + 1, ``worker``); the caller then writes with that attempt as
+    its fence. False when it is finished, cancelled, has a cancel request, or runs on a worker that is alive.
+
+    A ``running`` job is claimed only when its worker is gone (row missing, ``stopped``, ``dead``, or no beat for
+    ``stale_after_s`` seconds; None: only a missing, stopped or dead one): a late or duplicated delivery of its
+    message never starts a second run beside a live one.
     """
+    gone = Job.worker.is_(None) | Job.worker.not_in(
+        _alive_workers(stale_after_s) if stale_after_s is not None
+        else sa.select(Worker.id).where(Worker.status.not_in(GONE_WORKER_STATUSES))
+    )
     now = utcnow()
     return _update(
         session,
         job_id,
-        [Job.status.in_(ACTIVE_STATUSES), Job.cancel_requested.is_(False)],
+        [sa.or_(Job.status == "queued", sa.and_(Job.status == "running", gone)), Job.cancel_requested.is_(False)],
         status="running",
         worker=worker,
         gpu=gpu,
@@ -173,6 +196,12 @@ def mark_running(*, session: Session, job_id: str, worker: str, gpu: str | None)
     )
 
 
+def holds_job(*, session: Session, job_id: str, attempt: int, worker: str) -> bool:
+    """Whether attempt ``attempt`` of ``worker`` still holds the job (it runs, with these attempts and worker)."""
+    return session.scalar(sa.select(sa.func.count()).select_from(Job).where(Job.id == job_id,
+                                                                            *_fence(attempt, worker))) == 1
+
+
 def update_progress(
     *,
     session: Session,
@@ -182,12 +211,15 @@ def update_progress(
     stage: str = "sampling",
     preview: bytes | None = None,
     detail: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    worker: str | None = None,
 ) -> bool:
     """Record progress of a running job; returns True when a cancel was requested (the caller stops).
 
     ``detail`` (JSON) replaces the job's ``progress_detail`` when given. One statement (``UPDATE ... RETURNING
     cancel_requested``), so a progress write and the cancel check cost one round trip; a job that is no longer
-    running is read back instead."""
+    running is read back instead. With ``attempt`` and ``worker`` (the claim's fence) nothing is written unless
+    that attempt still holds the job, and True is returned when it does not (the run stops)."""
     values: dict[str, Any] = {"progress_stage": stage, "progress_step": step, "progress_total": total,
                               "updated_at": utcnow()}
     if preview is not None:
@@ -196,7 +228,7 @@ def update_progress(
         values["progress_detail"] = detail
     cancel = session.execute(
         sa.update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == "running", *_fence(attempt, worker))
         .values(**values)
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
@@ -205,16 +237,22 @@ def update_progress(
     if cancel is not None:
         notify.job_changed(job_id)
     if cancel is None:
+        if attempt is not None:
+            return True
         return bool(session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
     return bool(cancel)
 
 
-def mark_succeeded(*, session: Session, job_id: str, result: dict[str, Any]) -> bool:
+def mark_succeeded(
+    *, session: Session, job_id: str, result: dict[str, Any], attempt: int | None = None, worker: str | None = None
+) -> bool:
+    """Store the result of a running job; with ``attempt`` and ``worker`` only while that attempt holds it, so a
+    result is written once, by the attempt that owns the row."""
     now = utcnow()
     return _update(
         session,
         job_id,
-        [Job.status == "running"],
+        [Job.status == "running", *_fence(attempt, worker)],
         status="succeeded",
         result=result,
         progress_stage="done",
@@ -223,12 +261,15 @@ def mark_succeeded(*, session: Session, job_id: str, result: dict[str, Any]) -> 
     )
 
 
-def mark_failed(*, session: Session, job_id: str, code: str, message: str) -> bool:
+def mark_failed(
+    *, session: Session, job_id: str, code: str, message: str, attempt: int | None = None, worker: str | None = None
+) -> bool:
+    """Fail an active job (with ``attempt`` and ``worker``: only while that attempt holds it)."""
     now = utcnow()
     return _update(
         session,
         job_id,
-        [Job.status.in_(ACTIVE_STATUSES)],
+        [Job.status.in_(ACTIVE_STATUSES), *_fence(attempt, worker)],
         status="failed",
         error_code=code,
         error_message=message[:4000],
@@ -238,12 +279,15 @@ def mark_failed(*, session: Session, job_id: str, code: str, message: str) -> bo
     )
 
 
-def mark_cancelled(*, session: Session, job_id: str) -> bool:
+def mark_cancelled(
+    *, session: Session, job_id: str, attempt: int | None = None, worker: str | None = None
+) -> bool:
+    """Cancel an active job (with ``attempt`` and ``worker``: only while that attempt holds it)."""
     now = utcnow()
     return _update(
         session,
         job_id,
-        [Job.status.in_(ACTIVE_STATUSES)],
+        [Job.status.in_(ACTIVE_STATUSES), *_fence(attempt, worker)],
         status="cancelled",
         cancel_requested=True,
         progress_stage="cancelled",
@@ -270,22 +314,55 @@ def request_cancel(*, session: Session, job_id: str) -> Job | None:
     return get_job(session=session, job_id=job_id)
 
 
-def requeue_job(*, session: Session, job_id: str) -> bool:
-    """Put a ``running`` job back to ``queued`` (its worker died and the broker cannot redeliver)."""
+def requeue_job(*, session: Session, job_id: str, attempt: int | None = None, worker: str | None = None) -> bool:
+    """Put a ``running`` job back to ``queued`` (its worker died, or stops before the job ends); with ``attempt``
+    and ``worker`` only while that attempt holds it. The caller then sends its message again."""
     return _update(
-        session, job_id, [Job.status == "running"], status="queued", progress_stage="queued", progress_step=0
+        session, job_id, [Job.status == "running", *_fence(attempt, worker)],
+        status="queued", progress_stage="queued", progress_step=0,
     )
 
 
 def stale_running_jobs(*, session: Session, max_age_s: float) -> list[Job]:
-    """Running jobs whose worker row is missing, stopped or has not beaten for ``max_age_s`` seconds."""
-    since = utcnow() - timedelta(seconds=max_age_s)
-    alive = sa.select(Worker.id).where(Worker.status != "stopped", Worker.heartbeat_at >= since)
+    """Running jobs whose worker row is missing, stopped, dead or has not beaten for ``max_age_s`` seconds."""
+    alive = _alive_workers(max_age_s)
     return list(
         session.scalars(
             sa.select(Job).where(Job.status == "running", sa.or_(Job.worker.is_(None), Job.worker.not_in(alive)))
         ).all()
     )
+
+
+def mark_dead_workers(*, session: Session, max_age_s: float) -> list[str]:
+    """Mark ``dead`` the workers that are neither ``stopped`` nor ``dead`` and have not beaten for ``max_age_s``
+    seconds (one conditional UPDATE); returns their ids. A dead worker that beats again is alive again (its
+    heartbeat writes its status), but the jobs taken from it stay taken: their rows fence its writes out."""
+    since = utcnow() - timedelta(seconds=max_age_s)
+    ids = session.scalars(
+        sa.update(Worker)
+        .where(Worker.status.not_in(GONE_WORKER_STATUSES), Worker.heartbeat_at < since)
+        .values(status="dead")
+        .returning(Worker.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.commit()
+    return list(ids)
+
+
+def requeue_jobs_of_dead_workers(*, session: Session) -> list[tuple[str, str, int, str, int]]:
+    """Put back to ``queued`` every ``running`` job whose worker is ``dead`` (one conditional UPDATE, so of two
+    workers sweeping at once only one requeues a job); returns ``(id, kind, priority, dead worker, attempts)``
+    of each job requeued, whose message the caller sends again."""
+    dead = sa.select(Worker.id).where(Worker.status == "dead")
+    rows = session.execute(
+        sa.update(Job)
+        .where(Job.status == "running", Job.worker.in_(dead))
+        .values(status="queued", progress_stage="queued", progress_step=0, updated_at=utcnow())
+        .returning(Job.id, Job.kind, Job.priority, Job.worker, Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    session.commit()
+    return [tuple(r) for r in rows]
 
 
 # --- API keys ------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ from echo4o.jobs import ACTIVE_STATUSES, JOB_KINDS, JOB_STATUSES, QUEUE_OF_KIND,
 __all__ = ["ACTIVE_STATUSES", "JOB_KINDS", "JOB_STATUSES", "QUEUE_OF_KIND", "TERMINAL_STATUSES", "ApiKey", "Base",
            "Job", "ModelPromotion", "ModelVersion", "WebhookDelivery", "WebhookSecret", "Worker", "new_id", "utcnow"]
 
-WORKER_STATUSES = ("loading", "ready", "busy", "stopped")
+#: ``dead``: its heartbeat stopped (another worker found it so and requeued its jobs, see crud.mark_dead_workers).
+WORKER_STATUSES = ("loading", "ready", "busy", "stopped", "dead")
+#: Statuses of a worker that runs nothing: its running jobs may be claimed by another.
+GONE_WORKER_STATUSES = ("stopped", "dead")
 ANONYMOUS = "anonymous"
 
 

@@ -49,7 +49,7 @@ from echo4o.jobs import (
 )
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
-from worker.outcomes import fail_job, payload_problem
+from worker.outcomes import Claim, claim_job, fail_job, open_job
 
 log = get_logger(__name__)
 
@@ -84,31 +84,19 @@ def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
     (``running`` while images are pending)."""
     from worker.runtime import get_runtime
 
-    db = get_settings().database_url
-    with session_scope(db) as s:
-        job = crud.get_job(session=s, job_id=job_id)
-        if job is None:
-            log.error("job not found; message dropped", extra={"job_id": job_id})
-            return "missing"
-        if job.is_terminal:
-            return job.status
-        if job.cancel_requested:
-            return _cancel(job_id)
-        payload, problem = payload_problem(job.kind, job.params)
-        if problem is not None:
-            return fail_job(job_id, "invalid_params", problem)
-        assert isinstance(payload, BenchmarkJob)
-        runtime = get_runtime()
-        # a phase cut short (its worker died) may have written image job rows it never enqueued
-        recovering = redelivered or (job.status == "queued" and job.attempts > 0)
-        if job.status == "queued":
-            if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
-                row = crud.get_job(session=s, job_id=job_id)
-                if row is not None and row.status == "queued" and row.cancel_requested:
-                    return _cancel(job_id)
-                return row.status if row is not None else "missing"
-            log.info("benchmark started", extra={"job_id": job_id, "suite": payload.suite})
-        owner, model_version = job.owner, job.model_version
+    opened = open_job(job_id, cancel=_cancel)
+    if opened.outcome is not None:
+        return opened.outcome
+    job, payload = opened.job, opened.payload
+    assert isinstance(payload, BenchmarkJob)
+    # a phase cut short (its worker died) may have written image job rows it never enqueued
+    recovering = redelivered or (job.status == "queued" and job.attempts > 0)
+    if job.status == "queued":
+        claim = claim_job(job_id, get_runtime(), cancel=_cancel)
+        if not isinstance(claim, Claim):
+            return claim
+        log.info("benchmark started", extra={"job_id": job_id, "suite": payload.suite})
+    owner, model_version = job.owner, job.model_version
     try:
         return _phase(job_id, payload, owner=owner, model_version=model_version, recovering=recovering)
     except BenchmarkRunError as exc:

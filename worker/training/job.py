@@ -41,7 +41,7 @@ from echo4o.db import crud, session_scope
 from echo4o.jobs import FinetuneJob, describe_validation_error
 from echo4o.logging import get_logger
 from echo4o.settings import Settings, get_settings
-from worker.outcomes import fail_job, free_device_memory, payload_problem
+from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job
 from worker.progress import ProgressReporter
 
 log = get_logger(__name__)
@@ -208,21 +208,10 @@ def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
     from worker.runtime import get_runtime
 
     settings = get_settings()
-    db = settings.database_url
-    with session_scope(db) as s:
-        job = crud.get_job(session=s, job_id=job_id)
-        if job is None:
-            log.error("job not found; message dropped", extra={"job_id": job_id})
-            return "missing"
-        if job.is_terminal:
-            log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": job.status})
-            return job.status
-        if job.cancel_requested:
-            crud.mark_cancelled(session=s, job_id=job_id)
-            return "cancelled"
-        payload, problem = payload_problem(job.kind, job.params)
-        if problem is not None:
-            return fail_job(job_id, "invalid_params", problem)
+    opened = open_job(job_id)
+    if opened.outcome is not None:
+        return opened.outcome
+    payload = opened.payload
     assert isinstance(payload, FinetuneJob)
     try:
         base_ref, base_path = resolve_base(payload, settings)
@@ -230,13 +219,10 @@ def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
         return fail_job(job_id, exc.code, exc.message)
 
     runtime = get_runtime()
-    with session_scope(db) as s:
-        if not crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name):
-            row = crud.get_job(session=s, job_id=job_id)
-            if row is not None and row.status == "queued" and row.cancel_requested:
-                crud.mark_cancelled(session=s, job_id=job_id)
-            return row.status if row is not None else "missing"
-        attempt = crud.get_job(session=s, job_id=job_id).attempts
+    claim = claim_job(job_id, runtime)
+    if not isinstance(claim, Claim):
+        return claim  # finished, cancelled, or running on a live worker
+    attempt = claim.attempt
     log.info("finetune job started", extra={"job_id": job_id, "attempt": attempt, "redelivered": redelivered,
                                             "base": base_ref, "dataset": payload.dataset})
     runtime.set_status("busy")
