@@ -67,9 +67,9 @@ class Settings(BaseSettings):
                              "memory, no byte limit on the CPU (only resident_models)."
     )
     memory_mode: Literal["full", "int8", "nf4", "offload", "int8+offload", "nf4+offload"] = Field(
-        "full", description="Weights on the card (bf16): full 27.4 GiB, int8 (LLM Linears 8-bit) 14.2, nf4 (4-bit) 8.9, "
-        "offload (idle parts in host memory, streamed) 13.3, int8+offload 7.2, nf4+offload 4.5; int4 is an alias "
-        "of nf4. See docs/performance.md, \"Memory modes\".")
+        "full", description="Weights on the card (bf16): full 27.4 GiB, int8 (LLM Linears 8-bit) 14.2, nf4 (4-bit) "
+        "8.9, offload (idle parts in host memory, streamed) 13.3, int8+offload 7.2, nf4+offload 4.5; int4 is an "
+        "alias of nf4. See docs/performance.md, \"Memory modes\".")
 
     # --- queue ---------------------------------------------------------------------------------
     broker_url: str = Field(

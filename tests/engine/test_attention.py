@@ -195,3 +195,44 @@ def test_gpu_sdpa_matches_reference(causal):
                                causal, "sdpa")
         ref = naive_packed(q, k, v, lens_q, lens_k, causal)
         assert (out.cpu().double() - ref).abs().max().item() < 1e-3
+
+
+# --- xformers must really run: its compiled library, not PyTorch's kernels behind its API ----------
+
+
+def test_xformers_without_its_compiled_library_is_refused_naming_the_pairing():
+    """This machine has xformers 0.0.35 (gpu extra) beside a CPU build of torch: its library does not load, so
+    it would only dispatch to PyTorch's kernels. It must say so, name the build it wants and the fix."""
+    ok, why = attention.xformers_library()
+    assert not ok
+    assert "compiled kernels do not load" in why and "cutlassF-pt" in why
+    assert "2.10.0+cu128" in why and "CUDA 12.8" in why
+    assert "install the pairing from the gpu extra" in why and "xformers==0.0.35" in why
+    with pytest.raises(ValueError) as err:
+        resolve_backend("xformers", torch.device("cpu"))
+    assert "install the pairing from the gpu extra" in str(err.value) and "--attention sdpa" in str(err.value)
+
+
+def test_auto_on_cuda_logs_why_it_fell_back(monkeypatch, caplog):
+    """The selection on a CUDA machine whose xformers library does not load (the real reason from this
+    machine's xformers; no CUDA here, so the probe is replaced by that answer)."""
+    real = attention.xformers_library()
+    answers = {"xformers": real, "flash_attn": (False, "flash_attn is not importable (ModuleNotFoundError)"),
+               "sdpa": (True, "")}
+    monkeypatch.setattr(attention, "backend_availability", lambda name, device, dtype=None: answers[name])
+    with caplog.at_level("WARNING", logger="worker.engine.attention"):
+        assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "fell back past xformers, flash_attn to sdpa" in warnings[0].getMessage()
+    assert warnings[0].why["xformers"] == real[1] and "cutlassF-pt" in warnings[0].why["xformers"]
+    with pytest.raises(ValueError, match="cutlassF-pt"):
+        resolve_backend("xformers", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_xformers_dispatches_to_its_own_kernel():
+    """With the pairing installed, xformers' own library is loaded and the probe runs; the operator it picks is
+    reported (fa3 on Hopper; on older cards its fa2/cutlass operators are PyTorch's, named ``-pt``)."""
+    ok, why = attention.xformers_library()
+    assert ok, why
+    assert attention.xformers_operator("cuda"), "xformers' dispatcher picked no operator"

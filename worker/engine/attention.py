@@ -41,8 +41,15 @@ AUTO_ORDER_CUDA = ("xformers", "flash_attn", "sdpa")
 # with a block-diagonal mask (which spends compute and memory on the cells it masks out).
 _SDPA_BLOCK_MASK_MAX_CELLS = 64 * 1024 * 1024
 
+# The pairing whose xformers kernels load (README, "GPU install"): xformers 0.0.35 ships one compiled library
+# built for torch 2.10.0 with CUDA 12.8 against torch's stable ABI, so it loads beside later CUDA 12.8 builds of
+# torch (2.13.0 from the PyTorch cu128 index) but not beside a CUDA 13 build (torch >= 2.12 from PyPI) or a
+# CPU build. Where its library does not load, xformers' memory_efficient_attention still answers, through
+# PyTorch's own kernels (``cutlassF-pt``): that is not xformers running, and is refused here.
+XFORMERS_PAIRING = ("torch==2.13.0 from https://download.pytorch.org/whl/cu128 with xformers==0.0.35 "
+                    "(or torch==2.10.0 from PyPI with xformers==0.0.35)")
 _INSTALL_HINT = {
-    "xformers": "pip install 'echo4o-server[gpu]' (xformers built for your torch and CUDA)",
+    "xformers": f"install the pairing from the gpu extra: {XFORMERS_PAIRING}; see README, GPU install",
     "flash_attn": "pip install flash-attn --no-build-isolation (needs CUDA, an Ampere or newer GPU)",
 }
 
@@ -72,6 +79,10 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
         if availability[name][0]:
             break
     chosen = select_backend(requested, device.type, availability)
+    fallback = {k: why for k, (ok, why) in availability.items() if not ok}
+    if requested == "auto" and fallback and device.type == "cuda":
+        log.warning("attention: auto fell back past " + ", ".join(fallback) + f" to {chosen}",
+                    extra={"attention": chosen, "why": fallback})
     log.info(
         "attention backend chosen",
         extra={
@@ -109,7 +120,11 @@ def backend_availability(name: str, device: torch.device, dtype: torch.dtype | N
     if name == "sdpa":
         return True, ""
     if device.type != "cuda":
-        return False, f"{name} has no kernel for device {device.type!r} (it needs CUDA)"
+        why = f"{name} has no kernel for device {device.type!r} (it needs CUDA)"
+        if name == "xformers":
+            ok, lib = xformers_library()
+            why += "" if ok else f"; besides, {lib}"
+        return False, why
     if name == "flash_attn" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return False, f"flash_attn has no {dtype} kernel (it needs float16 or bfloat16)"
     index = device.index if device.index is not None else (torch.cuda.current_device() if
@@ -124,7 +139,9 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
         return False, "CUDA is not available in this process"
     try:
         if name == "xformers":
-            import xformers.ops  # noqa: F401
+            ok, why = xformers_library()
+            if not ok:
+                return False, why
         elif name == "flash_attn":
             from flash_attn import flash_attn_varlen_func  # noqa: F401
         else:  # pragma: no cover - guarded by callers
@@ -147,6 +164,60 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
     except Exception as exc:  # noqa: BLE001 - no kernel for this GPU/dtype/build
         return False, f"{name} has no working kernel here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return True, ""
+
+
+def xformers_library() -> tuple[bool, str]:
+    """``(True, version)`` when xformers imports with its compiled library loaded, else ``(False, reason)``
+    naming the torch build it needs. Without its library xformers would dispatch to PyTorch's own kernels
+    (``cutlassF-pt``), so it does not count as running."""
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not installed properly"
+        return False, (f"xformers is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                       f"{_INSTALL_HINT['xformers']}")
+    if getattr(xformers, "_has_cpp_library", False):
+        return True, str(getattr(xformers, "__version__", "?"))
+    built = _xformers_build()
+    return False, (
+        f"xformers {getattr(xformers, '__version__', '?')}'s compiled kernels do not load beside torch "
+        f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}); the wheel was built for torch "
+        f"{built.get('torch', '?')} with CUDA {built.get('cuda', '?')}, so its attention would only run "
+        f"PyTorch's own kernels (cutlassF-pt). Fix: {_INSTALL_HINT['xformers']}"
+    )
+
+
+def _xformers_build() -> dict[str, str]:
+    """The torch and CUDA versions the installed xformers wheel was compiled for (its cpp_lib.json)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("xformers")
+    try:
+        meta = json.loads((Path(spec.origin).parent / "cpp_lib.json").read_text())["version"]
+    except Exception:  # noqa: BLE001 - an unusual build: say nothing rather than guess
+        return {}
+    cuda = meta.get("cuda")
+    cuda_txt = f"{cuda // 100}.{cuda % 100}" if isinstance(cuda, int) else str(cuda)  # 1208: 12.8
+    return {"torch": str(meta.get("torch")), "cuda": cuda_txt}
+
+
+def xformers_operator(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16) -> str:
+    """Name of the operator xformers' dispatcher picks for the engine's packed attention on ``device``
+    (e.g. ``fa3F@...`` on Hopper, ``cutlassF-pt`` when it falls back to PyTorch's kernels); ``""`` when
+    it cannot say. For ``echo4o doctor`` and the GPU check."""
+    try:
+        from xformers.ops.fmha import Inputs
+        from xformers.ops.fmha.dispatch import _dispatch_fw
+
+        dev = torch.device(device)
+        q = torch.zeros(1, 3, 4, 7, 128, device=dev, dtype=dtype)
+        kv = torch.zeros(1, 4, 4, 1, 128, device=dev, dtype=dtype).expand(1, 4, 4, 7, 128)
+        bias = xformers_bias(torch.tensor([0, 1, 3]), torch.tensor([0, 2, 4]), True, dev)
+        return _dispatch_fw(Inputs(query=q, key=kv, value=kv, attn_bias=bias), False).NAME
+    except Exception:  # noqa: BLE001 - private API of xformers: best effort only
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -221,6 +221,30 @@ def load_bagel(path: Path, config: BagelConfig, device: torch.device, dtype: tor
     return model
 
 
+def load_weights(path: Path, config: BagelConfig, device: torch.device, dtype: torch.dtype,
+                 device_map: dict[str, str | int | torch.device] | None = None,
+                 memory_mode: str = "full") -> tuple[Bagel, FluxVAE]:
+    """The model and the VAE on ``device`` in ``memory_mode`` (:mod:`worker.engine.memory`): ``full`` streams
+    every tensor straight to the device (or across ``device_map``); any other mode reads the weights into host
+    memory first, then quantizes and/or offloads on the way to the device. An impossible mode is a
+    ``ValueError`` naming the fix, raised before anything is read."""
+    from worker.engine.memory import apply_memory_mode, check_memory_mode, expected_memory, measure_memory
+
+    mode = check_memory_mode(memory_mode, device, device_map)
+    if mode.is_full:
+        return load_bagel(path, config, device, dtype, device_map=device_map), load_vae(path, config, device, dtype)
+    expected = expected_memory(config, mode, dtype)
+    log.info("memory mode: loading", extra={**expected.summary(), "device": str(device)})
+    host = torch.device("cpu")
+    model, vae = apply_memory_mode(load_bagel(path, config, host, dtype), load_vae(path, config, host, dtype),
+                                   mode, device, dtype)
+    measured = measure_memory(model, vae, mode)
+    log.info("memory mode: loaded", extra={"memory_mode": mode.name,
+                                           "weights_device_gib": round(measured.device_bytes / 2**30, 2),
+                                           "weights_host_gib": round(measured.host_bytes / 2**30, 2)})
+    return model, vae
+
+
 def load_vae(path: Path, config: BagelConfig, device: torch.device, dtype: torch.dtype) -> FluxVAE:
     """Build the FLUX VAE without memory and fill it from ``ae.safetensors`` (FLUX key names)."""
     with torch.device("meta"):
@@ -335,16 +359,26 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[name]
 
 
-def plan_placement(config: BagelConfig, device: torch.device, dtype: torch.dtype) -> dict | None:
+def plan_placement(config: BagelConfig, device: torch.device, dtype: torch.dtype,
+                   memory_mode: str = "full") -> dict | None:
     """An accelerate device map (:func:`auto_device_map`) when the weights in ``dtype`` need more than 85% of
-    the chosen CUDA card's free memory; ``None`` (everything on ``device``) otherwise and always on the CPU."""
+    the chosen CUDA card's free memory; ``None`` (everything on ``device``) otherwise and always on the CPU.
+
+    With a ``memory_mode`` other than ``full`` the mode is the plan (never a device map); when its weights
+    still need more than 85% of the free memory, that is logged as a warning naming a smaller mode."""
+    from worker.engine.memory import expected_memory, parse_memory_mode
+
     if device.type != "cuda":
         return None
-    with torch.device("meta"):
-        numel = sum(p.numel() for p in Bagel(config).parameters())
-    need = numel * torch.tensor([], dtype=dtype).element_size()
+    mode = parse_memory_mode(memory_mode)
+    need = expected_memory(config, mode, dtype).device_bytes
     free, _total = torch.cuda.mem_get_info(device)
     if need <= _FIT_FRACTION * free:
+        return None
+    if not mode.is_full:
+        log.warning("memory mode may not fit this card: try a smaller one (nf4+offload is the smallest)",
+                    extra={"memory_mode": mode.name, "need_gb": round(need / 2**30, 1),
+                           "free_gb": round(free / 2**30, 1)})
         return None
     log.info("model does not fit one card: placing it with accelerate",
              extra={"need_gb": round(need / 2**30, 1), "free_gb": round(free / 2**30, 1)})
