@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -47,9 +48,10 @@ def load_main(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: AN
     asyncio.run(_load(url, key, loops, counts, stop))
 
 
-async def _read_events(stream: httpx.Response, until: set[str]) -> str:
+async def _read_events(lines: AsyncIterator[str], until: set[str]) -> str:
+    """Read the stream's lines up to an event named in ``until``; its name ("" when the stream ended)."""
     name = ""
-    async for line in stream.aiter_lines():
+    async for line in lines:
         if line.startswith("event:"):
             name = line.split(":", 1)[1].strip()
             if name in until:
@@ -68,10 +70,11 @@ async def _load(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: 
                     r.raise_for_status()
                     job = r.json()
                     async with c.stream("GET", job["events_url"]) as s:
-                        name = await _read_events(s, {"queued", "progress", "done", "failed", "cancelled"})
+                        lines = s.aiter_lines()
+                        name = await _read_events(lines, {"queued", "progress", "done", "failed", "cancelled"})
                         if name in ("queued", "progress"):
                             await c.delete(f"/jobs/{job['id']}")
-                            await _read_events(s, {"done", "failed", "cancelled"})
+                            await _read_events(lines, {"done", "failed", "cancelled"})
                     counts[0] += 1
                 except httpx.HTTPError:
                     counts[1] += 1
@@ -179,7 +182,8 @@ def main() -> None:
                         env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000"}) as stack:
             direct = Direct(model, args.size, seed)
             steps = args.steps or direct.calibrate(args.target_s)
-            print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
+            print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}; direct call "
+                  f"{direct.run(steps):.2f} s", flush=True)
             with stack.client(timeout=600) as client:
                 end_to_end(client, args.size, steps, seed)  # warm path
                 idle = measure(direct, client, args.size, steps, seed, args.repeats)
