@@ -165,6 +165,15 @@ def test_batch_key_needs_no_model_and_follows_the_last_reference():
         batch_key(prompt="x", num_steps="many")
 
 
+def test_pil_images_of_a_batch_decode_together_as_they_decode_alone(pipe):
+    """A batch decodes its images several per VAE call: the same pixels as alone up to one level of rounding."""
+    requests = [{"prompt": f"a cat {i}", "seed": i, **SIZE} for i in range(2)]
+    batch = pipe.generate_batch(requests)
+    for req, got in zip(requests, batch, strict=True):
+        alone = np.asarray(pipe(**req).images[0]).astype(int)
+        assert np.abs(alone - np.asarray(got.images[0]).astype(int)).max() <= 1
+
+
 def test_several_images_run_as_one_batch(pipe, monkeypatch):
     calls = _counting_velocity(pipe, monkeypatch)
     out = pipe("a cat", seed=5, num_images=3, output_type="latent", **SIZE)

@@ -67,6 +67,8 @@ MULTI_REFERENCE = "multi-reference"
 #: The job kind (the key of ``echo4o.jobs.MODE_DEFAULTS``) whose defaults each mode uses.
 JOB_KIND_OF_MODE = {TEXT_TO_IMAGE: "generate", MULTI_REFERENCE: "multiref"}
 PREVIEW_SIZE = 256
+#: The most output pixels one VAE decoder call of a batch takes (several images of a batch decode together).
+DECODE_PIXELS = 4 * 1024 * 1024
 
 Callback = Callable[[int, int, "Image.Image | None"], Any]
 
@@ -327,13 +329,14 @@ class Echo4oPipeline:
                     results[slot] = exc
             for job in live:
                 job.release()  # before decoding: the caches are the largest working memory
-            # 6. decode
-            for job in live:
-                if results[job.slot] is None:
-                    try:
-                        results[job.slot] = self._finish_request(job, t0, len(live))
-                    except Exception as exc:  # noqa: BLE001
-                        results[job.slot] = exc
+            # 6. decode: the images of all requests together, in chunks (one decoder call per chunk)
+            done = [job for job in live if results[job.slot] is None]
+            decoded = self._decode_batch(done)
+            for job in done:
+                try:
+                    results[job.slot] = self._finish_request(job, t0, len(live), decoded)
+                except Exception as exc:  # noqa: BLE001
+                    results[job.slot] = exc
         finally:
             for job in jobs:
                 job.release()
@@ -377,11 +380,42 @@ class Echo4oPipeline:
     def _grid(self, params: GenerationParams) -> tuple[int, int]:
         return params.height // self.config.latent_downsample, params.width // self.config.latent_downsample
 
-    def _finish_request(self, job: _Request, t0: float, batch_requests: int) -> Echo4oPipelineOutput:
+    def _decode_batch(self, jobs: list[_Request]) -> dict[int, tuple[list[Image.Image], float]]:
+        """Decode the images of every ``pil`` request, several per decoder call (at most ``DECODE_PIXELS``
+        pixels a call): slot -> (images, its share of the decode time). A single image decodes alone, as
+        ``decode_latents`` does; a failed chunk is left out (each of its requests then decodes by itself)."""
+        todo = [(job, k) for job in jobs if job.params.output_type == "pil" for k in range(len(job.latents))]
+        if len(todo) < 2:
+            return {}
+        params = todo[0][0].params
+        grid = self._grid(params)
+        per_call = max(1, DECODE_PIXELS // (params.height * params.width))
+        images: dict[tuple[int, int], Image.Image] = {}
+        spent: dict[int, float] = {}
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start:start + per_call]
+            t0 = time.perf_counter()
+            try:
+                out = self.decode_latents_batch([job.latents[k] for job, k in chunk], grid)
+            except Exception:  # noqa: BLE001 - retried request by request, so a failure lands on its own
+                continue
+            share = (time.perf_counter() - t0) / len(chunk)
+            for (job, k), img in zip(chunk, out, strict=True):
+                images[(job.slot, k)] = img
+                spent[job.slot] = spent.get(job.slot, 0.0) + share
+        return {job.slot: ([images[(job.slot, k)] for k in range(len(job.latents))], spent[job.slot])
+                for job in jobs if all((job.slot, k) in images for k in range(len(job.latents)))
+                and job.params.output_type == "pil"}
+
+    def _finish_request(self, job: _Request, t0: float, batch_requests: int,
+                        decoded: dict[int, tuple[list[Image.Image], float]]) -> Echo4oPipelineOutput:
         params, timings = job.params, job.timings
         t2 = time.perf_counter()
         if params.output_type == "latent":
             images = [x.float().cpu() for x in job.latents]
+        elif job.slot in decoded:
+            images, decode_s = decoded[job.slot]
+            t2 -= decode_s
         else:
             images = [self.decode_latents(x, self._grid(params)) for x in job.latents]
         timings["decode_s"] = time.perf_counter() - t2
@@ -584,6 +618,13 @@ class Echo4oPipeline:
         image = self.vae.decode(latent)
         pixels = ((image.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
         return Image.fromarray(pixels.cpu().numpy())
+
+    def decode_latents_batch(self, tokens: Sequence[torch.Tensor], grid: tuple[int, int]) -> list[Image.Image]:
+        """The RGB images of several packed latents on one ``grid``, in one decoder call."""
+        latent = torch.cat([self.model.unpack_latent(x, grid) for x in tokens]).to(self.device, self.vae_dtype)
+        image = self.vae.decode(latent)
+        pixels = ((image.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(p) for p in pixels]
 
     def preview(self, tokens: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
         """A small image of a latent: decoded at half resolution, then shrunk to at most ``PREVIEW_SIZE``
