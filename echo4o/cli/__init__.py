@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "echo4o.cli.versions",
     "echo4o.cli.finetune",
     "echo4o.cli.healthcheck",
+    "echo4o.cli.doctor",
 )
 
 for _name in COMMAND_MODULES:

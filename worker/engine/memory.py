@@ -111,7 +111,7 @@ def quantization_available() -> tuple[bool, str]:
         import bitsandbytes
     except Exception as exc:  # noqa: BLE001 - a missing or broken native library alike
         return False, f"bitsandbytes is not importable ({type(exc).__name__}: {str(exc)[:160]}); {_INSTALL}"
-    return True, str(bitsandbytes.__version__)
+    return True, f"bitsandbytes {bitsandbytes.__version__}"
 
 
 def offload_available() -> tuple[bool, str]:
@@ -119,7 +119,7 @@ def offload_available() -> tuple[bool, str]:
         import accelerate
     except Exception as exc:  # noqa: BLE001
         return False, f"accelerate is not importable ({type(exc).__name__}); pip install accelerate"
-    return True, str(accelerate.__version__)
+    return True, f"accelerate {accelerate.__version__}"
 
 
 def available_modes() -> dict[str, tuple[bool, str]]:
