@@ -52,18 +52,32 @@ class Due:
     attempts: int
 
 
+#: Job ids looked up per query when checking which pending deliveries' jobs have ended.
+_LOOKUP_CHUNK = 500
+
+
 def due_deliveries(*, session: Session, now: datetime | None = None, limit: int = 50) -> list[Due]:
-    """Pending deliveries whose time has come and whose job has ended, oldest first."""
+    """Pending deliveries whose time has come and whose job has ended, oldest first.
+
+    Two indexed reads rather than one join: the pending rows (a range of ``ix_webhook_deliveries_due``: jobs
+    still running plus the few retries due), then those jobs by primary key. Joined in SQL, PostgreSQL hashes
+    the whole jobs table (mostly ended jobs) on every poll."""
     now = now or utcnow()
-    rows = session.execute(
+    pending = session.execute(
         sa.select(WebhookDelivery.job_id, WebhookDelivery.state, WebhookDelivery.attempts)
-        .join(Job, Job.id == WebhookDelivery.job_id)
-        .where(WebhookDelivery.state.in_(WEBHOOK_PENDING_STATES), WebhookDelivery.next_attempt_at <= now,
-               Job.status.in_(TERMINAL_STATUSES))
+        .where(WebhookDelivery.state.in_(WEBHOOK_PENDING_STATES), WebhookDelivery.next_attempt_at <= now)
         .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
     ).all()
-    return [Due(job_id=r.job_id, state=r.state, attempts=r.attempts) for r in rows]
+    ended: set[str] = set()
+    for i in range(0, len(pending), _LOOKUP_CHUNK):
+        ids = [r.job_id for r in pending[i:i + _LOOKUP_CHUNK]]
+        # by primary key only: with the status in the WHERE too, SQLite scans the status index instead
+        rows = session.execute(sa.select(Job.id, Job.status).where(Job.id.in_(ids))).all()
+        ended.update(job_id for job_id, status in rows if status in TERMINAL_STATUSES)
+        if len(ended) >= limit:
+            break
+    due = [Due(job_id=r.job_id, state=r.state, attempts=r.attempts) for r in pending if r.job_id in ended]
+    return due[:limit]
 
 
 def claim(*, session: Session, due: Due, lease_s: float) -> int | None:
