@@ -47,6 +47,7 @@ ATTEMPT_HEADER = "X-Echo4o-Webhook-Attempt"
 DEFAULT_TOLERANCE_S = 300
 LEASE_SLACK_S = 30.0  # a claimed attempt is taken over this long after its timeout (its gateway died)
 BATCH = 50  # deliveries attempted per poll at most
+FAILURE_REPORT_EVERY_S = 60.0  # while polls keep failing (database down), log it this often
 
 
 class UnsafeAddress(ValueError):
@@ -164,12 +165,22 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         log.info("webhook dispatcher started", extra={"poll_s": self.settings.webhook_poll_s})
+        failing_since: float | None = None
+        last_report = 0.0
         try:
             while True:
                 try:
                     await self.tick()
+                    if failing_since is not None:
+                        log.info("webhook dispatcher polls again",
+                                 extra={"failed_for_s": round(time.monotonic() - failing_since, 1)})
+                        failing_since = None
                 except Exception:  # a database hiccup must not end deliveries for the process's life
-                    log.exception("webhook dispatcher poll failed; trying again")
+                    now = time.monotonic()
+                    if failing_since is None or now - last_report >= FAILURE_REPORT_EVERY_S:  # not once a second
+                        log.exception("webhook dispatcher poll failed; trying again every poll")
+                        last_report = now
+                    failing_since = failing_since or now
                 await asyncio.sleep(self.settings.webhook_poll_s)
         finally:
             await self.close()

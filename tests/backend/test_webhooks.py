@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -430,3 +431,37 @@ def test_a_real_worker_job_is_delivered_by_the_gateway_process(tiny_model, tmp_p
     assert "webhook delivered" in log
     for text in (stack.admin_key, stack.user_key, stack.other_key, secret):
         assert text not in log
+
+
+def test_the_dispatcher_outlives_a_database_outage(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    """Polls that fail (no database) are logged once, not every poll, and the dispatcher keeps polling."""
+    import asyncio
+
+    settings = get_settings().model_copy(update={
+        "database_url": f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}", "webhook_poll_s": 0.01})
+    dispatcher = webhooks.WebhookDispatcher(settings)
+    ticks = 0
+    tick = dispatcher.tick
+
+    async def counted() -> int:
+        nonlocal ticks
+        ticks += 1
+        return await tick()
+
+    dispatcher.tick = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(dispatcher.run())
+        deadline = time.monotonic() + DEADLINE_S
+        while ticks < 10:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="backend.services.webhooks"):
+        asyncio.run(main())
+    failures = [r for r in caplog.records if "poll failed" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
