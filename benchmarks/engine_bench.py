@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cfg-img-scale", type=float, default=None, help="default: the mode's (echo4o.jobs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 gives steadier "
+                                                             "figures on a shared machine")
+    ap.add_argument("--batch-requests", type=int, default=8, help="requests of the cross-request batching "
+                                                                  "measurement (0: skip it)")
+    ap.add_argument("--no-extras", action="store_true", help="skip the batching / caching / compile comparisons")
     return ap.parse_args(argv)
 
 
@@ -281,10 +286,85 @@ def timed_call(pipe, args: argparse.Namespace, refs: list, size: tuple[int, int]
     return {"total_s": total, "step_times": step_times, "timings": out.timings, "params": out.params}
 
 
+def _call_kwargs(args: argparse.Namespace, refs: list, size: tuple[int, int] | None, steps: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"images": refs or None, "num_steps": steps, "cfg_text_scale": args.cfg_text_scale,
+                              "cfg_img_scale": args.cfg_img_scale}
+    if size is not None and not refs:
+        kwargs["height"], kwargs["width"] = size
+    return kwargs
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_cfg_batching(pipe, args: argparse.Namespace, refs: list, size, steps: int,
+                         device: torch.device) -> dict[str, Any]:
+    """Per-step time of the guidance branches run one velocity call each (sequential) over one packed call
+    (batched), side by side in alternation, the cfg interval widened to every step; and their outputs' gap."""
+    kwargs = {**_call_kwargs(args, refs, size, steps), "cfg_interval": (0.0, 1.0), "seed": args.seed,
+              "output_type": "latent"}
+    step_s: dict[bool, list[float]] = {True: [], False: []}
+    latents: dict[bool, torch.Tensor] = {}
+    try:
+        for _ in range(max(2, args.repeats)):
+            for sequential in (True, False):
+                pipe._sequential_branches = sequential
+                sync(device)
+                out = pipe(PROMPT, **kwargs)
+                sync(device)
+                step_s[sequential].append(out.timings["denoise_s"] / (steps - 1))
+                latents[sequential] = out.images[0]
+    finally:
+        pipe._sequential_branches = False
+    seq, bat = statistics.median(step_s[True]), statistics.median(step_s[False])
+    params = pipe.check_inputs(PROMPT, refs, None, None, steps, args.cfg_text_scale, args.cfg_img_scale, None, 3.0,
+                               None, 0.0, 0, 1, "pil", None, 0)
+    text, img = params.cfg_text_scale > 1, params.cfg_img_scale > 1
+    branches = 1 + text + (text and img and bool(refs))  # no image-dropped branch without references
+    return {
+        "cfg_branches": int(branches),
+        "cfg_sequential_step_s": round(seq, 4),
+        "cfg_batched_step_s": round(bat, 4),
+        "cfg_batched_speedup": round(seq / bat, 3),
+        "cfg_batched_max_abs_diff": float((latents[True] - latents[False]).abs().max()),
+    }
+
+
+def measure_request_batching(pipe, args: argparse.Namespace, refs: list, size, steps: int,
+                             device: torch.device) -> dict[str, Any]:
+    """Images per second of ``--batch-requests`` requests (differing prompts and seeds) run as one
+    ``generate_batch`` over the same requests one call at a time, whole calls (prefill, sampling, decode)."""
+    n = args.batch_requests
+    base = _call_kwargs(args, refs, size, steps)
+    requests = [{**base, "prompt": f"{PROMPT} ({i})", "seed": args.seed + i} for i in range(n)]
+    repeats = max(1, args.repeats)
+    one = _median_time(lambda: [pipe(**r) for r in requests], repeats, device)
+    results = []
+    batched = _median_time(lambda: results.append(pipe.generate_batch(requests)), repeats, device)
+    failed = [r for r in results[-1] if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
+    return {
+        f"request_batching_images_per_s_sequential_{n}": round(n / one, 3),
+        f"request_batching_images_per_s_batched_{n}": round(n / batched, 3),
+        f"request_batching_speedup_{n}": round(one / batched, 3),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from echo4o.logging import setup_logging
 
     setup_logging("WARNING")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tiny = args.model == "tiny"
     steps = args.steps or (TINY_STEPS if tiny else DEFAULT_STEPS)
     size = parse_size(args.size) if args.size else ((TINY_SIDE, TINY_SIDE) if tiny else DEFAULT_SIZE)
@@ -316,6 +396,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"call(s) of {steps - 1} steps (about {per_call * args.repeats / 60:.1f} min or less)")
         prefill = [time_prefill(pipe, refs, device) for _ in range(args.repeats)]
         runs = [timed_call(pipe, args, refs, size, steps, device, log_steps=not tiny) for _ in range(args.repeats)]
+        extras: dict[str, Any] = {}
+        if not args.no_extras:
+            progress("guidance branches: sequential vs one packed call")
+            extras.update(measure_cfg_batching(pipe, args, refs, size, steps, device))
+            if args.batch_requests > 0:
+                progress(f"{args.batch_requests} requests: one at a time vs one batch")
+                extras.update(measure_request_batching(pipe, args, refs, size, steps, device))
 
     params = runs[-1]["params"]
     all_steps = [s for r in runs for s in r["step_times"]]
@@ -341,6 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_gb": round(peak_memory_gb(device), 3),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        **extras,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -362,6 +451,15 @@ def print_report(r: dict[str, Any]) -> None:
     ]
     for name, value, note in rows:
         print(f"  {name:<9}{value:>12}   {note}")
+    if "cfg_batched_speedup" in r:
+        print(f"  cfg      {r['cfg_batched_speedup']:>11.2f}x   {r['cfg_branches']} guidance branches per step: "
+              f"{r['cfg_sequential_step_s'] * 1000:.1f} ms sequential, {r['cfg_batched_step_s'] * 1000:.1f} ms "
+              f"packed (max abs diff {r['cfg_batched_max_abs_diff']:.1e})")
+    for key, value in r.items():
+        if key.startswith("request_batching_speedup_"):
+            n = key.rsplit("_", 1)[1]
+            print(f"  batch {n:<3}{value:>11.2f}x   images/s: {r[f'request_batching_images_per_s_batched_{n}']:.2f} "
+                  f"batched vs {r[f'request_batching_images_per_s_sequential_{n}']:.2f} one at a time")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ def test_tiny_run_prints_and_writes_json(tmp_path: Path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--steps", "3", "--size", "64",
-         "--device", "cpu", "--attention", "sdpa", "--json", str(out)],
+         "--device", "cpu", "--attention", "sdpa", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,6 +25,12 @@ def test_tiny_run_prints_and_writes_json(tmp_path: Path):
     assert (result["height"], result["width"], result["steps"]) == (64, 64, 2)
     for key in ("load_s", "prefill_s", "step_s", "decode_s", "image_s", "peak_memory_gb"):
         assert result[key] > 0, key
+    # batched guidance and cross-request batching, measured side by side (figures only: no timed asserts)
+    assert result["cfg_branches"] == 2  # text-to-image: full and text-dropped
+    for key in ("cfg_batched_speedup", "cfg_sequential_step_s", "cfg_batched_step_s", "request_batching_speedup_8",
+                "request_batching_images_per_s_batched_8", "request_batching_images_per_s_sequential_8"):
+        assert result[key] > 0, key
+    assert result["cfg_batched_max_abs_diff"] < 1e-4  # the same latents either way
 
 
 def test_bad_size_is_a_clear_error(tmp_path: Path):

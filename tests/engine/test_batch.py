@@ -165,6 +165,19 @@ def test_batch_key_needs_no_model_and_follows_the_last_reference():
         batch_key(prompt="x", num_steps="many")
 
 
+def test_branches_run_one_call_each_give_the_same_latents(pipe):
+    """The benchmarks' sequential mode (one velocity call per row) equals the packed call."""
+    requests = [_requests()[0], {**_requests()[2], "num_images": 1}]
+    packed = pipe.generate_batch(requests)
+    pipe._sequential_branches = True
+    try:
+        sequential = pipe.generate_batch(requests)
+    finally:
+        pipe._sequential_branches = False
+    for a, b in zip(packed, sequential, strict=True):
+        assert (a.images[0] - b.images[0]).abs().max() < 1e-5
+
+
 def test_pil_images_of_a_batch_decode_together_as_they_decode_alone(pipe):
     """A batch decodes its images several per VAE call: the same pixels as alone up to one level of rounding."""
     requests = [{"prompt": f"a cat {i}", "seed": i, **SIZE} for i in range(2)]
