@@ -5,10 +5,11 @@ the job's JSON (the view ``GET /jobs/{id}`` returns) to that URL, signed with it
   resolves to a private, loopback, link-local or otherwise non-public address (unless
   ``ECHO4O_WEBHOOK_ALLOW_PRIVATE=true``); :func:`register` writes the job's ``waiting`` delivery row.
 - :class:`WebhookDispatcher` runs in every gateway process (started by the app's lifespan): once per
-  ``ECHO4O_WEBHOOK_POLL_S`` it reads the due rows whose job has ended (one indexed query), claims each with a
-  conditional UPDATE (so several gateways never send the same attempt), re-checks the resolved address, POSTs,
-  and records the outcome. A failed attempt (no answer, or an answer other than 2xx; redirects are not
-  followed) is retried after ``ECHO4O_WEBHOOK_RETRY_BASE_S`` doubled per attempt, at most
+  ``ECHO4O_WEBHOOK_POLL_S`` it reads the due rows whose job has ended (indexed reads), claims each with a
+  conditional UPDATE (so several gateways never send the same attempt), re-checks the resolved address and
+  connects to that very address (:func:`pinned`), POSTs, and records the outcome. A failed attempt (no
+  answer, or an answer other than 2xx; redirects are not followed) is retried after
+  ``ECHO4O_WEBHOOK_RETRY_BASE_S`` doubled per attempt, at most
   ``ECHO4O_WEBHOOK_MAX_ATTEMPTS`` times. Rows live in the database, so a restarted gateway finds them due:
   delivery is at least once (the ``X-Echo4o-Webhook-Id`` header, the job id, lets a receiver drop repeats).
 - Signature: ``X-Echo4o-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`` with
@@ -23,7 +24,7 @@ import hmac
 import ipaddress
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy.orm import Session
@@ -80,6 +81,24 @@ def resolve_checked(settings: Settings, url: str) -> list[str]:
                 "address; give a public URL (a receiver on your own network needs "
                 "ECHO4O_WEBHOOK_ALLOW_PRIVATE=true on the gateway)")
     return addresses
+
+
+def pinned(url: str, addresses: list[str]) -> tuple[str, dict[str, str], dict[str, object]]:
+    """``url`` aimed at one of the checked ``addresses`` (IPv4 first), so the connection goes where the check
+    looked, not wherever a second lookup would now answer (DNS rebinding): (url, headers, httpx extensions).
+    The ``Host`` header and, for https, the TLS server name (certificate check included) stay the URL's host."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        return url, {}, {}  # an address already
+    except ValueError:
+        pass
+    address = sorted(addresses, key=lambda a: ":" in a)[0]
+    netloc = (f"[{address}]" if ":" in address else address) + (f":{parts.port}" if parts.port else "")
+    headers = {"Host": host + (f":{parts.port}" if parts.port else "")}
+    return urlunsplit(parts._replace(netloc=netloc)), headers, ({"sni_hostname": host} if parts.scheme == "https"
+                                                                   else {})
 
 
 def check_url(settings: Settings, url: str | None) -> str | None:
@@ -206,12 +225,13 @@ class WebhookDispatcher:
         url = ""
         try:
             url, body, secret = await in_session(self.settings, lambda s: _payload(s, self.settings, due.job_id))
-            await run_sync(resolve_checked, self.settings, url)
+            addresses = await run_sync(resolve_checked, self.settings, url)
+            target, host_headers, extensions = pinned(url, addresses)
             timestamp = str(int(time.time()))
             headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
                        SIGNATURE_HEADER: signature(secret, timestamp, body), ID_HEADER: due.job_id,
-                       ATTEMPT_HEADER: str(attempt)}
-            response = await self.client.post(url, content=body, headers=headers)
+                       ATTEMPT_HEADER: str(attempt), **host_headers}
+            response = await self.client.post(target, content=body, headers=headers, extensions=extensions)
             status = response.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")

@@ -465,3 +465,20 @@ def test_the_dispatcher_outlives_a_database_outage(caplog: pytest.LogCaptureFixt
         asyncio.run(main())
     failures = [r for r in caplog.records if "poll failed" in r.getMessage()]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_named_host_is_reached_at_the_address_that_was_checked(make_gateway, receiver: Receiver) -> None:
+    gw = make_gateway()
+    port = receiver.server.server_address[1]
+    job_id = gw.submit(webhook_url=f"http://localhost:{port}/hook?token=abc").json()["id"]
+    _end_job(gw.database_url, job_id, "cancelled")
+    headers, _ = receiver.wait(1)[0]
+    assert headers["host"] == f"localhost:{port}"  # the receiver sees its own name
+    gw.wait_webhook(job_id, ("delivered",))
+    # the connection goes to the checked address; https keeps the name for TLS (SNI and the certificate check)
+    assert webhooks.pinned("https://hooks.example.com:8443/h?x=1", ["2606:4700::1", "93.184.216.34"]) == (
+        "https://93.184.216.34:8443/h?x=1", {"Host": "hooks.example.com:8443"},
+        {"sni_hostname": "hooks.example.com"})
+    assert webhooks.pinned("http://hooks.example.com/h", ["2606:4700::1"]) == (
+        "http://[2606:4700::1]/h", {"Host": "hooks.example.com"}, {})
+    assert webhooks.pinned("http://93.184.216.34/h", ["93.184.216.34"]) == ("http://93.184.216.34/h", {}, {})
