@@ -234,8 +234,8 @@ class WorkerRuntime:
                 submit(job_id, kind, priority)
             except Exception as exc:  # noqa: BLE001 - Redis still holds the unacknowledged message
                 log.error("requeued job could not be sent again", extra={"job_id": job_id, "error": str(exc)})
-            log.warning("requeued a job whose worker is dead",
-                        extra={"job_id": job_id, "dead_worker": worker, "attempts": attempts})
+            log.warning("requeued a job whose worker is gone",
+                        extra={"job_id": job_id, "dead_worker": worker, "attempts": attempts, "found": "no heartbeat"})
         return [job[0] for job in jobs]
 
     # --- recovery ----------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_killed_busy_worker_job_runs_again_on_the_other_worker_once(
     assert (job.attempts, job.worker) == (2, idle.worker_id)
     assert busy.status() == "dead"
     logs = idle.logs()
-    assert "requeued a job whose worker is dead" in logs
+    assert "requeued a job whose worker is gone" in logs
     # the duplicate came while the killed worker's heartbeat was fresh: dropped, not run beside it
     assert "duplicate delivery dropped" in logs and "job already finished" not in logs
     files = sorted(p.name for p in (data / "results" / job_id).iterdir())
