@@ -16,13 +16,14 @@ The step count is calibrated so that the direct call takes about ``--target-s`` 
 
     .venv/bin/python benchmarks/overhead_bench.py --json overhead.json
 
-Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/11, flushed before and after).
+Starts a redis-server of its own on a free port (``--broker-url`` to use another, flushed before and after).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import statistics
@@ -154,7 +155,8 @@ def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
-    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/11")
+    ap.add_argument("--broker-url", default=None, help="Redis to use (flushed before and after); default: a "
+                    "redis-server of the run's own on a free port")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds of the direct call to calibrate to")
@@ -165,6 +167,7 @@ def main() -> None:
 
     import redis
 
+    from benchmarks.watchers_bench import private_redis
     from tests.support.stack import live_stack
 
     tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
@@ -174,11 +177,13 @@ def main() -> None:
 
         model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
     seed = 1234
-    r = redis.Redis.from_url(args.broker_url)
+    cleanup = contextlib.ExitStack()
+    broker = args.broker_url or cleanup.enter_context(private_redis())
+    r = redis.Redis.from_url(broker)
     r.flushdb()
     load: Load | None = None
     try:
-        with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
+        with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
                         env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000"}) as stack:
             direct = Direct(model, args.size, seed)
             steps = args.steps or direct.calibrate(args.target_s)
@@ -212,6 +217,7 @@ def main() -> None:
         if load is not None:
             load.close()
         r.flushdb()
+        cleanup.close()
 
     figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model)},
                "idle": idle, "load": loaded, "overhead_ratio": idle["overhead_ratio"],

@@ -21,20 +21,23 @@ not watchers.
     .venv/bin/python benchmarks/watchers_bench.py                          # 1000 watchers, Redis
     .venv/bin/python benchmarks/watchers_bench.py --embedded --json w.json # no Redis: the shared poller
 
-Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/12, flushed before and after) unless
-``--embedded``.
+Starts a redis-server of its own on a free port (``--broker-url`` to use another, flushed before and after)
+unless ``--embedded``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,6 +48,35 @@ sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OPEN_BATCH = 50  # streams a client opens at once
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of this run's own on a free port (tests on the shared Redis use its databases 1-15, and a
+    stack on a database another stack uses takes its jobs); its URL."""
+    from tests.support.stack import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.1)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -205,7 +237,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="client processes holding the streams")
     ap.add_argument("--window", type=float, default=10.0, help="seconds per measured phase")
     ap.add_argument("--size", type=int, default=128, help="image side of the long jobs (sets the step rate)")
-    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/12")
+    ap.add_argument("--broker-url", default=None, help="Redis to use (flushed before and after); default: a "
+                    "redis-server of the run's own on a free port")
     ap.add_argument("--embedded", action="store_true", help="no Redis: embedded broker, the hub polls")
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -220,7 +253,8 @@ def main() -> None:
         from worker.engine.tiny import write_tiny_model
 
         model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
-    broker = None if args.embedded else args.broker_url
+    cleanup = contextlib.ExitStack()
+    broker = None if args.embedded else args.broker_url or cleanup.enter_context(private_redis())
     if broker:
         import redis
 
@@ -263,6 +297,7 @@ def main() -> None:
             import redis
 
             redis.Redis.from_url(broker).flushdb()
+        cleanup.close()
 
     run, wq, wr = phases["running"], phases["queued_watched"], phases["running_watched"]
     extra = wr["cpu_pct"] - run["cpu_pct"]
