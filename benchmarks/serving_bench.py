@@ -18,7 +18,8 @@ a calibration run times one step at ``--size`` and sets the step count.
     .venv/bin/python benchmarks/serving_bench.py --model DIR --json figures.json
     .venv/bin/python benchmarks/serving_bench.py --only submissions --json figures.json
 
-Needs Redis (``--broker-url``, default redis://127.0.0.1:6379/13, flushed before and after).
+Starts a redis-server of its own on a free port (``--broker-url`` to use another, flushed before and after):
+on a database index of the shared Redis, another stack's worker could take the benchmark's jobs.
 """
 
 from __future__ import annotations
@@ -198,6 +199,34 @@ def run_client_processes(url: str, key: str | None, concurrency: int, duration_s
             "client": "python"}
 
 
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of this run's own on a free port, no persistence; its URL."""
+    import redis
+
+    from tests.support.stack import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start (is it installed?)") from None
+                time.sleep(0.1)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) ``pid`` has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -358,7 +387,8 @@ def print_submission_figures(figures: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
-    ap.add_argument("--broker-url", default="redis://127.0.0.1:6379/13")
+    ap.add_argument("--broker-url", default=None, help="Redis to use (flushed before and after); default: a "
+                    "redis-server of the run's own on a free port")
     ap.add_argument("--database-url", default=None, help="job records of the end-to-end part (default: SQLite)")
     ap.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                     help="PostgreSQL server for submits_per_s_postgres (a fresh database is made and dropped); "
@@ -374,11 +404,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="echo4o-serving-bench-"))
     figures: dict[str, Any] = {}
-    if args.only in ("all", "e2e"):
-        figures.update(end_to_end_figures(args, tmp))
-    if args.only in ("all", "submissions"):
-        figures.update(submission_figures(args, tmp))
-        print_submission_figures(figures)
+    with contextlib.ExitStack() as cleanup:
+        if args.broker_url is None:
+            args.broker_url = cleanup.enter_context(private_redis())
+        if args.only in ("all", "e2e"):
+            figures.update(end_to_end_figures(args, tmp))
+        if args.only in ("all", "submissions"):
+            figures.update(submission_figures(args, tmp))
+            print_submission_figures(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
         print(f"\nwrote {args.json}")
