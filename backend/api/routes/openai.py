@@ -102,7 +102,7 @@ async def wait_synchronously(settings: Settings, job: Job) -> Job:
     return ended
 
 
-@router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 422, 429, 504))
+@router.post("/generations", response_model=ImagesResponse, responses=error_responses(401, 415, 422, 429, 504))
 async def generations(body: ImagesGenerationRequest, request: Request, settings: SettingsDep,
                       principal: CurrentKey, metrics: MetricsDep) -> ImagesResponse:
     """Text to image, OpenAI style (`size` is WIDTHxHEIGHT, each side within the limits of GET /parameters)."""
