@@ -135,3 +135,6 @@ def test_each_mode_runs_its_kernels_on_cuda(tiny_model, name):
     assert diff.mean() <= max(mean_tol, 2.0) and diff.max() <= max(max_tol, 32.0), (name, diff.mean(), diff.max())
     measured = measure_memory(pipe.model, pipe.vae, mode)
     assert measured.parts == expected_memory(pipe.config, mode, torch.bfloat16).parts
+    # resident means on the card: nothing was left behind in host memory outside the offload hooks
+    tensors = [*pipe.model.parameters(), *pipe.model.buffers(), *pipe.vae.parameters()]
+    assert {t.device.type for t in tensors} <= {"cuda", "meta"}
