@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from echo4o.celery_app import TASK_OF_QUEUE, broker_priority, get_app
 from echo4o.jobs import DEFAULT_PRIORITY, QUEUE_OF_KIND
@@ -70,6 +70,11 @@ def submit_many(jobs: Sequence[tuple[str, str, int]]) -> None:
                     _publish(app, producer, job_id, kind, priority)
         except errors as exc:
             last = exc
+            continue
+        except BatchPublishError as exc:  # the pipeline met a dead connection (Redis down or restarted): kombu
+            if not isinstance(exc.__cause__, errors):  # wraps it, delivery uncertain; a retry may duplicate
+                raise
+            last = exc.__cause__
             continue
         log.debug("jobs enqueued", extra={"jobs": len(jobs)})
         return
