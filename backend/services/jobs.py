@@ -239,11 +239,14 @@ def write_submissions(settings: Settings, metrics: Metrics, subs: list[Submissio
         jobs = [out for out in outcomes if isinstance(out, Job)]
         try:
             queue.submit_many([(job.id, job.kind, job.priority) for job in jobs])
-        except queue.BrokerUnavailable as exc:
-            log.error("enqueue failed", extra={"jobs": [job.id for job in jobs], "error": str(exc)})
-            for job in jobs:
-                _fail_quietly(session, job.id, "broker_unavailable", str(exc))
-            error = ApiError(503, str(exc), code="broker_unavailable")
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, no row may stay queued without a message
+            message = str(exc) if isinstance(exc, queue.BrokerUnavailable) else (
+                f"the broker did not take the jobs ({type(exc).__name__}: {exc}); retry, and check the broker "
+                "(ECHO4O_BROKER_URL) if it persists")
+            log.error("enqueue failed", extra={"jobs": [job.id for job in jobs], "error": message})
+            for job in jobs:  # a worker skips a failed job, should its message have got through after all
+                _fail_quietly(session, job.id, "broker_unavailable", message)
+            error = ApiError(503, message, code="broker_unavailable")
             return [error if isinstance(out, Job) else out for out in outcomes]  # type: ignore[misc]
     finally:
         session.close()
