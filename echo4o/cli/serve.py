@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import typer
 
@@ -19,6 +20,8 @@ keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed in 
 app.add_typer(keys_app, name="keys")
 
 WORKER_STOP_TIMEOUT_S = 30.0
+#: Least seconds between two starts of an embedded worker that keeps dying at once.
+EMBEDDED_RESTART_S = 30.0
 #: How long a stopping gateway lets in-flight requests finish (a submit with ?wait longer than this is cut off);
 #: below Docker's and Kubernetes' default grace before SIGKILL (10 s and 30 s).
 GRACEFUL_SHUTDOWN_S = 8
@@ -109,28 +112,54 @@ def _note_signal(signum: int, _frame: object) -> None:
     """Shutdown signals after uvicorn has stopped: nothing left to do but the cleanup in ``serve``."""
 
 
-def _start_embedded_worker(log, server, startup_failure: threading.Event) -> subprocess.Popen[bytes]:  # noqa: ANN001
-    """Start ``echo4o worker --queues gpu,train`` as a child (the only worker: it takes every kind of job).
-    When it exits with a startup-failure code (a bad setting,
-    a model that cannot be had), ``startup_failure`` is set and ``server`` (a uvicorn.Server) told to stop."""
-    from echo4o.cli.worker import STARTUP_FAILURES
+class _EmbeddedWorker:
+    """The embedded worker child, started again when it dies (a crash, an OOM kill): its replacement requeues the
+    job the dead one was running as it starts (``WorkerRuntime.recover_orphans``), so the job runs again."""
 
-    args = [sys.executable, "-m", "echo4o", "worker", "--queues", EMBEDDED_QUEUES]
-    proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
-    log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
+    def __init__(self, log, server, startup_failure: threading.Event) -> None:  # noqa: ANN001
+        self.log, self.server, self.startup_failure = log, server, startup_failure
+        self.stopping = threading.Event()
+        self.proc = self._spawn()
+        threading.Thread(target=self._watch, name="embedded-worker-watch", daemon=True).start()
 
-    def watch() -> None:
-        code = proc.wait()
-        if code in STARTUP_FAILURES:
-            startup_failure.set()
-            server.should_exit = True
-        elif code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            log.error("embedded worker exited; jobs will stay queued until a worker runs. Its log is above; "
-                      f"start one with `echo4o worker --queues {EMBEDDED_QUEUES}`",
-                      extra={"pid": proc.pid, "exit_code": code})
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
 
-    threading.Thread(target=watch, name="embedded-worker-watch", daemon=True).start()
-    return proc
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "echo4o", "worker", "--queues", EMBEDDED_QUEUES]
+        proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
+        return proc
+
+    def _watch(self) -> None:
+        from echo4o.cli.worker import STARTUP_FAILURES
+
+        restarted_at = None
+        while True:
+            code = self.proc.wait()
+            if code in STARTUP_FAILURES:
+                self.startup_failure.set()
+                self.server.should_exit = True
+                return
+            if self.stopping.is_set() or code in (0, -signal.SIGTERM, -signal.SIGINT):
+                return
+            # a restarted worker that dies again soon (say, at every model load) is restarted at most every 30 s
+            again = restarted_at is not None and time.monotonic() - restarted_at < EMBEDDED_RESTART_S
+            delay = EMBEDDED_RESTART_S if again else 1.0
+            self.log.error("embedded worker died; starting another (it reruns the job that was running). Its log "
+                           "is above", extra={"pid": self.proc.pid, "exit_code": code, "restart_in_s": delay})
+            if self.stopping.wait(delay):
+                return
+            restarted_at = time.monotonic()
+            self.proc = self._spawn()
+
+
+def _start_embedded_worker(log, server, startup_failure: threading.Event) -> _EmbeddedWorker:  # noqa: ANN001
+    """Start ``echo4o worker --queues gpu,train`` as a child (the only worker: it takes every kind of job), and
+    again whenever it dies. When it exits with a startup-failure code (a bad setting, a model that cannot be had),
+    ``startup_failure`` is set and ``server`` (a uvicorn.Server) told to stop."""
+    return _EmbeddedWorker(log, server, startup_failure)
 
 
 def _die_with_parent() -> None:
@@ -142,7 +171,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _stop_worker(proc: subprocess.Popen[bytes], log) -> None:  # noqa: ANN001 - a logging.Logger
+def _stop_worker(worker: _EmbeddedWorker, log) -> None:  # noqa: ANN001 - a logging.Logger
+    worker.stopping.set()
+    proc = worker.proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # warm shutdown: a running job finishes first
         try:
