@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "figures on a shared machine")
     ap.add_argument("--batch-requests", type=int, default=8, help="requests of the cross-request batching "
                                                                   "measurement (0: skip it)")
+    ap.add_argument("--step-cache", type=float, default=None, help="step-cache threshold measured (default: "
+                                                                   "worker.engine.step_cache.RECOMMENDED_THRESHOLD)")
     ap.add_argument("--no-extras", action="store_true", help="skip the batching / caching / compile comparisons")
     return ap.parse_args(argv)
 
@@ -359,6 +361,41 @@ def measure_request_batching(pipe, args: argparse.Namespace, refs: list, size, s
     }
 
 
+def measure_step_cache(pipe, args: argparse.Namespace, refs: list, size, steps: int,
+                       device: torch.device) -> dict[str, Any]:
+    """Sampling time without and with the step cache at ``--step-cache`` (default: the recommended threshold),
+    side by side in alternation; the steps it computed, and how far its latent and its pixels land from the
+    uncached ones (max abs difference; pixels in 0..255)."""
+    import numpy as np
+
+    from worker.engine.step_cache import RECOMMENDED_THRESHOLD
+
+    threshold = RECOMMENDED_THRESHOLD if args.step_cache is None else args.step_cache
+    kwargs = {**_call_kwargs(args, refs, size, steps), "seed": args.seed, "output_type": "latent"}
+    denoise: dict[bool, list[float]] = {False: [], True: []}
+    outs = {}
+    for _ in range(max(2, args.repeats)):
+        for cached in (False, True):
+            sync(device)
+            out = pipe(PROMPT, step_cache=threshold if cached else 0, **kwargs)
+            sync(device)
+            denoise[cached].append(out.timings["denoise_s"])
+            outs[cached] = out
+    grid = (outs[False].params["height"] // pipe.config.latent_downsample,
+            outs[False].params["width"] // pipe.config.latent_downsample)
+    pixels = [np.asarray(pipe.decode_latents(outs[c].images[0], grid)).astype(np.int16) for c in (False, True)]
+    plain, cached = statistics.median(denoise[False]), statistics.median(denoise[True])
+    return {
+        "step_cache_threshold": threshold,
+        "step_cache_speedup": round(plain / cached, 3),
+        "step_cache_steps_computed": int(outs[True].timings["steps_computed"]),
+        "step_cache_steps_total": steps - 1,
+        "step_cache_max_abs_diff": round(float((outs[True].images[0] - outs[False].images[0]).abs().max()), 5),
+        "step_cache_pixel_max_abs_diff": int(np.abs(pixels[1] - pixels[0]).max()),
+        "step_cache_pixel_mean_abs_diff": round(float(np.abs(pixels[1] - pixels[0]).mean()), 3),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from echo4o.logging import setup_logging
 
@@ -403,6 +440,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.batch_requests > 0:
                 progress(f"{args.batch_requests} requests: one at a time vs one batch")
                 extras.update(measure_request_batching(pipe, args, refs, size, steps, device))
+            progress("step cache: off vs on")
+            extras.update(measure_step_cache(pipe, args, refs, size, steps, device))
 
     params = runs[-1]["params"]
     all_steps = [s for r in runs for s in r["step_times"]]
@@ -455,6 +494,11 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"  cfg      {r['cfg_batched_speedup']:>11.2f}x   {r['cfg_branches']} guidance branches per step: "
               f"{r['cfg_sequential_step_s'] * 1000:.1f} ms sequential, {r['cfg_batched_step_s'] * 1000:.1f} ms "
               f"packed (max abs diff {r['cfg_batched_max_abs_diff']:.1e})")
+    if "step_cache_speedup" in r:
+        print(f"  cache    {r['step_cache_speedup']:>11.2f}x   threshold {r['step_cache_threshold']}: "
+              f"{r['step_cache_steps_computed']}/{r['step_cache_steps_total']} steps computed; max abs diff latent "
+              f"{r['step_cache_max_abs_diff']:.3g}, pixels {r['step_cache_pixel_max_abs_diff']} "
+              f"(mean {r['step_cache_pixel_mean_abs_diff']})")
     for key, value in r.items():
         if key.startswith("request_batching_speedup_"):
             n = key.rsplit("_", 1)[1]

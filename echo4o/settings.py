@@ -70,6 +70,18 @@ class Settings(BaseSettings):
         "full", description="Weights on the card (bf16): full 27.4 GiB, int8 (LLM Linears 8-bit) 14.2, nf4 (4-bit) "
         "8.9, offload (idle parts in host memory, streamed) 13.3, int8+offload 7.2, nf4+offload 4.5; int4 is an "
         "alias of nf4. See docs/performance.md, \"Memory modes\".")
+    # engine speed options (docs/performance.md, "Engine batching and caching")
+    step_cache_threshold: float | None = Field(
+        None, ge=0, description="Step caching (TeaCache-style): skip the model on denoising steps whose input "
+        "changed less than this in total since the last computed step, reusing its velocity; empty or 0: off "
+        "(exact). 0.1 is the measured default setting: faster, slightly different images.")
+    torch_compile: bool = Field(False, description="torch.compile the per-step forward at load (slow first "
+                                "steps; refused at load where the backend cannot compile, e.g. no C compiler).")
+
+    @field_validator("step_cache_threshold", mode="before")
+    @classmethod
+    def _empty_threshold_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     # --- queue ---------------------------------------------------------------------------------
     broker_url: str = Field(
@@ -96,6 +108,12 @@ class Settings(BaseSettings):
         "worker runs it) and exits. Below the 30 s most supervisors (Kubernetes, `echo4o serve`) wait before SIGKILL.",
     )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
+    # cross-request batching (worker/batching.py; docs/contracts.md, "Cross-request batching")
+    batch_max_size: int = Field(4, ge=1, le=64, description="A worker samples up to this many queued image jobs of "
+                                "one model version and shape (size, steps, shift) together, one packed forward per "
+                                "step; 1: off (each job alone).")
+    batch_wait_ms: int = Field(50, ge=0, le=10_000, description="How long a job that found compatible queued jobs "
+                               "waits for more to arrive before its batch starts (a job with none starts at once).")
 
     # --- gateway -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway binds.")

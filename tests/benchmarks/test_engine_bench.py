@@ -31,6 +31,10 @@ def test_tiny_run_prints_and_writes_json(tmp_path: Path):
                 "request_batching_images_per_s_batched_8", "request_batching_images_per_s_sequential_8"):
         assert result[key] > 0, key
     assert result["cfg_batched_max_abs_diff"] < 1e-4  # the same latents either way
+    # the step cache: 2 steps, both always computed (first and last), so exactly the uncached result
+    assert result["step_cache_speedup"] > 0 and result["step_cache_threshold"] > 0
+    assert result["step_cache_steps_computed"] == result["step_cache_steps_total"] == 2
+    assert result["step_cache_max_abs_diff"] == 0 and result["step_cache_pixel_max_abs_diff"] == 0
 
 
 def test_bad_size_is_a_clear_error(tmp_path: Path):

@@ -38,7 +38,7 @@ from echo4o.jobs import (
     SEED_MAX,
 )
 from echo4o.logging import get_logger
-from echo4o.settings import DEFAULT_MODEL
+from echo4o.settings import DEFAULT_MODEL, get_settings
 from worker.engine import sampler
 from worker.engine.attention import resolve_backend
 from worker.engine.config import BagelConfig
@@ -58,6 +58,7 @@ from worker.engine.loading import (  # noqa: F401 - resolve_device/resolve_dtype
 from worker.engine.models.bagel import Bagel, DenoiseLayout, SpecialTokens
 from worker.engine.models.qwen2_mot import KVCache
 from worker.engine.models.vae import FluxVAE
+from worker.engine.step_cache import StepCache, check_threshold
 
 log = get_logger(__name__)
 
@@ -101,6 +102,7 @@ class GenerationParams:
     dtype: str
     device: str
     model: str
+    step_cache: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (``cfg_interval`` a list), the keys in field order: PNG metadata and job results."""
@@ -179,6 +181,8 @@ class Echo4oPipeline:
         #: Benchmarks only: run each guidance branch (and each request's) as its own velocity call instead of
         #: one packed call (the same results; ``benchmarks/engine_bench.py`` times both).
         self._sequential_branches = False
+        #: The step-cache threshold of calls that pass none (``None``: off); see :mod:`worker.engine.step_cache`.
+        self.step_cache_threshold: float | None = None
 
     @property
     def config(self) -> BagelConfig:
@@ -198,6 +202,7 @@ class Echo4oPipeline:
         token: str | None = None,
         cache_dir: str | None = None,
         memory_mode: str = "full",
+        step_cache: float | None = None,
     ) -> Echo4oPipeline:
         """Load a checkpoint in the released layout from a local folder or a Hugging Face Hub id.
 
@@ -207,12 +212,17 @@ class Echo4oPipeline:
         the visible GPUs (then the CPU) with accelerate only when it does not fit the chosen card; ``None``
         never does; a dict is an accelerate device map. ``token`` / ``cache_dir``: for the Hub download.
         ``memory_mode``: ``full``, ``int8``, ``nf4``, ``offload``, ``int8+offload`` or ``nf4+offload`` for smaller
-        cards (see :mod:`worker.engine.memory`).
+        cards (see :mod:`worker.engine.memory`). ``step_cache``: the step-cache threshold of calls that pass
+        none (:mod:`worker.engine.step_cache`); ``None`` reads ``ECHO4O_STEP_CACHE_THRESHOLD`` (off when
+        unset), 0 is off.
 
         A bad option is a ``ValueError`` naming it; missing, corrupt or mismatched files are a
         :class:`~worker.engine.loading.CheckpointError` naming the file and the fix.
         """
         t0 = time.perf_counter()
+        if step_cache is None:
+            step_cache = get_settings().step_cache_threshold
+        step_cache = check_threshold(step_cache)
         path = resolve_checkpoint(path_or_hub_id, token=token, cache_dir=cache_dir)
         config = read_config(path)
         device = resolve_device(device)
@@ -226,6 +236,7 @@ class Echo4oPipeline:
         tokenizer, special = load_model_tokenizer(path, config)
         pipe = cls(model, vae, tokenizer, special, attention_backend=backend, source=str(path_or_hub_id),
                    device=device)
+        pipe.step_cache_threshold = step_cache
         log.info("model loaded", extra={"model": str(path_or_hub_id), "path": str(path), "device": str(device),
                                         "dtype": str(dtype).removeprefix("torch."), "attention": backend,
                                         "placement": "accelerate" if device_map else "single-device",
@@ -253,6 +264,7 @@ class Echo4oPipeline:
         output_type: str = "pil",
         callback: Callback | None = None,
         preview_every: int = 0,
+        step_cache: float | None = None,
     ) -> Echo4oPipelineOutput:
         """Generate ``num_images`` images for ``prompt``, conditioned on ``images`` (references) if given.
 
@@ -269,12 +281,18 @@ class Echo4oPipeline:
         forward per step, see :meth:`generate_batch`): step ``i`` of image ``k`` is number
         ``i * num_images + k + 1``. An exception raised in the callback stops sampling and propagates;
         nothing of the call is kept. Any invalid argument is a ``ValueError`` naming it, raised before any work.
+
+        ``step_cache``: the step-cache threshold (:mod:`worker.engine.step_cache`; skip the model on steps whose
+        input barely changed, reusing the last velocity); ``None`` takes the pipeline's
+        ``step_cache_threshold`` (``ECHO4O_STEP_CACHE_THRESHOLD``, off by default), 0 turns it off. The
+        steps that ran the model are ``timings["steps_computed"]``.
         """
         request = {"prompt": prompt, "images": images, "height": height, "width": width, "num_steps": num_steps,
                    "cfg_text_scale": cfg_text_scale, "cfg_img_scale": cfg_img_scale, "cfg_interval": cfg_interval,
                    "timestep_shift": timestep_shift, "cfg_renorm_type": cfg_renorm_type,
                    "cfg_renorm_min": cfg_renorm_min, "seed": seed, "num_images": num_images,
-                   "output_type": output_type, "callback": callback, "preview_every": preview_every}
+                   "output_type": output_type, "callback": callback, "preview_every": preview_every,
+                   "step_cache": step_cache}
         (result,) = self.generate_batch([request])
         if isinstance(result, BaseException):
             raise result
@@ -359,7 +377,7 @@ class Echo4oPipeline:
         params = self.check_inputs(a["prompt"], references, a["height"], a["width"], a["num_steps"],
                                    a["cfg_text_scale"], a["cfg_img_scale"], a["cfg_interval"], a["timestep_shift"],
                                    a["cfg_renorm_type"], a["cfg_renorm_min"], a["seed"], a["num_images"],
-                                   a["output_type"], a["callback"], a["preview_every"])
+                                   a["output_type"], a["callback"], a["preview_every"], a["step_cache"])
         prepared = [prepare_reference(img) for img in references]
         if params.height is None:
             h, w = prepared[-1].size_hw if prepared else DEFAULT_SIZE
@@ -429,7 +447,7 @@ class Echo4oPipeline:
     # -------------------------------------------------------------------------------- 1. inputs
     def check_inputs(self, prompt, references, height, width, num_steps, cfg_text_scale, cfg_img_scale,
                      cfg_interval, timestep_shift, cfg_renorm_type, cfg_renorm_min, seed, num_images, output_type,
-                     callback, preview_every) -> GenerationParams:
+                     callback, preview_every, step_cache=None) -> GenerationParams:
         """Validate every argument (``ValueError`` naming it) and return the parameters with the mode's
         defaults resolved; the size stays ``None`` when none was given (``__call__`` resolves it)."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -479,6 +497,7 @@ class Echo4oPipeline:
             cfg_renorm_min=cfg_renorm_min, seed=int(seed), num_images=num_images, output_type=output_type,
             attention=self.attention_backend, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
             model=self.source,
+            step_cache=check_threshold(self.step_cache_threshold if step_cache is None else step_cache),
         )
 
     def _check_size(self, height: Any, width: Any, from_reference: bool = False) -> None:
@@ -548,19 +567,33 @@ class Echo4oPipeline:
         forward = _StepForward(self, grid[0] * grid[1], frame, position_ids)
         t1 = time.perf_counter()
         try:
+            for job in jobs:
+                job.steps_computed = 0
+                if job.params.step_cache:
+                    job.cache = StepCache(job.params.step_cache, total)
             for i in range(total):
                 steps = {job.slot: job.guidance(times[i]) for job in active}
-                try:
-                    v_all, offsets = forward(active, steps, times_dev[i])
-                except Exception as exc:  # noqa: BLE001 - a shared forward failing ends every request in it
-                    for job in active:
-                        failed[job.slot] = exc
-                        job.release()
-                    return failed
+                computing = [job for job in active if self._must_compute(job, i, steps[job.slot], times_dev[i],
+                                                                         position_ids)]
+                v_all, offsets = None, {}
+                if computing:
+                    try:
+                        v_all, offsets = forward(computing, steps, times_dev[i])
+                    except Exception as exc:  # noqa: BLE001 - a shared forward failing ends every request in it
+                        for job in active:
+                            failed[job.slot] = exc
+                            job.release()
+                        return failed
                 for job in list(active):
                     try:
-                        self._advance(job, steps[job.slot], v_all, offsets[job.slot], i, total, times_dev[i],
-                                      dts_dev[i], grid)
+                        if job.slot in offsets:
+                            job.steps_computed += 1
+                            velocities = self._guided(job, steps[job.slot], v_all, offsets[job.slot])
+                            if job.cache is not None:
+                                job.cache.store(velocities)
+                        else:  # the step cache reuses the last computed step's guided velocities
+                            velocities = job.cache.velocities
+                        self._advance(job, velocities, i, total, times_dev[i], dts_dev[i], grid)
                     except Exception as exc:  # noqa: BLE001 - cancelled (callback raised) or failed: it leaves
                         failed[job.slot] = exc
                         active.remove(job)
@@ -572,23 +605,40 @@ class Echo4oPipeline:
             denoise_s = time.perf_counter() - t1
             for job in jobs:
                 job.timings["denoise_s"] = denoise_s
+                job.timings["steps_computed"] = job.steps_computed
         return failed
 
-    def _advance(self, job: _Request, step: _StepGuidance, v_all: torch.Tensor, offset: int, i: int, total: int,
-                 t: torch.Tensor, dt: torch.Tensor, grid: tuple[int, int]) -> None:
-        """One Euler step of each image of ``job`` from its rows of ``v_all`` (starting at ``offset``)."""
+    def _must_compute(self, job: _Request, i: int, step: _StepGuidance, t: torch.Tensor,
+                      position_ids: torch.Tensor) -> bool:
+        """Whether ``job`` runs the model at step ``i``: always without a step cache; with one, when its
+        embedded input moved enough since the last computed step (see :mod:`worker.engine.step_cache`)."""
+        if job.cache is None:
+            return True
+        signal = torch.stack([self.model.embed_latents(x, t, position_ids) for x in job.latents])
+        return job.cache.should_compute(i, signal, step)
+
+    @staticmethod
+    def _guided(job: _Request, step: _StepGuidance, v_all: torch.Tensor, offset: int) -> list[torch.Tensor]:
+        """The guided velocity of each image of ``job`` from its rows of ``v_all`` (starting at ``offset``)."""
         params = job.params
         n = len(step.branches)
-        num_images = len(job.latents)
-        for k, x in enumerate(job.latents):
+        out = []
+        for k in range(len(job.latents)):
             rows = v_all[offset + k * n:offset + (k + 1) * n]
-            v = sampler.cfg_combine(
+            out.append(sampler.cfg_combine(
                 rows[0],
                 rows[step.branches.index(1)] if step.use_text else None,
                 (rows[step.branches.index(2)] if step.run_img else rows[0]) if step.use_img else None,
                 text_scale=step.text_scale, img_scale=step.img_scale,
                 renorm_type=params.cfg_renorm_type, renorm_min=params.cfg_renorm_min,
-            )
+            ))
+        return out
+
+    def _advance(self, job: _Request, velocities: list[torch.Tensor], i: int, total: int, t: torch.Tensor,
+                 dt: torch.Tensor, grid: tuple[int, int]) -> None:
+        """One Euler step of each image of ``job`` with its guided velocity; then the callback per image."""
+        num_images = len(job.latents)
+        for k, (x, v) in enumerate(zip(job.latents, velocities, strict=True)):
             x = x - v * dt
             job.latents[k] = x
             if job.callback is not None:
@@ -727,6 +777,8 @@ class _Request:
     contexts: _Contexts | None = None
     latents: list[torch.Tensor] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cache: StepCache | None = None
+    steps_computed: int = 0
 
     def guidance(self, t: torch.Tensor) -> _StepGuidance:
         """The scales at time ``t`` (1 outside the cfg interval) and the branches they need."""
