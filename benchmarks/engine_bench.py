@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                   "measurement (0: skip it)")
     ap.add_argument("--step-cache", type=float, default=None, help="step-cache threshold measured (default: "
                                                                    "worker.engine.step_cache.RECOMMENDED_THRESHOLD)")
+    ap.add_argument("--compile", action="store_true", help="also time the step forward compiled (torch.compile) "
+                                                           "against uncompiled: compile_speedup")
     ap.add_argument("--no-extras", action="store_true", help="skip the batching / caching / compile comparisons")
     return ap.parse_args(argv)
 
@@ -396,6 +398,38 @@ def measure_step_cache(pipe, args: argparse.Namespace, refs: list, size, steps: 
     }
 
 
+def measure_compile(pipe, args: argparse.Namespace, refs: list, size, steps: int,
+                    device: torch.device) -> dict[str, Any]:
+    """Per-step sampling time with the decoder stack of the step forward uncompiled and compiled
+    (``torch.compile``, as ``from_pretrained(compile=True)`` sets it), after a warm-up call that compiles."""
+    from worker.engine.pipeline import check_compile_backend
+
+    check_compile_backend(device)
+    kwargs = {**_call_kwargs(args, refs, size, steps), "seed": args.seed, "output_type": "latent", "step_cache": 0}
+    model = pipe.model
+    t0 = time.perf_counter()
+    model._step_llm = torch.compile(model.llm.forward)
+    try:
+        pipe(PROMPT, **kwargs)  # compiles (each new shape of the packed query compiles once)
+        warmup = time.perf_counter() - t0
+        step_s: dict[bool, list[float]] = {False: [], True: []}
+        compiled = model._step_llm
+        outs = {}
+        for _ in range(max(2, args.repeats)):
+            for on in (False, True):
+                model._step_llm = compiled if on else None
+                sync(device)
+                out = pipe(PROMPT, **kwargs)
+                sync(device)
+                step_s[on].append(out.timings["denoise_s"] / (steps - 1))
+                outs[on] = out.images[0]
+    finally:
+        model._step_llm = None
+    off, on = statistics.median(step_s[False]), statistics.median(step_s[True])
+    return {"compile_speedup": round(off / on, 3), "compile_step_s": round(on, 4), "compile_warmup_s": round(warmup, 1),
+            "compile_max_abs_diff": float((outs[True] - outs[False]).abs().max())}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from echo4o.logging import setup_logging
 
@@ -442,6 +476,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 extras.update(measure_request_batching(pipe, args, refs, size, steps, device))
             progress("step cache: off vs on")
             extras.update(measure_step_cache(pipe, args, refs, size, steps, device))
+        if args.compile:
+            progress("torch.compile: off vs on (the warm-up compiles: minutes on a small CPU)")
+            extras.update(measure_compile(pipe, args, refs, size, steps, device))
 
     params = runs[-1]["params"]
     all_steps = [s for r in runs for s in r["step_times"]]
@@ -499,6 +536,9 @@ def print_report(r: dict[str, Any]) -> None:
               f"{r['step_cache_steps_computed']}/{r['step_cache_steps_total']} steps computed; max abs diff latent "
               f"{r['step_cache_max_abs_diff']:.3g}, pixels {r['step_cache_pixel_max_abs_diff']} "
               f"(mean {r['step_cache_pixel_mean_abs_diff']})")
+    if "compile_speedup" in r:
+        print(f"  compile  {r['compile_speedup']:>11.2f}x   {r['compile_step_s'] * 1000:.1f} ms a step compiled "
+              f"(warm-up {r['compile_warmup_s']} s; max abs diff {r['compile_max_abs_diff']:.1e})")
     for key, value in r.items():
         if key.startswith("request_batching_speedup_"):
             n = key.rsplit("_", 1)[1]

@@ -203,6 +203,7 @@ class Echo4oPipeline:
         cache_dir: str | None = None,
         memory_mode: str = "full",
         step_cache: float | None = None,
+        compile: bool | None = None,  # noqa: A002 - the option's public name
     ) -> Echo4oPipeline:
         """Load a checkpoint in the released layout from a local folder or a Hugging Face Hub id.
 
@@ -214,7 +215,10 @@ class Echo4oPipeline:
         ``memory_mode``: ``full``, ``int8``, ``nf4``, ``offload``, ``int8+offload`` or ``nf4+offload`` for smaller
         cards (see :mod:`worker.engine.memory`). ``step_cache``: the step-cache threshold of calls that pass
         none (:mod:`worker.engine.step_cache`); ``None`` reads ``ECHO4O_STEP_CACHE_THRESHOLD`` (off when
-        unset), 0 is off.
+        unset), 0 is off. ``compile``: ``torch.compile`` the decoder stack of the per-step forward (the
+        first steps of each new batch shape are slow while it compiles); ``None`` reads
+        ``ECHO4O_TORCH_COMPILE``. Where the backend cannot compile (no C++ compiler for inductor on the CPU,
+        no Triton on CUDA) it is a ``ValueError`` naming the cause, raised here, before anything is loaded.
 
         A bad option is a ``ValueError`` naming it; missing, corrupt or mismatched files are a
         :class:`~worker.engine.loading.CheckpointError` naming the file and the fix.
@@ -223,10 +227,14 @@ class Echo4oPipeline:
         if step_cache is None:
             step_cache = get_settings().step_cache_threshold
         step_cache = check_threshold(step_cache)
+        if compile is None:
+            compile = get_settings().torch_compile
         path = resolve_checkpoint(path_or_hub_id, token=token, cache_dir=cache_dir)
         config = read_config(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if compile:
+            check_compile_backend(device)
         backend = resolve_backend(attention, device, dtype)
         if device_map == "auto":
             device_map = plan_placement(config, device, dtype, memory_mode)
@@ -237,6 +245,8 @@ class Echo4oPipeline:
         pipe = cls(model, vae, tokenizer, special, attention_backend=backend, source=str(path_or_hub_id),
                    device=device)
         pipe.step_cache_threshold = step_cache
+        if compile:
+            model._step_llm = torch.compile(model.llm.forward)
         log.info("model loaded", extra={"model": str(path_or_hub_id), "path": str(path), "device": str(device),
                                         "dtype": str(dtype).removeprefix("torch."), "attention": backend,
                                         "placement": "accelerate" if device_map else "single-device",
@@ -682,6 +692,29 @@ class Echo4oPipeline:
         preview = self.decode_latents(tokens, grid, half_resolution=True)
         preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
         return preview
+
+
+# ================================================================================== compile
+
+
+def check_compile_backend(device: torch.device) -> None:
+    """``ValueError`` naming the cause when ``torch.compile`` (inductor) cannot compile for ``device``: no C++
+    compiler on the CPU (``$CXX``, else inductor's ``g++``), no Triton on CUDA."""
+    import shutil
+
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means it cannot run
+            raise ValueError(f"compile=True needs Triton for torch.compile on CUDA, and it is not importable "
+                             f"({type(exc).__name__}: {exc}); install triton, or load with compile=False "
+                             f"(ECHO4O_TORCH_COMPILE=0)") from None
+        return
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise ValueError(f"compile=True needs a C++ compiler for torch.compile on the CPU (inductor), and "
+                         f"{compiler!r} was not found (set CXX or install g++); or load with compile=False "
+                         f"(ECHO4O_TORCH_COMPILE=0)")
 
 
 # ================================================================================== batching

@@ -88,6 +88,9 @@ class Bagel(nn.Module):
         self.vit_model = SiglipNaViTModel(config.vit)
         self.connector = MLPConnector(config.vit.hidden_size, hidden, config.connector_act)
         self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, hidden)
+        #: The decoder stack the denoising steps run: ``None`` for ``self.llm`` itself, or a compiled version
+        #: of its forward (``torch.compile``, see ``Echo4oPipeline.from_pretrained(compile=True)``).
+        self._step_llm = None
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -229,7 +232,8 @@ class Bagel(nn.Module):
             width = rows.shape[-1]
             seq = torch.cat([start.expand(rows.shape[0], 1, width), rows, end.expand(rows.shape[0], 1, width)],
                             dim=1).reshape(-1, width)
-        hidden = self.llm(seq, layout.rope, layout.plan, layout.route, final_norm=False)
+        llm = self._step_llm if self._step_llm is not None else self.llm
+        hidden = llm(seq, layout.rope, layout.plan, layout.route, final_norm=False)
         hidden = hidden.view(layout.num_branches, layout.num_tokens + 2, -1)[:, 1:-1]  # the latent rows
         return self.llm2vae(self.llm.norm_moe_gen(hidden))
 
