@@ -24,6 +24,7 @@ from echo4o.db import crud, session_scope
 from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
+from worker.batching import gather_companions, run_batch
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
 from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job
@@ -128,6 +129,9 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
     )
     runtime.set_status("busy")
     try:
+        companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
+        if companions:
+            return run_batch(claim, payload, job.parent_id, companions, runtime, queue_wait_s, t_received)
         status = _run(claim, payload, runtime, queue_wait_s, t_received)
         if status == "succeeded" and job.parent_id is not None:
             image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
@@ -147,34 +151,56 @@ JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train
 
 def _run(claim: Claim, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
     settings = get_settings()
-    db = settings.database_url
     job_id = claim.job_id
     deadline = time.monotonic() + settings.job_timeout_s
 
     last: dict[str, Any] = {"step": 0, "total": None}
     try:
         kwargs = payload.to_pipeline_kwargs()  # multiref opens its references under settings.data_dir
-        with session_scope(db) as s:
-            if crud.update_progress(session=s, job_id=job_id, step=0, total=None, stage="sampling", **claim.fence()):
-                raise JobCancelled(job_id)
-        with ProgressReporter(db, job_id, claim=claim) as reporter:  # leaving it puts the last step in the row
+        start_sampling(claim)
+        with ProgressReporter(settings.database_url, job_id, claim=claim) as reporter:  # writes the last step on exit
             t0 = time.perf_counter()
             on_step = step_callback(job_id, reporter, deadline, last)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
         sampling_s = time.perf_counter() - t0
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobCancelled(job_id)
-    except JobCancelled:
-        return _stopped(claim, last["step"])
-    except JobTimedOut:
-        return fail_job(job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s", claim)
-    except ValueError as exc:
-        return fail_job(job_id, "invalid_params", str(exc), claim)
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
-        log.exception("engine error", extra={"job_id": job_id})
-        free_device_memory()
-        return fail_job(job_id, "engine_error", f"{type(exc).__name__}: {exc}", claim)
+        return sampling_failed(claim, exc, last["step"])
+    return store_result(claim, payload, out, runtime, last, queue_wait_s, sampling_s, t_received)
 
+
+def start_sampling(claim: Claim) -> None:
+    """Put the job in its ``sampling`` stage; :class:`JobCancelled` when its cancel was requested meanwhile."""
+    with session_scope(get_settings().database_url) as s:
+        if crud.update_progress(session=s, job_id=claim.job_id, step=0, total=None, stage="sampling",
+                                **claim.fence()):
+            raise JobCancelled(claim.job_id)
+
+
+def sampling_failed(claim: Claim, exc: BaseException, step: int) -> str:
+    """The end of a run whose sampling raised ``exc`` (at ``step``): cancelled, timed out, invalid or an engine
+    error; returns the job's status."""
+    settings = get_settings()
+    if isinstance(exc, JobCancelled):
+        return _stopped(claim, step)
+    if isinstance(exc, JobTimedOut):
+        return fail_job(claim.job_id, "timeout", f"the job ran longer than job_timeout_s={settings.job_timeout_s} s",
+                        claim)
+    if isinstance(exc, ValueError):
+        return fail_job(claim.job_id, "invalid_params", str(exc), claim)
+    log.error("engine error", extra={"job_id": claim.job_id}, exc_info=exc)
+    free_device_memory()
+    return fail_job(claim.job_id, "engine_error", f"{type(exc).__name__}: {exc}", claim)
+
+
+def store_result(claim: Claim, payload: Any, out: Any, runtime: Any, last: dict[str, Any], queue_wait_s: float,
+                 sampling_s: float, t_received: float, extra: dict[str, Any] | None = None) -> str:
+    """Write the images of a finished sampling (``out``) and the job's result (plus ``extra``, e.g. its batch);
+    returns the job's status."""
+    settings = get_settings()
+    db = settings.database_url
+    job_id = claim.job_id
     try:
         with session_scope(db) as s:
             crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding",
@@ -195,7 +221,7 @@ def _run(claim: Claim, payload: Any, runtime: Any, queue_wait_s: float, t_receiv
         "encoding_s": round(encoding_s, 4),
         "total_s": round(time.perf_counter() - t_received, 4),
     }
-    result = {"images": paths, "seed": int(params.get("seed", payload.seed)), "timings": timings}
+    result = {"images": paths, "seed": int(params.get("seed", payload.seed)), "timings": timings, **(extra or {})}
     with session_scope(db) as s:
         if not crud.mark_succeeded(session=s, job_id=job_id, result=result, **claim.fence()):
             row = crud.get_job(session=s, job_id=job_id)  # the attempt lost the job: its row is another's now

@@ -473,3 +473,14 @@ def list_ready_workers(*, session: Session, max_age_s: float = 30.0, queue: str 
     if queue is not None:
         rows = [w for w in rows if queue in w.queues.split(",")]
     return list(rows)
+
+
+def queued_jobs_of_kinds(*, session: Session, kinds: tuple[str, ...], exclude: set[str], limit: int) -> list[Job]:
+    """Queued jobs of ``kinds`` without a cancel request, not in ``exclude``, in delivery order (higher priority
+    first, then older first), at most ``limit`` (worker/batching.py: the candidates of a batch)."""
+    return list(session.scalars(
+        sa.select(Job)
+        .where(Job.status == "queued", Job.kind.in_(kinds), Job.cancel_requested.is_(False), Job.id.not_in(exclude))
+        .order_by(Job.priority.desc(), Job.created_at)
+        .limit(limit)
+    ).all())

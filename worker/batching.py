@@ -1,0 +1,175 @@
+"""Cross-request batching: a worker that starts an image job samples queued jobs of the same shape with it.
+
+The job whose message this worker took (the *lead*) looks in the database for other ``queued`` image jobs (a
+bounded query, in delivery order) of the same model version and the same
+:func:`~worker.engine.pipeline.batch_key` (height, width, steps, timestep shift), and claims up to
+``batch_max_size - 1`` of them with the claim a solo run makes (:func:`worker.outcomes.claim_job`, fenced by
+attempt). Then one :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch` samples them all, one packed
+forward per step. Each job keeps its own prompt, seed, guidance, progress reporter, cancel, timeout, result and
+failure handling: the functions of the solo run (``worker.tasks``) write them, and a job that is cancelled or fails
+leaves the others running. Each result carries ``batch: {id, size}``.
+
+Waiting: a lead that finds no compatible queued job starts at once. One that finds some but fewer than the batch
+can take polls for more for at most ``batch_wait_ms`` (claiming each as it comes), then starts.
+
+A companion's own message, when it reaches any worker later, finds the job running on a live worker or finished
+and is dropped (``crud.mark_running`` never takes a job that runs on a live worker); if this worker dies, the
+dead-worker sweep requeues every running job of it, companions included.
+
+Torch-free at import time.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from echo4o.db import crud, session_scope
+from echo4o.jobs import IMAGE_KINDS
+from echo4o.logging import get_logger
+from echo4o.settings import get_settings
+from worker.outcomes import Claim, claim_job, payload_problem
+from worker.progress import ProgressReporter
+
+log = get_logger(__name__)
+
+#: How often a lead that waits for more companions looks again.
+POLL_S = 0.01
+#: Candidates read per look, per place left in the batch (incompatible jobs may come first).
+CANDIDATES_PER_PLACE = 4
+
+
+@dataclass
+class Member:
+    """One job of a batch: its claim, validated payload, pipeline arguments and timings so far."""
+
+    claim: Claim
+    payload: Any
+    kwargs: dict[str, Any] | None
+    parent_id: str | None
+    queue_wait_s: float
+    t_received: float
+
+
+def _key(payload: Any) -> tuple[dict[str, Any], tuple]:
+    """The pipeline arguments of ``payload`` (multiref: its references opened) and their batch key; ``ValueError``
+    when either cannot be made (the job then runs, and fails, alone)."""
+    from worker.engine.pipeline import batch_key
+
+    kwargs = payload.to_pipeline_kwargs()
+    return kwargs, batch_key(**kwargs)
+
+
+def gather_companions(job: Any, payload: Any, version: str, claim: Claim, runtime: Any) -> list[Member]:
+    """Claim the queued jobs that can be sampled with ``job`` (claimed by ``claim``, model ``version``); ``[]`` when
+    batching is off (``batch_max_size`` 1) or none is compatible. ``runtime.claim`` stays the lead's."""
+    settings = get_settings()
+    places = settings.batch_max_size - 1
+    if places <= 0:
+        return []
+    try:
+        _, key = _key(payload)
+    except ValueError:
+        return []
+    companions: list[Member] = []
+    seen = {job.id}
+    deadline = time.monotonic() + settings.batch_wait_ms / 1000
+    try:
+        while True:
+            _claim_compatible(key, version, runtime, seen, places, companions)
+            if not companions or len(companions) >= places or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S)
+    finally:
+        runtime.claim = claim  # claim_job sets it for each companion; the runtime requeues the lead on shutdown
+    return companions
+
+
+def _claim_compatible(key: tuple, version: str, runtime: Any, seen: set[str], places: int,
+                      companions: list[Member]) -> None:
+    db = get_settings().database_url
+    with session_scope(db) as s:
+        rows = crud.queued_jobs_of_kinds(session=s, kinds=IMAGE_KINDS, exclude=seen,
+                                         limit=CANDIDATES_PER_PLACE * places)
+        candidates = [(r.id, r.kind, r.params, r.model_version, r.parent_id) for r in rows]
+    for job_id, kind, params, row_version, parent_id in candidates:
+        if len(companions) >= places:
+            return
+        seen.add(job_id)  # looked at once: an incompatible job is not parsed again
+        payload, problem = payload_problem(kind, params)
+        if problem is not None or (payload.model_version or row_version or runtime.model_version) != version:
+            continue
+        try:
+            kwargs, their_key = _key(payload)
+        except ValueError:
+            continue
+        if their_key != key:
+            continue
+        t_received = time.perf_counter()
+        claim = claim_job(job_id, runtime)
+        if not isinstance(claim, Claim):
+            continue  # taken by another worker meanwhile, or cancelled
+        with session_scope(db) as s:
+            row = crud.get_job(session=s, job_id=job_id)
+            queue_wait_s = max(0.0, (row.started_at - row.created_at).total_seconds())
+        companions.append(Member(claim, payload, kwargs, parent_id, queue_wait_s, t_received))
+
+
+def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: list[Member], runtime: Any,
+              queue_wait_s: float, t_received: float) -> str:
+    """Sample the lead job (``claim``, ``payload``) and its ``companions`` in one
+    :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch`; each job ends as it would alone (written by the
+    solo run's functions), its result with ``batch: {id, size}``. Returns the lead's status."""
+    from worker import tasks
+    from worker.evaluation.job import image_job_succeeded
+
+    settings = get_settings()
+    members = [Member(claim, payload, None, parent_id, queue_wait_s, t_received), *companions]
+    batch = {"id": uuid.uuid4().hex[:12], "size": len(members)}
+    deadline = time.monotonic() + settings.job_timeout_s
+    statuses: dict[str, str] = {}
+    live: list[tuple[Member, ProgressReporter, dict[str, Any]]] = []
+    requests: list[dict[str, Any]] = []
+    log.info("batch started", extra={"batch_id": batch["id"], "batch_size": batch["size"],
+                                     "job_ids": ",".join(m.claim.job_id for m in members)})
+    with ExitStack() as stack:  # leaving it closes every reporter (each writes its job's last step)
+        for m in members:
+            job_id = m.claim.job_id
+            try:
+                kwargs = m.kwargs if m.kwargs is not None else m.payload.to_pipeline_kwargs()
+                tasks.start_sampling(m.claim)
+            except Exception as exc:  # noqa: BLE001 - cancelled meanwhile, unreadable reference: this job alone
+                statuses[job_id] = tasks.sampling_failed(m.claim, exc, 0)
+                continue
+            log.info("job started", extra={"job_id": job_id, "attempt": m.claim.attempt, "batch_id": batch["id"],
+                                           "batch_size": batch["size"], "queue_wait_s": round(m.queue_wait_s, 3)})
+            reporter = stack.enter_context(ProgressReporter(settings.database_url, job_id, claim=m.claim))
+            last: dict[str, Any] = {"step": 0, "total": None}
+            requests.append({**kwargs, "callback": tasks.step_callback(job_id, reporter, deadline, last),
+                             "preview_every": settings.preview_every})
+            live.append((m, reporter, last))
+        t0 = time.perf_counter()
+        outs: list[Any] = []
+        if requests:
+            try:
+                outs = runtime.pipeline.generate_batch(requests)
+            except Exception as exc:  # noqa: BLE001 - the batch as a whole failed: each of its jobs fails with it
+                outs = [exc] * len(requests)
+        sampling_s = time.perf_counter() - t0
+    for (m, reporter, last), out in zip(live, outs, strict=True):
+        if not isinstance(out, BaseException) and reporter.cancelled.is_set():  # cancelled with the last step
+            out = tasks.JobCancelled(m.claim.job_id)
+        if isinstance(out, BaseException):
+            status = tasks.sampling_failed(m.claim, out, last["step"])
+        else:
+            status = tasks.store_result(m.claim, m.payload, out, runtime, last, m.queue_wait_s, sampling_s,
+                                        m.t_received, {"batch": batch})
+        if status == "succeeded" and m.parent_id is not None:
+            image_job_succeeded(m.parent_id)
+        statuses[m.claim.job_id] = status
+    log.info("batch finished", extra={"batch_id": batch["id"], "batch_size": batch["size"],
+                                      "sampling_s": round(sampling_s, 4)})
+    return statuses[claim.job_id]
