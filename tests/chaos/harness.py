@@ -65,6 +65,8 @@ class ChaosFigures:
     max_attempts: int = 0
     reruns_without_kill: int = 0  # jobs with attempts >= 2 that no kill hit (a requeue of a live worker's job)
     max_requeue_s: float = 0.0  # longest delay from a kill to the requeue of a job it hit
+    #: Rows of submissions the client never heard of (no answer, or refused), by status.
+    unanswered_rows: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     #: "+SECONDS what happened" lines, from the start of the run.
     timeline: list[str] = field(default_factory=list)
@@ -83,7 +85,8 @@ class ChaosFigures:
                 f"lost={self.lost} duplicates={self.duplicates} max_attempts={self.max_attempts} "
                 f"max_requeue={self.max_requeue_s:.1f}s "
                 f"reruns_without_kill={self.reruns_without_kill} refused_503={self.refused} "
-                f"unanswered_tries={self.unanswered} wall={self.wall_s:.1f}s")
+                f"unanswered_tries={self.unanswered} rows_not_accepted={self.unanswered_rows or 0} "
+                f"wall={self.wall_s:.1f}s")
 
 
 #: Every run's figures, in the order the tests ran; the conftest prints them in the terminal summary.
@@ -161,13 +164,13 @@ class RedisServer:
 # --- submitting -------------------------------------------------------------------------------------------
 @dataclass
 class Submitter:
-    """Submits ``total`` tiny jobs through ``POST /generate`` on a thread, keeping at most ``backlog`` of them
-    unfinished (so the submissions span the faults), and submitting again what was not accepted."""
+    """Submits ``total`` tiny jobs through ``POST /generate`` on a thread, submitting again what was not
+    accepted. The test releases them in chunks (:meth:`allow`), so that jobs are arriving and running at every
+    fault however fast the workers are."""
 
     stack: Stack
     total: int
-    backlog: int
-    unfinished: Callable[[Iterable[str]], int]
+    allowed: int = 0
     accepted: list[str] = field(default_factory=list)
     refused: int = 0
     unanswered: int = 0
@@ -175,6 +178,16 @@ class Submitter:
     error: BaseException | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    def allow(self, n: int) -> None:
+        """Let the first ``n`` jobs (at most ``total``) be submitted."""
+        self.allowed = min(max(n, self.allowed), self.total)
+
+    def feed(self, records: Records, more: int = 2) -> None:
+        """Allow ``more`` jobs when all those allowed were accepted and have ended (a fault waits for a running
+        job; the jobs released for it ran out first)."""
+        if len(self.accepted) >= self.allowed and records.unfinished(self.accepted) == 0:
+            self.allow(self.allowed + more)
 
     def start(self) -> Submitter:
         self._thread = threading.Thread(target=self._run, name="chaos-submitter", daemon=True)
@@ -200,8 +213,8 @@ class Submitter:
         try:
             with self.stack.client(timeout=30.0) as c:
                 for i in range(self.total):
-                    while not self._stop.is_set() and self.unfinished(self.accepted) >= self.backlog:
-                        time.sleep(POLL_S * 4)
+                    while not self._stop.is_set() and i >= self.allowed:
+                        time.sleep(POLL_S)
                     if self._stop.is_set():
                         return
                     self.accepted.append(self._submit_one(c, i))
@@ -250,6 +263,14 @@ class Records:
     def close(self) -> None:
         self.engine.dispose()
 
+    def worker_statuses(self, worker_ids: Iterable[str]) -> dict[str, str]:
+        """{worker id: status} of those workers' rows."""
+        workers = sa.table("workers", sa.column("id"), sa.column("status"))
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(workers.c.id, workers.c.status).where(
+                workers.c.id.in_(list(worker_ids)))).all()
+        return {w: status for w, status in rows}
+
     def finished_count(self) -> int:
         with self.engine.connect() as conn:
             return conn.scalar(sa.select(sa.func.count()).select_from(self.jobs)
@@ -276,6 +297,13 @@ class Records:
             return list(conn.scalars(sa.select(self.jobs.c.id).where(
                 self.jobs.c.worker == worker_id, self.jobs.c.status.not_in(TERMINAL_STATUSES))).all())
 
+    def statuses_except(self, ids: Iterable[str]) -> dict[str, int]:
+        """{status: count} of the jobs not in ``ids``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.jobs.c.status, sa.func.count()).where(
+                self.jobs.c.id.not_in(list(ids))).group_by(self.jobs.c.status)).all()
+        return {status: n for status, n in rows}
+
     def rows(self, ids: Iterable[str]) -> dict[str, Any]:
         with self.engine.connect() as conn:
             return {r.id: r for r in conn.execute(sa.select(self.jobs).where(self.jobs.c.id.in_(list(ids)))).all()}
@@ -296,14 +324,40 @@ def wait_until(condition: Callable[[], Any], *, what: str, timeout_s: float, che
         time.sleep(POLL_S * 2)
 
 
-def kill_busy_worker(stack: Stack, records: Records, *, timeout_s: float) -> dict[str, float]:
-    """SIGKILL a worker of ``stack`` that is running a job; returns the jobs the kill left unfinished on it (read
-    once it is dead), each with the kill's epoch time."""
+def wait_workers_ready(stack: Stack, n: int, *, timeout_s: float) -> None:
+    """Wait until ``n`` of the stack's live workers say ``ready`` or ``busy`` (model loaded, consuming)."""
+    wait_until(lambda: sum(w.status() in ("ready", "busy") for w in stack.workers if w.alive()) >= n,
+               what=f"{n} workers ready", timeout_s=timeout_s, check=stack.check_alive, diagnose=stack.logs)
+
+
+def wait_embedded_ready(stack: Stack, records: Records, *, timeout_s: float) -> None:
+    """Wait until the gateway's worker child says ``ready`` or ``busy``."""
+    import socket
+
+    host = socket.gethostname()
+
+    def ready() -> bool:
+        statuses = records.worker_statuses([f"{host}:{pid}" for pid in stack.gateway_children()])
+        return any(status in ("ready", "busy") for status in statuses.values())
+
+    wait_until(ready, what="the embedded worker to be ready", timeout_s=timeout_s, check=stack.check_alive,
+               diagnose=stack.logs)
+
+
+def kill_busy_worker(stack: Stack, records: Records, *, timeout_s: float,
+                     feed: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """SIGKILL a worker of ``stack`` that is running a job while another one is ready (a worker dies among live
+    ones, whose heartbeat sweep requeues its job); returns the jobs the kill left unfinished on it (read once it
+    is dead), each with the kill's epoch time. ``feed`` is called while no worker qualifies (to send more jobs)."""
 
     def busy() -> WorkerProcess | None:
         live = {w.worker_id: w for w in stack.workers if w.alive()}
         running = records.running_on(live)
-        return next((live[w] for w in running), None)
+        for worker_id in running:
+            if any(w.status() in ("ready", "busy") for other, w in live.items() if other != worker_id):
+                return live[worker_id]
+        feed()
+        return None
 
     victim = wait_until(busy, what="a worker running a job", timeout_s=timeout_s, diagnose=stack.logs)
     killed_at = time.time()
@@ -311,16 +365,11 @@ def kill_busy_worker(stack: Stack, records: Records, *, timeout_s: float) -> dic
     return dict.fromkeys(records.unfinished_on(victim.worker_id), killed_at)
 
 
-def check_embedded(stack: Stack) -> None:
-    """Fail at once when the embedded gateway exited or has no worker child left (it would never end a job)."""
-    stack.check_alive()
-    if not stack.gateway_children():
-        raise AssertionError(f"the embedded gateway has no worker child\n{stack.logs()}")
-
-
-def kill_embedded_worker(stack: Stack, records: Records, *, timeout_s: float) -> dict[str, float]:
-    """SIGKILL the gateway's embedded worker child once it runs a job; returns the jobs the kill left unfinished on
-    it, each with the kill's epoch time."""
+def kill_embedded_worker(stack: Stack, records: Records, *, timeout_s: float,
+                         feed: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """SIGKILL the gateway's embedded worker child once it runs a job, and wait until the gateway has started
+    another; returns the jobs the kill left unfinished on the dead one, each with the kill's epoch time. ``feed``
+    is called while it runs none (to send more jobs)."""
     import socket
 
     host = socket.gethostname()
@@ -328,14 +377,20 @@ def kill_embedded_worker(stack: Stack, records: Records, *, timeout_s: float) ->
     def busy() -> int | None:
         children = {f"{host}:{pid}": pid for pid in stack.gateway_children()}
         running = records.running_on(children)
-        return next((children[w] for w in running), None)
+        pid = next((children[w] for w in running), None)
+        if pid is None:
+            feed()
+        return pid
 
-    pid = wait_until(busy, what="the embedded worker running a job", timeout_s=timeout_s,
-                     check=lambda: check_embedded(stack), diagnose=stack.logs)
+    pid = wait_until(busy, what="the embedded worker running a job", timeout_s=timeout_s, check=stack.check_alive,
+                     diagnose=stack.logs)
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: pid not in stack.gateway_children(), what=f"worker {pid} to die", timeout_s=30)
-    return dict.fromkeys(records.unfinished_on(f"{host}:{pid}"), killed_at)
+    hit = dict.fromkeys(records.unfinished_on(f"{host}:{pid}"), killed_at)
+    wait_until(lambda: [c for c in stack.gateway_children() if c != pid], what="the gateway to start a new worker",
+               timeout_s=timeout_s, check=stack.check_alive, diagnose=stack.logs)
+    return hit
 
 
 # --- the audit --------------------------------------------------------------------------------------------
@@ -409,6 +464,7 @@ def audit(stack: Stack, records: Records, accepted: list[str], hit: Mapping[str,
         except Exception as exc:  # noqa: BLE001 - any unreadable image is the finding
             problems.append(f"{job_id}: 0.png does not open: {exc!r}")
     figures.submitted = len(accepted)
+    figures.unanswered_rows = records.statuses_except(accepted)
     figures.lost = len(lost)
     figures.duplicates = len(duplicates)
     figures.max_attempts = max((r.attempts for r in rows.values()), default=0)
