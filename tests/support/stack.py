@@ -65,6 +65,9 @@ def _base_env(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without stray ECHO4O_* settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO4O_") or k.startswith("ECHO4O_TEST_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # one torch thread per process: a gateway, its workers and pytest share two cores here, and torch's
+    # threads fighting over them made a tiny job take seconds instead of ~0.1 s
+    env.setdefault("OMP_NUM_THREADS", "1")
     pythonpath = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
     env.update(extra)

@@ -52,7 +52,8 @@ class WorkerProcess:
         log_path: Path | None = None,
         database_url: str | None = None,
     ) -> None:
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # one torch thread per worker (see tests/support/stack.py _base_env)
+        self.env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         pythonpath = self.env.get("PYTHONPATH", "")
         self.env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pythonpath if pythonpath else "")
         self.args = [sys.executable, "-m", "echo4o", "worker", "--queues", queues]
