@@ -124,7 +124,9 @@ def test_a_killed_training_worker_resumes_from_its_last_checkpoint(
     assert job.attempts == 2 and job.worker == second.worker_id
     assert job.result["steps"] == steps
     assert "finetune job resumed" in second.logs()
-    assert ("requeued a job whose worker is gone" in second.logs()) is (broker == "embedded")
+    # on both brokers the next worker's heartbeat sweep finds the first dead and requeues the job (before Redis's
+    # visibility timeout would redeliver it; that late delivery is then dropped)
+    assert "requeued a job whose worker is gone" in second.logs()
     # the curve spans both workers' steps: the losses before the kill came back with the checkpoint
     assert job.result["losses"][0][0] == 1 and job.result["losses"][-1][0] == steps
 
