@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -63,10 +64,20 @@ class Metrics:
             "echo4o_job_row_reads", "Job rows read for watchers (event streams, ?wait) by this process's watch hub: "
             "one read per change of a watched job, however many watch it.", registry=self.registry,
         )
+        self._http_children: dict[tuple[str, str, int], Any] = {}  # labelled children, looked up once each
         self._lock = threading.Lock()
         self._since: datetime = utcnow()
         self._seen_at_since: set[str] = set()
         self.registry.register(_RecordsCollector(self))
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One HTTP latency observation (the labelled child is bound on first use: ``labels()`` costs more
+        than the observation)."""
+        child = self._http_children.get((method, route, status))
+        if child is None:
+            child = self._http_children[method, route, status] = self.http_latency.labels(
+                method=method, route=route, status=str(status))
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text for a scrape: ended jobs observed first, so they show in this very scrape."""
@@ -171,6 +182,4 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_latency.labels(method=scope["method"], route=path, status=str(status)).observe(
-                time.perf_counter() - start
-            )
+            self.metrics.observe_http(scope["method"], path, status, time.perf_counter() - start)

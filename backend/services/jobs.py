@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -250,10 +251,18 @@ def write_submissions(settings: Settings, metrics: Metrics, subs: list[Submissio
             return [error if isinstance(out, Job) else out for out in outcomes]  # type: ignore[misc]
     finally:
         session.close()
+    kinds: dict[str, int] = {}
     for job in jobs:
-        metrics.jobs_submitted.labels(kind=job.kind).inc()
+        kinds[job.kind] = kinds.get(job.kind, 0) + 1
+    for kind, n in kinds.items():
+        metrics.jobs_submitted.labels(kind=kind).inc(n)
+    if len(jobs) == 1:
+        job = jobs[0]
         log.info("job submitted", extra={"job_id": job.id, "kind": job.kind, "owner": job.owner,
                                          "priority": job.priority})
+    elif jobs and log.isEnabledFor(logging.INFO):  # one line per batch: a line per job costs the batch thread
+        log.info("job submitted", extra={"jobs": len(jobs), "job_ids": " ".join(job.id for job in jobs),
+                                         "owners": " ".join(sorted({job.owner for job in jobs}))})
     return outcomes  # type: ignore[return-value]
 
 
