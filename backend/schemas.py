@@ -131,6 +131,9 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     worker: str | None
+    attempts: int = Field(0, description="Runs started: 1 for a job that ran once; more when a run was cut "
+                                     "off (its worker died or was stopped) and the job ran again. Only the "
+                                     "latest run may write the result.")
     webhook: WebhookStatus | None = Field(None, description="The job's webhook delivery, when it asked for one.")
 
 

@@ -90,7 +90,8 @@ class WorkerRuntime:
         log.info("loading model", extra={"model": s.model, "device": s.device, "dtype": s.dtype})
         if s.hf_token and s.hf_token.get_secret_value():
             os.environ.setdefault("HF_TOKEN", s.hf_token.get_secret_value())  # read by huggingface_hub
-        self.pipeline = Echo4oPipeline.from_pretrained(s.model, device=s.device, dtype=s.dtype, attention=s.attention)
+        self.pipeline = Echo4oPipeline.from_pretrained(s.model, device=s.device, dtype=s.dtype, attention=s.attention,
+                                                       memory_mode=s.memory_mode)
         self._make_resident_models()
         self.device = str(self.pipeline.device)
         self.attention = str(getattr(self.pipeline, "attention_backend", "") or "") or None
@@ -114,7 +115,8 @@ class WorkerRuntime:
         s = self.settings
 
         def load(path: str) -> Any:
-            return Echo4oPipeline.from_pretrained(path, device=s.device, dtype=s.dtype, attention=s.attention)
+            return Echo4oPipeline.from_pretrained(path, device=s.device, dtype=s.dtype, attention=s.attention,
+                                                  memory_mode=s.memory_mode)
 
         budget = s.resident_models_bytes or auto_budget(str(self.pipeline.device))
         self.models = ResidentModels(load, max_models=s.resident_models, max_bytes=budget)

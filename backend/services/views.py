@@ -56,6 +56,7 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         worker=job.worker,
+        attempts=job.attempts or 0,
         webhook=webhook_status(session, job.id),
     )
 

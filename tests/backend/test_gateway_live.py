@@ -143,6 +143,7 @@ def test_generate_submit_poll_fetch(stack: Stack) -> None:
         assert job["status"] == "succeeded", job
         assert job["result"]["seed"] == 11 and len(job["result"]["images"]) == 2
         assert job["worker"] and job["started_at"] and job["finished_at"]
+        assert job["attempts"] == 1  # ran once: the runs started are shown on the job
         assert {"queue_wait_s", "sampling_s", "encoding_s"} <= set(job["result"]["timings"])
         data = fetch_png(c, job, 1)
         with Image.open(io.BytesIO(data)) as img:
