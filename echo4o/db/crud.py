@@ -362,6 +362,8 @@ def requeue_jobs_of_dead_workers(*, session: Session) -> list[tuple[str, str, in
         .execution_options(synchronize_session=False)
     ).all()
     session.commit()
+    for row in rows:
+        notify.job_changed(row[0], "queued")  # watchers see the requeue at once, not at their safety poll
     return [tuple(r) for r in rows]
 
 
