@@ -168,6 +168,8 @@ class WorkerRuntime:
         claim = self.claim
         if claim is None or not self.requeue_claim(claim, reason="the worker stops (grace period over)"):
             return  # no job, or it ended meanwhile: the warm shutdown ends by itself
+        # the companions of a batch (worker/batching.py) run under this worker too: requeue them with the lead
+        self.requeue_jobs(worker=self.worker_id, found="the worker stops (grace period over)")
         self.stop()
         logging.shutdown()
         os._exit(0)  # the job is queued again; the run in the main thread is abandoned (another worker reruns it)
@@ -220,24 +222,31 @@ class WorkerRuntime:
                 log.warning("dead-worker sweep failed", extra={"worker": self.worker_id, "error": str(exc)})
 
     def sweep(self) -> list[str]:
-        """Mark ``dead`` the workers silent for :data:`DEAD_AFTER_BEATS` beats, put their running jobs back to
-        ``queued`` and send them again; returns the ids of the jobs requeued. Any worker may run it at any time:
-        each job is requeued by one sweeper only (conditional UPDATE)."""
-        from echo4o.queue import submit
+        """Mark ``dead`` the workers silent for :data:`DEAD_AFTER_BEATS` beats, put the running jobs of dead and
+        stopped workers back to ``queued`` and send them again; returns the ids of the jobs requeued. Any worker
+        may run it at any time: each job is requeued by one sweeper only (conditional UPDATE)."""
 
         with session_scope(self.settings.database_url) as s:
             dead = crud.mark_dead_workers(session=s, max_age_s=self.dead_after_s)
-            jobs = crud.requeue_jobs_of_dead_workers(session=s)
         for worker in dead:
             log.warning("worker found dead (no heartbeat)", extra={"dead_worker": worker, "by": self.worker_id,
                                                                     "max_age_s": self.dead_after_s})
-        for job_id, kind, priority, worker, attempts in jobs:
+        return self.requeue_jobs(found="no heartbeat")
+
+    def requeue_jobs(self, *, worker: str | None = None, found: str) -> list[str]:
+        """Put back to ``queued`` and send again the running jobs of every dead or stopped worker (or, with
+        ``worker``, of that one); returns their ids. Each job is requeued by one caller only."""
+        from echo4o.queue import submit
+
+        with session_scope(self.settings.database_url) as s:
+            jobs = crud.requeue_jobs_of_dead_workers(session=s, worker=worker)
+        for job_id, kind, priority, holder, attempts in jobs:
             try:
                 submit(job_id, kind, priority)
             except Exception as exc:  # noqa: BLE001 - Redis still holds the unacknowledged message
                 log.error("requeued job could not be sent again", extra={"job_id": job_id, "error": str(exc)})
             log.warning("requeued a job whose worker is gone",
-                        extra={"job_id": job_id, "dead_worker": worker, "attempts": attempts, "found": "no heartbeat"})
+                        extra={"job_id": job_id, "dead_worker": holder, "attempts": attempts, "found": found})
         return [job[0] for job in jobs]
 
     # --- recovery ----------------------------------------------------------------------------------

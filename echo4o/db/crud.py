@@ -349,14 +349,19 @@ def mark_dead_workers(*, session: Session, max_age_s: float) -> list[str]:
     return list(ids)
 
 
-def requeue_jobs_of_dead_workers(*, session: Session) -> list[tuple[str, str, int, str, int]]:
-    """Put back to ``queued`` every ``running`` job whose worker is ``dead`` (one conditional UPDATE, so of two
-    workers sweeping at once only one requeues a job); returns ``(id, kind, priority, dead worker, attempts)``
-    of each job requeued, whose message the caller sends again."""
-    dead = sa.select(Worker.id).where(Worker.status == "dead")
+def requeue_jobs_of_dead_workers(*, session: Session, worker: str | None = None
+                                 ) -> list[tuple[str, str, int, str, int]]:
+    """Put back to ``queued`` every ``running`` job whose worker is ``dead`` or ``stopped`` (a worker in either
+    state runs nothing; one conditional UPDATE, so of two workers sweeping at once only one requeues a job); with
+    ``worker``, every running job of that worker instead (it is stopping: a batch's companions with the lead).
+    Returns ``(id, kind, priority, worker, attempts)`` of each job requeued, whose message the caller sends again."""
+    if worker is None:
+        holder = Job.worker.in_(sa.select(Worker.id).where(Worker.status.in_(GONE_WORKER_STATUSES)))
+    else:
+        holder = Job.worker == worker
     rows = session.execute(
         sa.update(Job)
-        .where(Job.status == "running", Job.worker.in_(dead))
+        .where(Job.status == "running", holder)
         .values(status="queued", progress_stage="queued", progress_step=0, updated_at=utcnow())
         .returning(Job.id, Job.kind, Job.priority, Job.worker, Job.attempts)
         .execution_options(synchronize_session=False)
