@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
+
+# diffusers and peft import bitsandbytes at their own import when it is installed (about 5 s of CPU in every
+# process) for quantizers the engine never uses. Hide it from that probing; the memory modes import it when
+# asked for (worker.engine.memory.import_bitsandbytes).
+sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
 
 if TYPE_CHECKING:
     from worker.engine.pipeline import Echo4oPipeline, Echo4oPipelineOutput, GenerationParams

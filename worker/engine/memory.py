@@ -105,10 +105,22 @@ def parse_memory_mode(text: str | MemoryMode | None) -> MemoryMode:
 # ---------------------------------------------------------------------------------------------------
 
 
+def import_bitsandbytes():
+    """The bitsandbytes module, imported now (``worker.engine`` hides it from diffusers' and peft's import-time
+    probing, see its ``__init__``)."""
+    import sys
+
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def quantization_available() -> tuple[bool, str]:
     """``(True, version)`` when bitsandbytes imports, else ``(False, reason with the fix)``."""
     try:
-        import bitsandbytes
+        bitsandbytes = import_bitsandbytes()
     except Exception as exc:  # noqa: BLE001 - a missing or broken native library alike
         return False, f"bitsandbytes is not importable ({type(exc).__name__}: {str(exc)[:160]}); {_INSTALL}"
     return True, f"bitsandbytes {bitsandbytes.__version__}"
@@ -408,7 +420,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 def _quantize_linear(linear: nn.Linear, quant: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A bitsandbytes Linear holding ``linear``'s weights, not yet quantized: that happens when it is moved
     to ``device`` (from host memory, as bitsandbytes requires)."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     has_bias = linear.bias is not None
     weight = linear.weight.data.to("cpu")
