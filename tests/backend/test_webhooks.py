@@ -6,6 +6,7 @@ through the same record functions a worker calls (no worker runs here); a last t
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import logging
@@ -462,7 +463,9 @@ def test_the_dispatcher_outlives_a_database_outage(caplog: pytest.LogCaptureFixt
             await task
 
     with caplog.at_level(logging.WARNING, logger="backend.services.webhooks"):
-        asyncio.run(main())
+        # a loop of its own in a thread: an earlier test of the session may have left this thread's loop running
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, main()).result()
     failures = [r for r in caplog.records if "poll failed" in r.getMessage()]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
 

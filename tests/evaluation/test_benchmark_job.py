@@ -55,7 +55,8 @@ def test_killed_run_resumes_without_regenerating_images_or_reasking_verdicts(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "data"
-    use_env(monkeypatch, worker_env(data_dir, tiny_model))
+    # one image job at a time (no cross-request batching), so the kill lands after the first image has ended
+    use_env(monkeypatch, worker_env(data_dir, tiny_model, ECHO4O_BATCH_MAX_SIZE="1"))
     prompts = _write_prompts(data_dir)
     release = threading.Event()
     with judge_server(hold_after=1, release=release) as (url, judge_log):
