@@ -4,30 +4,18 @@ requeued by one sweeper only. On SQLite and PostgreSQL, through the crud functio
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from echo4o.db import crud, dispose_engines, get_engine, session_scope, upgrade_to_head
-from echo4o.db.models import Base, Job, Worker, utcnow
+from echo4o.db import crud, session_scope
+from echo4o.db.models import Job, Worker, utcnow
+from tests.db.conftest import db_url
 
+#: The db tests' fixture: each test here runs on a SQLite file and on PostgreSQL.
+FIXTURES = (db_url,)
 DEAD_AFTER_S = 3.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, data_dir) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{data_dir / 'fencing.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    upgrade_to_head(url)
-    with get_engine(url).begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(sa.delete(table))
-    yield url
-    dispose_engines()
 
 
 def _job(s) -> str:
