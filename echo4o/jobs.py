@@ -151,7 +151,23 @@ def check_webhook_url_syntax(v: str | None) -> str | None:
     return v
 
 
-class _ImageJob(BaseModel):
+class _Webhook(BaseModel):
+    """``webhook_url`` of every job kind. Not a job parameter: kept out of ``model_dump`` (so out of the row's
+    params and the worker's payload); the gateway stores it in the job's webhook delivery (docs/api.md,
+    "Webhooks")."""
+
+    webhook_url: str | None = Field(
+        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
+        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, v: str | None) -> str | None:
+        return check_webhook_url_syntax(v)
+
+
+class _ImageJob(_Webhook):
     """Fields common to every image-producing job. ``None`` means "the mode's default" (see the engine)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_strip_whitespace=False)
@@ -203,18 +219,6 @@ class _ImageJob(BaseModel):
     model_version: str | None = Field(
         None, min_length=1, max_length=200, description="Served model version to use; None: the worker's."
     )
-    #: Not a generation parameter: kept out of ``model_dump`` (so out of the row's params and the worker's
-    #: payload); the gateway stores it in the job's webhook delivery (docs/api.md, "Webhooks").
-    webhook_url: str | None = Field(
-        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
-        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
-    )
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _check_webhook_url(cls, v: str | None) -> str | None:
-        return check_webhook_url_syntax(v)
-
     @field_validator("seed", mode="before")
     @classmethod
     def _draw_missing_seed(cls, v: object) -> object:
@@ -370,24 +374,13 @@ BENCHMARK_RUN_PRIORITY = 0
 _JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class BenchmarkJob(BaseModel):
+class BenchmarkJob(_Webhook):
     """A benchmark run: a suite's prompts (first ``limit`` per group), each made into ``images_per_prompt`` image
     jobs, judged and scored. ``None`` generation fields mean the paper's evaluation settings (1024 px, 50 steps,
     seed 42; 4 images per prompt for GenEval, else 1). The judge's URL and model are recorded (the gateway's
     ECHO4O_JUDGE_* settings fill them when absent); its API key never is: the worker reads ECHO4O_JUDGE_API_KEY."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    #: As on image jobs: kept out of the params; the gateway stores it in the job's webhook delivery.
-    webhook_url: str | None = Field(
-        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
-        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
-    )
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _check_webhook_url(cls, v: str | None) -> str | None:
-        return check_webhook_url_syntax(v)
 
     kind: ClassVar[str] = "benchmark"
 
@@ -484,7 +477,7 @@ def dataset_roots() -> list[Path]:
     return roots
 
 
-class FinetuneJob(BaseModel):
+class FinetuneJob(_Webhook):
     """A fine-tuning run: train ``base_version`` on ``dataset`` for ``steps`` optimizer steps and store the
     result as model version ``output_name/output_version`` under the weights dir.
 
@@ -494,17 +487,6 @@ class FinetuneJob(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    #: As on image jobs: kept out of the params; the gateway stores it in the job's webhook delivery.
-    webhook_url: str | None = Field(
-        None, max_length=WEBHOOK_URL_MAX_CHARS, exclude=True,
-        description="http(s) URL the job's JSON is POSTed to, signed, once the job ends.",
-    )
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _check_webhook_url(cls, v: str | None) -> str | None:
-        return check_webhook_url_syntax(v)
 
     kind: ClassVar[str] = "finetune"
 
