@@ -105,16 +105,7 @@ def test_redis_stack_loses_no_job_and_runs_none_twice(tmp_path: Path, tiny_model
                 figures.note(f"all {jobs} jobs accepted")
             finally:
                 submitter.stop()
-            wait_all_finished(stack, records, submitter.accepted, timeout_s=WAIT_S, check=stack.check_alive)
-            figures.note("all jobs ended")
-            problems = audit(stack, records, submitter.accepted, hit, figures)
-            records.close()
-            figures.refused, figures.unanswered = submitter.refused, submitter.unanswered
-            figures.finish()
-            assert submitter.unexpected == [], "\n".join(submitter.unexpected)
-            assert len(submitter.accepted) == jobs
-            assert problems == [], "\n".join(problems[:40]) + "\n" + stack.logs(30)
-            assert figures.kills_mid_job >= 1, "no kill landed while a job ran: the jobs are too short to hit"
+            _check_every_job_ended_once(stack, records, submitter, hit, figures, jobs)
     finally:
         redis.stop()
 
@@ -146,13 +137,19 @@ def test_embedded_serve_loses_no_job_and_runs_none_twice(tmp_path: Path, tiny_mo
             figures.note(f"all {jobs} jobs accepted")
         finally:
             submitter.stop()
-        wait_all_finished(stack, records, submitter.accepted, timeout_s=WAIT_S, check=stack.check_alive)
-        figures.note("all jobs ended")
-        problems = audit(stack, records, submitter.accepted, hit, figures)
-        records.close()
-        figures.refused, figures.unanswered = submitter.refused, submitter.unanswered
-        figures.finish()
-        assert submitter.unexpected == [], "\n".join(submitter.unexpected)
-        assert len(submitter.accepted) == jobs
-        assert problems == [], "\n".join(problems[:40]) + "\n" + stack.logs(30)
-        assert figures.kills_mid_job >= 1, "no kill landed while a job ran: the jobs are too short to hit"
+        _check_every_job_ended_once(stack, records, submitter, hit, figures, jobs)
+
+
+def _check_every_job_ended_once(stack, records, submitter, hit, figures, jobs: int) -> None:
+    """Wait until every accepted job ended, then audit them: all succeeded once with one image, hit jobs record
+    another attempt, every submission was accepted, and at least one kill landed mid-job."""
+    wait_all_finished(stack, records, submitter.accepted, timeout_s=WAIT_S, check=stack.check_alive)
+    figures.note("all jobs ended")
+    problems = audit(stack, records, submitter.accepted, hit, figures)
+    records.close()
+    figures.refused, figures.unanswered = submitter.refused, submitter.unanswered
+    figures.finish()
+    assert submitter.unexpected == [], "\n".join(submitter.unexpected)
+    assert len(submitter.accepted) == jobs
+    assert problems == [], "\n".join(problems[:40]) + "\n" + stack.logs(30)
+    assert figures.kills_mid_job >= 1, "no kill landed while a job ran: the jobs are too short to hit"
