@@ -279,7 +279,7 @@ def test_a_client_trickling_its_body_gets_408_and_others_are_served(served: Gate
         sock.settimeout(0.3)
         answer, sent, deadline = b"", 0, time.monotonic() + DEADLINE_S
         while time.monotonic() < deadline:
-            if sent < len(body) - 1:  # never the last byte
+            if sent < len(body) - 1 and not answer:  # never the last byte, and nothing once answered
                 try:
                     sock.sendall(body[sent:sent + 1])
                     sent += 1
@@ -287,6 +287,10 @@ def test_a_client_trickling_its_body_gets_408_and_others_are_served(served: Gate
                     sent = len(body)
             try:
                 chunk = sock.recv(65536)
+            except ConnectionResetError:
+                # the gateway closed with our unread bytes in its buffer, so its kernel reset the connection;
+                # what it had sent before is read first, so a reset ends the answer
+                break
             except TimeoutError:
                 # meanwhile the gateway serves everyone else
                 assert httpx.get(f"{served.url}/healthz", timeout=DEADLINE_S).status_code == 200
