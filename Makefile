@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Test processes run side by side (pytest-xdist); each test file stays in one of them, with its module fixtures.
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test lint
 
@@ -24,4 +26,4 @@ lint: install
 
 test: install
 	bash scripts/ensure-test-deps.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile

@@ -10,8 +10,68 @@ from pathlib import Path
 
 import pytest
 
-REDIS_URL = os.environ.get("ECHO4O_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 POSTGRES_URL = os.environ.get("ECHO4O_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+def redis_base() -> str:
+    """The Redis server the tests use: ``ECHO4O_TEST_REDIS_URL``, or the machine's on the standard port."""
+    return os.environ.get("ECHO4O_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+
+
+# --- pytest-xdist: each worker process its own Redis ----------------------------------------------------------
+_WORKER_REDIS = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``) two test modules run at once, and the Redis database indexes each picks
+    (1..15, by pid) could coincide: a flush in one would empty the other's queue. So each worker process starts a
+    ``redis-server`` of its own on a private port, before any test module reads ``ECHO4O_TEST_REDIS_URL``."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    import tempfile
+    from pathlib import Path
+
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(Path(tempfile.mkdtemp(prefix=f"echo4o-redis-{worker}-")), appendonly=False).start()
+    _WORKER_REDIS.append(server)
+    os.environ["ECHO4O_TEST_REDIS_URL"] = f"redis://127.0.0.1:{server.port}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _WORKER_REDIS:
+        _WORKER_REDIS.pop().stop()
+
+
+# --- figures of the run, printed at its end (tests/support/figures.py), also from pytest-xdist workers ---------
+_REMOTE_FIGURES: list[dict[str, list[str]]] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.support import figures
+
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller prints them
+        session.config.workeroutput["figures"] = figures.collected()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - xdist's WorkerController
+    _REMOTE_FIGURES.append(getattr(node, "workeroutput", {}).get("figures", {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.support import figures
+
+    sections: dict[str, list[str]] = {}
+    for part in (figures.collected(), *_REMOTE_FIGURES):
+        for title, lines in part.items():
+            sections.setdefault(title, []).extend(lines)
+    for title, lines in sections.items():
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -67,7 +127,7 @@ def _redis_client(url: str):
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A private, flushed Redis database index (1..15, picked by pid) for one test."""
-    base = REDIS_URL.rstrip("/")
+    base = redis_base()
     index = 1 + (os.getpid() % 15)
     url = f"{base}/{index}"
     client = _redis_client(url)

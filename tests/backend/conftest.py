@@ -41,20 +41,3 @@ def module_redis_urls() -> Iterator[Callable[[int], str]]:
 def module_redis_url(module_redis_urls: Callable[[int], str]) -> str:
     """One flushed Redis database for this module."""
     return module_redis_urls(0)
-
-
-# --- figures printed at the end of the run (e.g. the OpenAPI fuzz's request and 5xx counts) ----------------
-FIGURES: list[str] = []
-
-
-@pytest.fixture(scope="session")
-def report_figure() -> Callable[[str], None]:
-    """``report_figure(line)`` prints ``line`` in the terminal summary of this pytest run."""
-    return FIGURES.append
-
-
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter
-    if FIGURES:
-        terminalreporter.section("gateway figures")
-        for line in FIGURES:
-            terminalreporter.write_line(line)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,6 +37,7 @@ from starlette.testclient import TestClient
 from backend.app import create_app
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.settings import get_settings
+from tests.support import figures
 
 EXAMPLES = int(os.environ.get("ECHO4O_TEST_FUZZ_EXAMPLES", "20"))
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -65,8 +66,7 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(module_redis_url: str, tmp_path_factory: pytest.TempPathFactory,
-            report_figure: Callable[[str], None]) -> Iterator[Gateway]:
+def gateway(module_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data_dir = tmp_path_factory.mktemp("fuzz")
     env = {"BROKER_URL": module_redis_url, "DATA_DIR": str(data_dir), "DATABASE_URL": "", "WAIT_MAX_S": "0.2",
            "RATE_LIMIT_PER_MINUTE": "1000000", "MAX_QUEUED_JOBS_PER_KEY": "1000000",
@@ -88,7 +88,7 @@ def gateway(module_redis_url: str, tmp_path_factory: pytest.TempPathFactory,
             yield Gateway(schemathesis.openapi.from_asgi("/openapi.json", app), headers, queued, cancelled)
         finally:
             get_settings.cache_clear()
-    report_figure(_figures())
+    figures.report("gateway figures", _figures())
 
 
 def _figures() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -36,7 +35,8 @@ import httpx
 import sqlalchemy as sa
 
 from echo4o.jobs import MIN_SIDE, TERMINAL_STATUSES
-from tests.support.stack import Stack, free_port
+from tests.support import figures
+from tests.support.stack import Stack
 from tests.support.worker_proc import POLL_S, WorkerProcess
 
 #: The shortest job there is: one image at the smallest size, two schedule points (one denoising step).
@@ -50,7 +50,7 @@ REQUEUED_EVENT = "requeued a job whose worker is gone"
 # --- figures ----------------------------------------------------------------------------------------------
 @dataclass
 class ChaosFigures:
-    """What one chaos run did and found; printed at the end of the pytest run (tests/chaos/conftest.py)."""
+    """What one chaos run did and found; printed at the end of the pytest run (tests/support/figures.py)."""
 
     variant: str
     submitted: int = 0  # accepted jobs
@@ -89,76 +89,12 @@ class ChaosFigures:
                 f"wall={self.wall_s:.1f}s")
 
 
-#: Every run's figures, in the order the tests ran; the conftest prints them in the terminal summary.
-FIGURES: list[ChaosFigures] = []
+    def lines(self) -> list[str]:
+        return [self.line(), *(f"    {event}" for event in self.timeline)]
 
-
-# --- Redis ------------------------------------------------------------------------------------------------
-class RedisServer:
-    """``redis-server`` on a private port with an append-only file in ``directory``: what it acknowledged
-    survives a SIGKILL and a start on the same port and directory."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 30.0) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
-             "--dir", str(self.dir), "--save", "", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_tail()}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.exceptions.BusyLoadingError:  # still replaying the append-only file
-                    pass
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server not answering after {timeout_s} s: {self.log_tail()}")
-                time.sleep(POLL_S)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM kill would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def restart(self) -> None:
-        """Kill it and start it again on the same port and append-only directory."""
-        self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join((self.dir / "redis.log").read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+    def report(self) -> None:
+        """Print these figures at the end of the pytest run, as they stand then (also when the test failed)."""
+        figures.report_later("chaos figures", self.lines)
 
 
 # --- submitting -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from echo4o import queue
 from echo4o.settings import get_settings
-from tests.chaos.harness import RedisServer
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.chaos
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.harness import (
-    FIGURES,
     ChaosFigures,
     Records,
     RedisServer,
@@ -64,7 +63,7 @@ def test_redis_stack_loses_no_job_and_runs_none_twice(tmp_path: Path, tiny_model
     plan = ["kill", "kill", "redis", "kill", "gateway", "kill", "kill"]
     chunk = jobs // (len(plan) + 1)  # jobs released before each fault; the rest after the last
     figures = ChaosFigures("redis+postgresql, 2 workers")
-    FIGURES.append(figures)  # printed at the end of the run, also when the test fails
+    figures.report()  # printed at the end of the run, also when the test fails
     redis = RedisServer(tmp_path / "redis").start()
     try:
         with fresh_database(postgres_url) as database_url, live_stack(
@@ -114,7 +113,7 @@ def test_embedded_serve_loses_no_job_and_runs_none_twice(tmp_path: Path, tiny_mo
     jobs, kills = 40, 2  # each restart of the child waits out serve's 30 s crash-loop guard
     chunk = jobs // (kills + 1)
     figures = ChaosFigures("embedded (echo4o serve, SQLite)")
-    FIGURES.append(figures)  # printed at the end of the run, also when the test fails
+    figures.report()  # printed at the end of the run, also when the test fails
     with live_stack(model=tiny_model, data_dir=tmp_path / "data", env=ENV) as stack:
         figures.note("stack started")
         records = Records(stack.database_url)
