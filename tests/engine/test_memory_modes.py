@@ -74,6 +74,8 @@ def test_bad_mode_is_refused_by_from_pretrained_before_loading(tiny_model):
 def test_each_mode_generates_close_to_full_precision_with_the_expected_bytes(tiny_model, reference, name):
     pipe = Echo4oPipeline.from_pretrained(tiny_model, device="cpu", memory_mode=name)
     mode = parse_memory_mode(name)
+    expected = expected_memory(pipe.config, mode, pipe.dtype)
+    loaded = measure_memory(pipe.model, pipe.vae, mode)  # the layout a GPU keeps
     image = _generate(pipe)
     diff = np.abs(image - reference)
     mean_tol, max_tol = TOLERANCE[mode.quant]
@@ -81,10 +83,13 @@ def test_each_mode_generates_close_to_full_precision_with_the_expected_bytes(tin
     if mode.quant:
         assert diff.max() > 0  # the weights really are quantized
 
-    expected = expected_memory(pipe.config, mode, pipe.dtype)
+    # On the CPU, bitsandbytes 0.50 repacks a 4-bit layer at its first forward for its CPU kernel (the scales
+    # become bfloat16): what is resident after generating may only be smaller than what was loaded.
     measured = measure_memory(pipe.model, pipe.vae, mode)
     for part in PARTS:
-        assert measured.parts[part] == expected.parts[part], part
+        assert loaded.parts[part] == expected.parts[part], part
+        assert measured.parts[part].device_bytes <= expected.parts[part].device_bytes, part
+        assert measured.parts[part].host_bytes == expected.parts[part].host_bytes, part
     full = expected_memory(pipe.config, "full", pipe.dtype)
     assert expected.params == full.params
     assert expected.device_bytes < full.device_bytes

@@ -299,7 +299,9 @@ def measure_memory(model: nn.Module, vae: nn.Module, mode: str | MemoryMode = "f
     resident (quantization scales and code books included), the weights an offload hook keeps count as
     host memory."""
     report = MemoryReport(mode=parse_memory_mode(mode).name, parts={p: PartMemory() for p in PARTS})
-    seen: set[int] = set()
+    # ids of what was counted, with the objects kept alive: an id is only unique while its object lives, and
+    # some of what bitsandbytes hands out (a quantization state's tensors) may be made afresh on each access
+    seen: dict[int, object] = {}
     for prefix, root in (("", model), ("vae.", vae)):
         for mod_name, module in root.named_modules():
             full_name = prefix + mod_name
@@ -307,13 +309,13 @@ def measure_memory(model: nn.Module, vae: nn.Module, mode: str | MemoryMode = "f
             # after its first forward, a bitsandbytes int8 Linear keeps its row scales in ``module.state``
             state_scb = getattr(getattr(module, "state", None), "SCB", None)
             if isinstance(state_scb, torch.Tensor) and id(state_scb) not in seen:
-                seen.add(id(state_scb))
+                seen[id(state_scb)] = state_scb
                 part.device_bytes += state_scb.numel() * state_scb.element_size()
             for _tname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 for t in _storage_tensors(tensor):
                     if t.device.type == "meta" or id(t) in seen:
                         continue
-                    seen.add(id(t))
+                    seen[id(t)] = t
                     part.device_bytes += t.numel() * t.element_size()
                 is_param = not _tname.endswith("inv_freq")
                 part.params += tensor.numel() if is_param and not _is_packed(tensor) else 0
@@ -324,7 +326,7 @@ def measure_memory(model: nn.Module, vae: nn.Module, mode: str | MemoryMode = "f
                 weights = getattr(one, "weights_map", None)
                 store = getattr(weights, "dataset", weights)
                 if store is not None and id(store) not in seen:
-                    seen.add(id(store))
+                    seen[id(store)] = store
                     part.host_bytes += sum(t.numel() * t.element_size() for t in store.values())
     return report
 
