@@ -127,3 +127,15 @@ def for_serving(app: ASGIApp, settings: Settings) -> ASGIApp:
 
     app = TooLargeAsError(app, max_body_bytes=max_body_bytes(settings))
     return EndStreamsCleanly(BodyDeadline(app, timeout_s=settings.body_timeout_s))
+
+
+def serving_app() -> ASGIApp:
+    """The app of ``echo4o serve`` built from the environment's settings: the factory a process server imports
+    (``uvicorn --factory backend.serving:serving_app``, and each process of ``ECHO4O_GATEWAY_PROCESSES``)."""
+    from backend.app import create_app
+    from echo4o.logging import setup_logging
+    from echo4o.settings import get_settings
+
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_format)  # a process started afresh: its logs as the parent's
+    return for_serving(create_app(settings), settings)

@@ -201,36 +201,37 @@ def run_client_processes(url: str, key: str | None, concurrency: int, duration_s
 
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
-    """A redis-server of this run's own on a free port, no persistence; its URL."""
-    import redis
+    """A redis-server of this run's own on a free port, no persistence (tests/support/redis_server.py); its URL."""
+    from tests.support.redis_server import RedisServer
 
-    from tests.support.stack import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="echo4o-bench-redis-")), appendonly=False).start()
     try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start (is it installed?)") from None
-                time.sleep(0.1)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) ``pid`` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) ``pid`` and its live child processes have used so far (Linux /proc): the
+    gateway's own, or its supervisor's and its processes' with ``ECHO4O_GATEWAY_PROCESSES`` above 1."""
+    total = 0.0
+    for one in (pid, *_children(pid)):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (a scan of /proc: not every kernel has /proc/PID/task/TID/children)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
 
 
 def run_wrk_counting_cpu(pid: int, url: str, key: str | None, concurrency: int, duration_s: float,

@@ -33,7 +33,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,31 +51,14 @@ OPEN_BATCH = 50  # streams a client opens at once
 
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
-    """A redis-server of this run's own on a free port (tests on the shared Redis use its databases 1-15, and a
-    stack on a database another stack uses takes its jobs); its URL."""
-    from tests.support.stack import free_port
+    """A redis-server of this run's own on a free port, no persistence (tests/support/redis_server.py); its URL."""
+    from tests.support.redis_server import RedisServer
 
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="echo4o-bench-redis-")), appendonly=False).start()
     try:
-        import redis
-
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.1)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def cpu_ticks(pid: int) -> int:

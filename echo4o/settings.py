@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(60, ge=1, description="Jobs one key may submit per minute.")
     max_queued_jobs_per_key: int = Field(16, ge=1, description="Queued + running jobs one key may have.")
     wait_max_s: float = Field(600.0, ge=0, description="Upper bound of ?wait=SECONDS.")
+    gateway_processes: int = Field(
+        1, ge=1, le=64, description="HTTP processes of `echo4o serve` sharing its port (uvicorn's process "
+                                    "supervisor); more than 1 spreads request handling over that many cores.")
     body_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="Seconds a client has to send a request's whole body (`echo4o serve`); "
                                          "slower ones get 408 and the connection is closed (slow-client guard).")

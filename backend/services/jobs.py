@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -259,10 +260,10 @@ def write_submissions(settings: Settings, metrics: Metrics, subs: list[Submissio
     if len(jobs) == 1:
         job = jobs[0]
         log.info("job submitted", extra={"job_id": job.id, "kind": job.kind, "owner": job.owner,
-                                         "priority": job.priority})
+                                         "priority": job.priority, "pid": os.getpid()})
     elif jobs and log.isEnabledFor(logging.INFO):  # one line per batch: a line per job costs the batch thread
         log.info("job submitted", extra={"jobs": len(jobs), "job_ids": " ".join(job.id for job in jobs),
-                                         "owners": " ".join(sorted({job.owner for job in jobs}))})
+                                         "owners": " ".join(sorted({job.owner for job in jobs})), "pid": os.getpid()})
     return outcomes  # type: ignore[return-value]
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import typer
 
@@ -78,22 +79,33 @@ def serve(
 
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for GRACEFUL_SHUTDOWN_S and ends event
     # streams (cleanly: backend.serving.EndStreamsCleanly); bodies have ECHO4O_BODY_TIMEOUT_S to arrive.
-    server = uvicorn.Server(uvicorn.Config(
-        for_serving(create_app(settings), settings), host=settings.host, port=settings.port, log_config=None,
-        access_log=settings.log_level == "DEBUG", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        timeout_keep_alive=KEEP_ALIVE_S))
+    options = dict(host=settings.host, port=settings.port, log_config=None, access_log=settings.log_level == "DEBUG",
+                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=KEEP_ALIVE_S)
+    # the processes of ECHO4O_GATEWAY_PROCESSES are started afresh: they build the app from the same environment
+    os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
+    processes = settings.gateway_processes
+    config = (uvicorn.Config("backend.serving:serving_app", factory=True, workers=processes, **options)
+              if processes > 1 else uvicorn.Config(for_serving(create_app(settings), settings), **options))
+    server = uvicorn.Server(config)
+    run, stop = server.run, lambda: setattr(server, "should_exit", True)
+    if processes > 1:
+        # uvicorn's supervisor: one listening socket, that many processes accepting on it, each restarted when it
+        # dies; SIGTERM ends each gracefully. It installs its own signal handlers and returns once all are gone.
+        from uvicorn.supervisors import Multiprocess
+
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        run, stop = supervisor.run, supervisor.should_exit.set
+        log.info("gateway processes", extra={"processes": processes, "port": settings.port})
+    else:
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down; with these handlers that returns here, so the
+        # embedded worker is stopped (warm) before the command exits instead of being orphaned
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _note_signal)
     worker, startup_failure = None, threading.Event()
     if settings.embedded_broker:
-        # the child must see the same data dir (embedded broker and SQLite live there) whatever its cwd
-        os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
-        worker = _start_embedded_worker(log, server, startup_failure)
-
-    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; with these handlers that returns here, so the
-    # embedded worker is stopped (warm) before the command exits instead of being orphaned
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _note_signal)
+        worker = _start_embedded_worker(log, stop, startup_failure)
     try:
-        server.run()
+        run()
     finally:
         if worker is not None:
             _stop_worker(worker, log)
@@ -116,8 +128,8 @@ class _EmbeddedWorker:
     """The embedded worker child, started again when it dies (a crash, an OOM kill): its replacement requeues the
     job the dead one was running as it starts (``WorkerRuntime.recover_orphans``), so the job runs again."""
 
-    def __init__(self, log, server, startup_failure: threading.Event) -> None:  # noqa: ANN001
-        self.log, self.server, self.startup_failure = log, server, startup_failure
+    def __init__(self, log, stop_gateway: Callable[[], None], startup_failure: threading.Event) -> None:  # noqa: ANN001
+        self.log, self.stop_gateway, self.startup_failure = log, stop_gateway, startup_failure
         self.stopping = threading.Event()
         self.proc = self._spawn()
         threading.Thread(target=self._watch, name="embedded-worker-watch", daemon=True).start()
@@ -140,7 +152,7 @@ class _EmbeddedWorker:
             code = self.proc.wait()
             if code in STARTUP_FAILURES:
                 self.startup_failure.set()
-                self.server.should_exit = True
+                self.stop_gateway()
                 return
             if self.stopping.is_set() or code in (0, -signal.SIGTERM, -signal.SIGINT):
                 return
@@ -155,11 +167,12 @@ class _EmbeddedWorker:
             self.proc = self._spawn()
 
 
-def _start_embedded_worker(log, server, startup_failure: threading.Event) -> _EmbeddedWorker:  # noqa: ANN001
+def _start_embedded_worker(log, stop_gateway: Callable[[], None],  # noqa: ANN001
+                           startup_failure: threading.Event) -> _EmbeddedWorker:
     """Start ``echo4o worker --queues gpu,train`` as a child (the only worker: it takes every kind of job), and
     again whenever it dies. When it exits with a startup-failure code (a bad setting, a model that cannot be had),
-    ``startup_failure`` is set and ``server`` (a uvicorn.Server) told to stop."""
-    return _EmbeddedWorker(log, server, startup_failure)
+    ``startup_failure`` is set and the gateway stopped (``stop_gateway``)."""
+    return _EmbeddedWorker(log, stop_gateway, startup_failure)
 
 
 def _die_with_parent() -> None:

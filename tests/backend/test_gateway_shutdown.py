@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,9 +66,13 @@ def poll(condition, what: str, gw: Gateway) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-@pytest.fixture
-def gateway(tmp_path: Path, redis_url: str) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path, redis_url, wait_max_s="30", log_level="INFO")
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-processes"])
+def gateway(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Gateway]:
+    """``echo4o serve``, in one process or in two sharing the port (ECHO4O_GATEWAY_PROCESSES): a SIGTERM to the
+    command drains both alike."""
+    gw = start_gateway(tmp_path, redis_url, wait_max_s="30", log_level="INFO",
+                       gateway_processes=str(request.param))
+    poll(lambda: gw.tail().count("gateway ready") == request.param, "every gateway process's start", gw)
     try:
         yield gw
     finally:
@@ -103,3 +108,23 @@ def test_new_connections_are_refused_once_stopped(gateway: Gateway) -> None:
     assert gw.proc.wait(timeout=DEADLINE_S) == 0, gw.tail()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{gw.url}/healthz", timeout=5)
+
+
+def test_two_processes_share_the_port_and_each_records_what_it_accepts(tmp_path: Path, redis_url: str) -> None:
+    gw = start_gateway(tmp_path, redis_url, gateway_processes="2", log_level="INFO",
+                       rate_limit_per_minute="1000", max_queued_jobs_per_key="1000")
+    try:
+        poll(lambda: gw.tail().count("gateway ready") == 2, "both gateway processes' start", gw)
+        with httpx.Client(headers=gw.headers(), timeout=DEADLINE_S,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:  # a connection each
+            def submit(i: int) -> int:
+                return client.post(f"{gw.url}/generate", json={"prompt": f"cube {i}", "num_steps": 2}).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(submit, range(40)))
+        assert statuses == [202] * 40
+        assert gw.job_count() == 40
+        pids = {line.split("pid=")[1].split()[0] for line in gw.tail().splitlines() if "job submitted" in line}
+        assert len(pids) == 2, f"submissions were answered by {pids or 'no'} process(es):\n{gw.tail()}"
+    finally:
+        gw.kill()
