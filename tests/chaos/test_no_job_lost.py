@@ -23,7 +23,6 @@ import pytest
 from tests.chaos.harness import (
     ChaosFigures,
     Records,
-    RedisServer,
     Submitter,
     audit,
     kill_busy_worker,
@@ -33,6 +32,7 @@ from tests.chaos.harness import (
     wait_until,
     wait_workers_ready,
 )
+from tests.support.redis_server import RedisServer
 from tests.support.stack import Stack, fresh_database, live_stack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
