@@ -336,7 +336,8 @@ def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import redis
 
     r = redis.Redis.from_url(args.broker_url)
-    figures: dict[str, Any] = {"client": "wrk" if WRK else "python processes", "duration_s": args.duration}
+    figures: dict[str, Any] = {"client": "wrk" if WRK else "python processes", "duration_s": args.duration,
+                               "gateway_processes": args.gateway_processes}
     with noop_gateway(tmp / "noop") as (url, pid):
         run_wrk(url, None, 64, 2, tmp)  # warm-up
         figures["noop"] = run_wrk_counting_cpu(pid, url, None, 64, args.duration, tmp)
@@ -351,8 +352,9 @@ def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 from tests.support.stack import fresh_database
 
                 db = stack.enter_context(fresh_database(db))
-            url, key, pid = stack.enter_context(gateway_only(data_dir=tmp / f"gw-{name}", broker_url=args.broker_url,
-                                                        database_url=db))
+            url, key, pid = stack.enter_context(gateway_only(
+                data_dir=tmp / f"gw-{name}", broker_url=args.broker_url, database_url=db,
+                env={"ECHO4O_GATEWAY_PROCESSES": str(args.gateway_processes)}))
             run_wrk(url, key, 8, 2, tmp)  # warm-up
             levels = {}
             for c in (8, 64):
@@ -373,7 +375,8 @@ def submission_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def print_submission_figures(figures: dict[str, Any]) -> None:
     print()
-    print(f"submissions ({figures['client']}, {figures['duration_s']:g} s per level, no worker)")
+    print(f"submissions ({figures['client']}, {figures['duration_s']:g} s per level, no worker, "
+          f"{figures['gateway_processes']} gateway process(es))")
     print(f"{'stack':<22}{'conc':>6}{'requests':>10}{'errors':>8}{'submits/s':>11}{'mean ms':>9}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'cpu ms/req':>11}")
     rows = [("no-op route", figures["noop"])]
@@ -400,6 +403,8 @@ def main() -> None:
     ap.add_argument("--target-s", type=float, default=1.0, help="sampling seconds per job to calibrate to")
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of wrk load per submission level")
+    ap.add_argument("--gateway-processes", type=int, default=1,
+                    help="ECHO4O_GATEWAY_PROCESSES of the gateway under submission load")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 

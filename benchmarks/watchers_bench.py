@@ -208,6 +208,9 @@ def window(pid: int, c: httpx.Client, seconds: float, watchers: Watchers | None,
 def wait_status(c: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while (s := job_step(c, job_id))[0] not in statuses or s[1] < 1:
+        if s[0] in ("succeeded", "failed", "cancelled"):
+            raise RuntimeError(f"job {job_id} ended ({s[0]}) before it was seen {' or '.join(statuses)}: "
+                               "make the jobs longer (--size)")
         if time.monotonic() > deadline:
             raise RuntimeError(f"job {job_id} still {s} after {timeout_s} s")
         time.sleep(0.2)
@@ -260,7 +263,11 @@ def main() -> None:
                 first = c.post("/generate", json=long_job).json()
                 wait_status(c, first["id"], ("running",))
                 phases["running"] = window(pid, c, args.window, None, first["id"])
-                second = c.post("/generate", json=long_job).json()
+                # two more long jobs queued behind the first keep the worker busy for the whole watched-queued
+                # phase (a fast machine may finish one long job within it); the watched job is another size, so
+                # cross-request batching never puts it in their batch
+                blockers = [first["id"], *(c.post("/generate", json=long_job).json()["id"] for _ in range(2))]
+                second = c.post("/generate", json={**long_job, "height": args.size - 16}).json()
                 watchers = Watchers(stack.url, stack.user_key, second["id"], args.watchers, args.clients)
                 t0 = time.monotonic()
                 watchers.wait_ready(600)
@@ -268,7 +275,11 @@ def main() -> None:
                 print(f"{args.watchers} streams open in {connect_s:.1f} s", flush=True)
                 time.sleep(1.0)
                 phases["queued_watched"] = window(pid, c, args.window, watchers, first["id"])
-                c.delete(f"/jobs/{first['id']}")
+                if job_step(c, second["id"])[0] != "queued":
+                    raise RuntimeError("the watched job did not stay queued through its phase: make the jobs "
+                                       "longer (--size)")
+                for blocker in blockers:
+                    c.delete(f"/jobs/{blocker}")
                 wait_status(c, second["id"], ("running",))
                 phases["running_watched"] = window(pid, c, args.window, watchers, second["id"])
                 c.delete(f"/jobs/{second['id']}")
