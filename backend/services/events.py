@@ -133,7 +133,8 @@ async def job_events(
     (``Last-Event-ID``) gets the steps after it, none again.
 
     The events are dicts (``event``, ``id``, ``data``), or with ``as_bytes`` their SSE encoding, shared by every
-    watcher of the same snapshot (what the route sends: no per-watcher encoding).
+    watcher of the same snapshot (what the route sends: no per-watcher encoding), the events of one snapshot
+    joined in one chunk (one write).
     """
     hub = hub or hub_for(settings)
     last_position: int | None = -1
@@ -141,20 +142,25 @@ async def job_events(
     last_preview: bytes | None = None
     async with hub.watch(job_id) as watch:
         async for snap in watch:
+            events: list[dict[str, str]] = []
             job = snap.job
             if job is not None:
                 if job.status == "queued" and snap.position != last_position:
                     last_position = snap.position
-                    event = _queued_event(snap)
-                    yield encoded(snap, event) if as_bytes else event
+                    events.append(_queued_event(snap))
                 step = job.progress_step or 0
                 for s in counter.advance(job.status, job.progress_stage, step, job.progress_total):
                     with_preview = s == step and bool(job.preview) and job.preview != last_preview
                     if with_preview:
                         last_preview = job.preview
-                    event = _progress_event(snap, s, with_preview)
-                    yield encoded(snap, event) if as_bytes else event
+                    events.append(_progress_event(snap, s, with_preview))
             end = await _end_event(settings, snap, base)
             if end is not None:
-                yield encoded(snap, end) if as_bytes else end
+                events.append(end)
+            if as_bytes and events:  # one write for what this snapshot brought (several steps, in a crowd)
+                yield b"".join(encoded(snap, event) for event in events)
+            else:
+                for event in events:
+                    yield event
+            if end is not None:
                 return

@@ -15,7 +15,9 @@ snapshot, so 1000 watchers of one job cost one read per change:
 Reads are batched (one ``SELECT ... WHERE id IN (...)`` for the jobs due, in a worker thread) and coalesced (a
 notification that comes during a read makes one more read after it, however many there were). A snapshot whose
 row did not change wakes no one; an ended (or deleted) job is not read again. The row stays the truth: a new
-watcher starts from the current snapshot, or the row itself.
+watcher starts from the current snapshot, or the row itself. A crowd (more than ``CROWD_WATCHERS`` watchers of one
+job in the process) takes snapshots at most every ``CROWD_INTERVAL_S`` per watcher: writing every step to every
+watcher of a crowd would cost a socket write per step per watcher.
 
 :func:`hub_for` gives the hub of the running event loop and a database: the one the app's lifespan registered
 (persistent: subscribed from start to stop), or one made on first use that stops its tasks when its last watcher
@@ -51,6 +53,11 @@ SAFETY_POLL_S = 3.0
 RESUBSCRIBE_S = 1.0
 #: How long a pub/sub read waits for a message before checking that the hub still runs.
 LISTEN_TIMEOUT_S = 1.0
+#: A job with more watchers than this in one process is a crowd: each of its watchers takes a new snapshot at
+#: most every ``CROWD_INTERVAL_S`` (the newest then; the steps in between still reach it, in one write), so the
+#: process writes to a crowd about once a second per watcher instead of once per step.
+CROWD_WATCHERS = 100
+CROWD_INTERVAL_S = 1.0
 
 
 class Snapshot:
@@ -101,12 +108,15 @@ class _Entry:
 
 class Watch:
     """One watcher's view of a job: ``async for snapshot in watch`` gives the current snapshot, then each newer
-    one (a slow watcher skips to the newest; nothing is queued per watcher)."""
+    one (a slow watcher skips to the newest; nothing is queued per watcher). In a crowd (more than the hub's
+    ``crowd_watchers`` watchers of the job) a watcher takes a snapshot at most every ``crowd_interval_s``; the
+    end of the job is never held back."""
 
     def __init__(self, hub: WatchHub, entry: _Entry) -> None:
         self._hub = hub
         self._entry = entry
         self._seen = 0
+        self._taken_at = float("-inf")  # loop time of the last snapshot given
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -120,7 +130,13 @@ class Watch:
         while True:
             snap = entry.snapshot
             if snap is not None and snap.version > self._seen:
-                self._seen = snap.version
+                now = asyncio.get_running_loop().time()
+                if not snap.ended and entry.watchers > self._hub.crowd_watchers:
+                    wait = self._taken_at + self._hub.crowd_interval_s - now
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                        continue  # then the newest snapshot
+                self._seen, self._taken_at = snap.version, now
                 return snap
             if snap is not None and snap.ended:
                 raise StopAsyncIteration
@@ -142,6 +158,8 @@ class WatchHub:
         persistent: bool = False,
         poll_s: float = POLL_S,
         safety_poll_s: float = SAFETY_POLL_S,
+        crowd_watchers: int = CROWD_WATCHERS,
+        crowd_interval_s: float = CROWD_INTERVAL_S,
     ) -> None:
         self.database_url = settings.database_url
         self.broker_url = settings.broker_url if notify.supports(settings.broker_url) else None
@@ -149,6 +167,8 @@ class WatchHub:
         self.persistent = persistent
         self.poll_s = poll_s
         self.safety_poll_s = safety_poll_s
+        self.crowd_watchers = crowd_watchers
+        self.crowd_interval_s = crowd_interval_s
         self.row_reads = 0
         #: Notifications received (for tests and figures).
         self.messages = 0

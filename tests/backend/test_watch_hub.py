@@ -236,3 +236,48 @@ def test_a_lost_message_is_made_up_by_the_safety_poll_and_a_message_is_acted_on(
     assert out["safety"] == (0, 2, 0, True)  # subscribed all along, no message: the safety poll found step 2
     first, found, messages = out["notified"]
     assert (first, found) == (2, 3) and messages >= 1  # a one-hour safety poll: the message made the read
+
+
+def _events_of(chunk: bytes) -> list[tuple[str, dict]]:
+    """(event, data) of every SSE message in one written chunk."""
+    out = []
+    for message in chunk.decode().replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
+        if "event" in fields:
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+async def _crowd(settings: Settings, job_id: str, watchers: int, interval_s: float) -> list[list[tuple]]:
+    hub = WatchHub(settings, crowd_watchers=3, crowd_interval_s=interval_s)
+    loop = asyncio.get_running_loop()
+
+    async def follow() -> list[tuple[float, list[tuple[str, dict]]]]:
+        return [(loop.time(), _events_of(chunk))
+                async for chunk in job_events(settings, job_id, "http://test", hub=hub, as_bytes=True)]
+
+    async with hub.watch(job_id) as probe:  # the hub's current snapshot, whatever the watchers took
+        tasks = [asyncio.create_task(follow()) for _ in range(watchers)]
+        async with asyncio.timeout(DEADLINE_S):
+            for step in range(1, 7):  # each step read by the hub before the next is written
+                await anyio.to_thread.run_sync(_write, settings.database_url, job_id, step, 6)
+                while probe.snapshot is None or probe.snapshot.job.progress_step != step:
+                    await asyncio.sleep(0.01)
+            with session_scope(settings.database_url) as s:
+                assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+            return await asyncio.gather(*tasks)
+
+
+def test_a_crowd_takes_a_snapshot_at_most_every_interval_and_still_gets_every_step() -> None:
+    settings = get_settings()
+    job_id = _running_job(settings.database_url)
+    interval = 0.3
+    streams = _run(_crowd, settings, job_id, 10, interval)
+    for chunks in streams:
+        events = [event for _, chunk in chunks for event in chunk]
+        assert [data["step"] for name, data in events if name == "progress"] == [1, 2, 3, 4, 5, 6], events
+        assert events[-1][0] == "done"
+        # one write per snapshot taken, and no two snapshots within the interval but for the end
+        times = [t for t, _ in chunks]
+        gaps = [b - a for a, b in zip(times[:-1], times[1:-1], strict=False)]
+        assert all(gap >= interval * 0.95 for gap in gaps), gaps
