@@ -152,6 +152,13 @@ def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: i
             "overhead_s_median": em - dm, "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d)}
 
 
+def torch_threads() -> int:
+    """The CPU threads torch uses in this process (the direct call's)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
@@ -183,8 +190,10 @@ def main() -> None:
     r.flushdb()
     load: Load | None = None
     try:
+        # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
         with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
-                        env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000"}) as stack:
+                        env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000",
+                             "OMP_NUM_THREADS": str(torch_threads())}) as stack:
             direct = Direct(model, args.size, seed)
             steps = args.steps or direct.calibrate(args.target_s)
             print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}; direct call "

@@ -388,6 +388,13 @@ def print_submission_figures(figures: dict[str, Any]) -> None:
               f"{b['mean_ms']:>9.1f}{b['p50_ms']:>8.1f}{b['p99_ms']:>8.1f}{b['server_cpu_ms_per_request']:>11.2f}")
 
 
+def torch_threads() -> int:
+    """The CPU threads torch uses in this process (the direct call's)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
@@ -440,8 +447,10 @@ def end_to_end_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     r.flushdb()
     direct_wall, e2e_wall, e2e_sampling = [], [], []
     try:
+        # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
         with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
-                        database_url=args.database_url, env={"ECHO4O_LOG_LEVEL": "WARNING"}) as stack:
+                        database_url=args.database_url,
+                        env={"ECHO4O_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(torch_threads())}) as stack:
             direct = Direct(model, args.size, seed)
             steps = args.steps or direct.calibrate(args.target_s)
             print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
