@@ -271,12 +271,18 @@ def step_callback(
 def write_images(job_id: str, images: list[Any], params: dict[str, Any], data_dir: Path) -> list[str]:
     """Write ``<data_dir>/results/<job_id>/<n>.png`` atomically (temp file + rename) with the generation
     parameters in the PNG text chunks; returns the paths relative to ``data_dir``. A rerun of the same job
-    overwrites the same files, so a redelivered job is harmless; the row's result is written once, by the
-    attempt that holds the job (``crud.mark_succeeded`` with the claim's fence)."""
+    overwrites the same files, so a redelivered job is harmless, and removes the temp files of an attempt killed
+    mid-write; the row's result is written once, by the attempt that holds the job (``crud.mark_succeeded`` with
+    the claim's fence)."""
     from echo4o.pnginfo import write_png
 
+    folder = data_dir / "results" / job_id
+    # an attempt killed while writing leaves its temp file (``.<n>.png.<random>.tmp``): this attempt holds the job
+    # now (the earlier one's worker is gone), so what it left is removed
+    for stale in folder.glob(".*.png.*.tmp") if folder.is_dir() else ():
+        stale.unlink(missing_ok=True)
     rel: list[str] = []
     for n, image in enumerate(images):
-        write_png(image, data_dir / "results" / job_id / f"{n}.png", {**params, "image_index": n})
+        write_png(image, folder / f"{n}.png", {**params, "image_index": n})
         rel.append(f"results/{job_id}/{n}.png")
     return rel
