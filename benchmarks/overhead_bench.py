@@ -152,13 +152,6 @@ def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: i
             "overhead_s_median": em - dm, "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d)}
 
 
-def torch_threads() -> int:
-    """The CPU threads torch uses in this process (the direct call's)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
@@ -174,6 +167,7 @@ def main() -> None:
 
     import redis
 
+    from benchmarks.serving_bench import torch_threads
     from benchmarks.watchers_bench import private_redis
     from tests.support.stack import live_stack
 
