@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         "worker runs it) and exits. Below the 30 s most supervisors (Kubernetes, `echo4o serve`) wait before SIGKILL.",
     )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
+    progress_interval_s: float = Field(
+        0.25, ge=0, le=10, description="A running job's progress is written to its row at most this often (the "
+        "event streams still show every step: the steps in between arrive together). Each write costs the worker "
+        "a statement and wakes the job's watchers in the gateway; on a CPU machine whose cores the sampling keeps "
+        "busy, that slows the sampling.",
+    )
     # cross-request batching (worker/batching.py; docs/contracts.md, "Cross-request batching")
     batch_max_size: int = Field(4, ge=1, le=64, description="A worker samples up to this many queued image jobs of "
                                 "one model version and shape (size, steps, shift) together, one packed forward per "

@@ -17,11 +17,10 @@ from typing import Any
 
 from echo4o.db import crud, session_scope
 from echo4o.logging import get_logger
+from echo4o.settings import get_settings
 
 log = get_logger(__name__)
 
-#: At most one progress write per job per this many seconds (the gateway reads the rows every 0.1 s).
-MIN_WRITE_INTERVAL_S = 0.05
 #: While no step comes (a long prefill or step), check for a cancel this often.
 CANCEL_POLL_S = 0.5
 
@@ -30,14 +29,14 @@ class ProgressReporter:
     """Writes one running job's progress from a background thread.
 
     :meth:`report` only records the newest ``(step, total, preview)`` and wakes the thread. The thread
-    writes at once, but at most once per ``min_interval_s``: steps that come faster than that, or faster
-    than the database takes writes, are coalesced (the newest step wins; a preview is kept until a newer
-    one replaces it). The event stream still shows every step number: it reports each step between two
-    rows it reads. Each write also reads ``cancel_requested`` (one statement); when set, :attr:`cancelled`
-    is set and the step callback stops the job at its next step. While no step comes, the thread checks
-    for a cancel every ``poll_s`` seconds. :meth:`close` flushes the last report and joins the thread; the
-    caller then writes the final state itself. A failed write is logged and the next one retries: progress
-    is advisory, the job goes on.
+    writes at once, but at most once per ``min_interval_s`` (default: ``ECHO4O_PROGRESS_INTERVAL_S``): steps
+    that come faster than that, or faster than the database takes writes, are coalesced (the newest step
+    wins; a preview is kept until a newer one replaces it). The event stream still shows every step number:
+    it reports each step between two rows it reads. Each write also reads ``cancel_requested`` (one
+    statement); when set, :attr:`cancelled` is set and the step callback stops the job at its next step.
+    While no step comes, the thread checks for a cancel every ``poll_s`` seconds. :meth:`close` flushes the
+    last report and joins the thread; the caller then writes the final state itself. A failed write is
+    logged and the next one retries: progress is advisory, the job goes on.
     """
 
     def __init__(
@@ -45,7 +44,7 @@ class ProgressReporter:
         database_url: str,
         job_id: str,
         *,
-        min_interval_s: float = MIN_WRITE_INTERVAL_S,
+        min_interval_s: float | None = None,
         poll_s: float = CANCEL_POLL_S,
         claim: Any = None,
     ) -> None:
@@ -54,7 +53,7 @@ class ProgressReporter:
         #: worker.outcomes.Claim: writes only while its attempt holds the job; :attr:`cancelled` is set once it does
         #: not (the job was requeued: this run stops as for a cancel).
         self.fence = claim.fence() if claim is not None else {}
-        self.min_interval_s = min_interval_s
+        self.min_interval_s = get_settings().progress_interval_s if min_interval_s is None else min_interval_s
         self.poll_s = poll_s
         self.cancelled = threading.Event()
         #: Progress writes that reached the database (failed ones are not counted).

@@ -27,11 +27,11 @@ def check_wait(settings: Settings, wait: float | None) -> float:
 async def wait_for_end(settings: Settings, job_id: str, timeout_s: float, *, hub: WatchHub | None = None) -> Job | None:
     """Wait until the job has ended or ``timeout_s`` passed; the ended job, or None (also when the row is gone).
 
-    The wait is a watch of the process's :class:`~backend.services.watch_hub.WatchHub`: it wakes when the row
-    changes, and reads nothing itself."""
+    The wait is a watch of the process's :class:`~backend.services.watch_hub.WatchHub`: it wakes when the job's
+    state changes (not for its progress), and reads nothing itself."""
     hub = hub or hub_for(settings)
     with anyio.move_on_after(timeout_s):
-        async with hub.watch(job_id) as watch:
+        async with hub.watch(job_id, progress=False) as watch:
             async for snap in watch:
                 if snap.ended:
                     return snap.job

@@ -16,8 +16,8 @@ Reads are batched (one ``SELECT ... WHERE id IN (...)`` for the jobs due, in a w
 notification that comes during a read makes one more read after it, however many there were). A snapshot whose
 row did not change wakes no one; an ended (or deleted) job is not read again. The row stays the truth: a new
 watcher starts from the current snapshot, or the row itself. A crowd (more than ``CROWD_WATCHERS`` watchers of one
-job in the process) takes snapshots at most every ``CROWD_INTERVAL_S`` per watcher: writing every step to every
-watcher of a crowd would cost a socket write per step per watcher.
+job in the process) takes snapshots together, at most every ``CROWD_INTERVAL_S``: writing every step to every watcher
+of a crowd would cost a socket write per step per watcher.
 
 :func:`hub_for` gives the hub of the running event loop and a database: the one the app's lifespan registered
 (persistent: subscribed from start to stop), or one made on first use that stops its tasks when its last watcher
@@ -53,9 +53,9 @@ SAFETY_POLL_S = 3.0
 RESUBSCRIBE_S = 1.0
 #: How long a pub/sub read waits for a message before checking that the hub still runs.
 LISTEN_TIMEOUT_S = 1.0
-#: A job with more watchers than this in one process is a crowd: each of its watchers takes a new snapshot at
-#: most every ``CROWD_INTERVAL_S`` (the newest then; the steps in between still reach it, in one write), so the
-#: process writes to a crowd about once a second per watcher instead of once per step.
+#: A job with more watchers than this in one process is a crowd: its watchers take a new snapshot together, at
+#: most every ``CROWD_INTERVAL_S`` (the newest then; the steps in between still reach them, in one write each), so
+#: the process writes to a crowd about once a second per watcher instead of once per step.
 CROWD_WATCHERS = 100
 CROWD_INTERVAL_S = 1.0
 
@@ -87,36 +87,62 @@ def _key(job: Job | None, position: int | None) -> tuple:
 
 
 class _Entry:
-    """A watched job: its watcher count, last snapshot and whether it must be read again."""
+    """A watched job: its watcher count, last snapshot and whether it must be read again; and, for a crowd, the
+    newest snapshot released to it (one timer for the whole crowd, not one per watcher)."""
 
-    __slots__ = ("job_id", "watchers", "snapshot", "key", "changed", "dirty", "last_read")
+    __slots__ = ("job_id", "watchers", "progress_watchers", "snapshot", "key", "changed", "dirty", "last_read",
+                 "released", "released_at", "release_timer", "release_event")
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.watchers = 0
+        #: Watchers that show progress (event streams); a ``?wait`` only needs the end.
+        self.progress_watchers = 0
         self.snapshot: Snapshot | None = None
         self.key: tuple | None = None
         self.changed = asyncio.Event()
         self.dirty = True
         self.last_read = float("-inf")
+        #: The version a crowd may take, and when (loop time) it was released.
+        self.released = 0
+        self.released_at = float("-inf")
+        self.release_timer: asyncio.TimerHandle | None = None
+        self.release_event = asyncio.Event()
 
-    def publish(self, snapshot: Snapshot) -> None:
+    def publish(self, snapshot: Snapshot, *, crowd_watchers: int, crowd_interval_s: float) -> None:
+        """A new snapshot: wake the watchers waiting for one; a crowd gets it ``crowd_interval_s`` after its last
+        release (at once for the end of the job, or when the job's watchers are no crowd)."""
         self.snapshot = snapshot
         event, self.changed = self.changed, asyncio.Event()
+        event.set()
+        if snapshot.ended or self.watchers <= crowd_watchers:
+            self.release()
+        elif self.release_timer is None:
+            loop = asyncio.get_running_loop()
+            self.release_timer = loop.call_at(max(loop.time(), self.released_at + crowd_interval_s), self.release)
+
+    def release(self) -> None:
+        """Let the crowd take the newest snapshot now."""
+        if self.release_timer is not None:
+            self.release_timer.cancel()
+            self.release_timer = None
+        self.released = self.snapshot.version if self.snapshot is not None else 0
+        self.released_at = asyncio.get_running_loop().time()
+        event, self.release_event = self.release_event, asyncio.Event()
         event.set()
 
 
 class Watch:
     """One watcher's view of a job: ``async for snapshot in watch`` gives the current snapshot, then each newer
     one (a slow watcher skips to the newest; nothing is queued per watcher). In a crowd (more than the hub's
-    ``crowd_watchers`` watchers of the job) a watcher takes a snapshot at most every ``crowd_interval_s``; the
-    end of the job is never held back."""
+    ``crowd_watchers`` watchers of the job) the watchers take the newest snapshot together, at most every
+    ``crowd_interval_s`` (one wake each per release); a new watcher gets the current one at once, and the end of
+    the job is never held back."""
 
     def __init__(self, hub: WatchHub, entry: _Entry) -> None:
         self._hub = hub
         self._entry = entry
         self._seen = 0
-        self._taken_at = float("-inf")  # loop time of the last snapshot given
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -129,18 +155,16 @@ class Watch:
         entry = self._entry
         while True:
             snap = entry.snapshot
+            crowd = entry.watchers > self._hub.crowd_watchers
             if snap is not None and snap.version > self._seen:
-                now = asyncio.get_running_loop().time()
-                if not snap.ended and entry.watchers > self._hub.crowd_watchers:
-                    wait = self._taken_at + self._hub.crowd_interval_s - now
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                        continue  # then the newest snapshot
-                self._seen, self._taken_at = snap.version, now
-                return snap
+                if not crowd or self._seen == 0 or snap.version <= entry.released:
+                    self._seen = snap.version
+                    return snap
+                await entry.release_event.wait()  # the crowd's next release (scheduled with the snapshot)
+                continue
             if snap is not None and snap.ended:
                 raise StopAsyncIteration
-            await entry.changed.wait()
+            await (entry.release_event if crowd else entry.changed).wait()
 
 
 class WatchHub:
@@ -217,21 +241,26 @@ class WatchHub:
 
     # --- watching -----------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def watch(self, job_id: str) -> AsyncIterator[Watch]:
-        """Watch ``job_id`` for the duration of the block."""
+    async def watch(self, job_id: str, *, progress: bool = True) -> AsyncIterator[Watch]:
+        """Watch ``job_id`` for the duration of the block. ``progress=False``: the watcher needs only the job's
+        state changes (a ``?wait``): while a job has no other watchers, a progress write is not read."""
         entry = self._entries.get(job_id)
         new = entry is None
         if entry is None:
             entry = self._entries[job_id] = _Entry(job_id)
         entry.watchers += 1
+        entry.progress_watchers += progress
         if not self._tasks:
             await self.start()
-        if new:  # a job watched already has a fresh snapshot: notifications (or the poll) keep it so
+        # a job watched already has a fresh snapshot (notifications or the poll keep it so), unless only for its
+        # state: then its progress is read for the first watcher that shows it
+        if new or (progress and entry.progress_watchers == 1):
             self._poke(entry)
         try:
             yield Watch(self, entry)
         finally:
             entry.watchers -= 1
+            entry.progress_watchers -= progress
             if entry.watchers == 0 and self._entries.get(job_id) is entry:
                 del self._entries[job_id]
                 if not self._entries and not self.persistent:
@@ -246,10 +275,12 @@ class WatchHub:
             self._wake.set()
 
     def notified(self, job_id: str, status: str | None) -> None:
-        """A notification: job ``job_id`` changed (``status``: its new status, None for progress)."""
+        """A notification: job ``job_id`` changed (``status``: its new status, None for progress). A progress
+        write of a job only waited for (no watcher shows its progress) is not read: on a machine whose cores the
+        sampling keeps busy, each read slows the job down."""
         self.messages += 1
         entry = self._entries.get(job_id)
-        if entry is not None:
+        if entry is not None and (status is not None or entry.progress_watchers):
             self._poke(entry)
         if status is not None:  # a job started, ended or was requeued: queue positions may have moved
             for other in self._entries.values():
@@ -289,7 +320,8 @@ class WatchHub:
                 if key != e.key:
                     e.key = key
                     version = e.snapshot.version + 1 if e.snapshot is not None else 1
-                    e.publish(Snapshot(version, job, position))
+                    e.publish(Snapshot(version, job, position), crowd_watchers=self.crowd_watchers,
+                              crowd_interval_s=self.crowd_interval_s)
 
     def _read_rows(self, job_ids: list[str]) -> dict[str, tuple[Job, int | None]]:
         """``{id: (job, queue position)}`` of the rows that exist (runs in a worker thread)."""

@@ -238,6 +238,53 @@ def test_a_lost_message_is_made_up_by_the_safety_poll_and_a_message_is_acted_on(
     assert (first, found) == (2, 3) and messages >= 1  # a one-hour safety poll: the message made the read
 
 
+async def _waited_only(settings: Settings, redis_url: str, job_id: str) -> dict:
+    hub = WatchHub(settings, safety_poll_s=3600, persistent=True)
+    await hub.start()
+    publisher = notify.Publisher(redis_url)
+    out: dict = {}
+
+    async def heard(n: int) -> None:  # the hub has received n messages in all
+        async with asyncio.timeout(DEADLINE_S):
+            while hub.messages < n:
+                await asyncio.sleep(0.01)
+
+    try:
+        assert hub.live
+        async with hub.watch(job_id, progress=False) as waiting:
+            first = await anext(waiting)
+            reads = hub.row_reads
+            for step in (1, 2, 3):  # progress writes, each with its message: nobody shows progress, nothing is read
+                await anyio.to_thread.run_sync(_write, settings.database_url, job_id, step, 9)
+                assert publisher.publish(job_id)
+                await heard(step)
+            out["reads_for_progress"] = hub.row_reads - reads
+            async with hub.watch(job_id) as stream:  # an event stream joins: the row is read for it
+                async with asyncio.timeout(DEADLINE_S):
+                    steps = [(await anext(stream)).job.progress_step]  # the snapshot the hub has, then the row's
+                    while steps[-1] != 3:
+                        steps.append((await anext(stream)).job.progress_step)
+                    out["stream_steps"] = steps
+                    with session_scope(settings.database_url) as s:
+                        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+                    assert publisher.publish(job_id, "succeeded")
+                    end = [snap async for snap in waiting][-1]  # the iteration stops after the end
+            out["waited"] = (first.job.status, end.job.status)
+    finally:
+        publisher.close()
+        await hub.stop()
+    return out
+
+
+def test_a_wait_reads_no_progress_and_an_event_stream_joining_it_gets_the_progress(redis_url: str) -> None:
+    settings = Settings(broker_url=redis_url)
+    job_id = _running_job(settings.database_url)
+    out = _run(_waited_only, settings, redis_url, job_id)
+    assert out["reads_for_progress"] == 0  # a ?wait needs the end only: three progress messages, no read
+    assert out["stream_steps"] == [0, 3]  # the hub's last snapshot at once, then the row read for the stream
+    assert out["waited"] == ("running", "succeeded")
+
+
 def _events_of(chunk: bytes) -> list[tuple[str, dict]]:
     """(event, data) of every SSE message in one written chunk."""
     out = []
