@@ -162,13 +162,15 @@ def main() -> None:
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds of the direct call to calibrate to")
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
     ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load")
+    ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
     import redis
 
     from benchmarks.serving_bench import torch_threads
-    from benchmarks.watchers_bench import private_redis
+    from benchmarks.watchers_bench import private_redis, stack_env
     from tests.support.stack import live_stack
 
     tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
@@ -187,7 +189,7 @@ def main() -> None:
         # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
         with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
                         env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000",
-                             "OMP_NUM_THREADS": str(torch_threads())}) as stack:
+                             "OMP_NUM_THREADS": str(torch_threads()), **stack_env(args.stack_env)}) as stack:
             direct = Direct(model, args.size, seed)
             steps = args.steps or direct.calibrate(args.target_s)
             print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}; direct call "

@@ -61,6 +61,17 @@ def private_redis() -> Iterator[str]:
         server.stop()
 
 
+def stack_env(pairs: list[str]) -> dict[str, str]:
+    """``--stack-env NAME=VALUE`` arguments as an environment; exits naming a malformed one."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--stack-env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
 def cpu_ticks(pid: int) -> int:
     """User + system clock ticks the process ``pid`` has used (its own threads, not its children)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -226,6 +237,8 @@ def main() -> None:
                     "redis-server of the run's own on a free port")
     ap.add_argument("--embedded", action="store_true", help="no Redis: embedded broker, the hub polls")
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
+    ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
@@ -250,7 +263,8 @@ def main() -> None:
     watchers: Watchers | None = None
     try:
         with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
-                        env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000"}) as stack:
+                        env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000",
+                             **stack_env(args.stack_env)}) as stack:
             assert stack.gateway is not None
             pid = stack.gateway.pid
             with stack.client(timeout=600) as c:

@@ -150,3 +150,24 @@ def test_cancel_request_sets_the_flag_through_the_idle_poll(db_url: str) -> None
             crud.request_cancel(session=s, job_id=job_id)
         assert reporter.cancelled.wait(EVENT_WAIT_S)  # no step reported: the poll saw it
     assert reporter.writes == 0
+
+
+def test_the_write_interval_comes_from_the_setting_and_coalesces_the_steps_in_between(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from echo4o.settings import get_settings
+
+    monkeypatch.setenv("ECHO4O_PROGRESS_INTERVAL_S", "10")  # no second write can come before close
+    get_settings.cache_clear()  # the autouse settings fixture clears it again afterwards
+    job_id = _running_job(db_url)
+    with ProgressReporter(db_url, job_id) as reporter:
+        assert reporter.min_interval_s == 10
+        reporter.report(1, 9)
+        deadline = time.monotonic() + EVENT_WAIT_S
+        while reporter.writes < 1 and time.monotonic() < deadline:  # the first step is written at once
+            time.sleep(0.01)
+        assert reporter.writes == 1 and _row(db_url, job_id).progress_step == 1
+        for step in range(2, 6):
+            reporter.report(step, 9)
+    assert reporter.writes == 2  # steps 2-5 in one write, at close
+    assert _row(db_url, job_id).progress_step == 5
