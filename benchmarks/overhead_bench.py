@@ -3,14 +3,18 @@
 The same job two ways, alternated: the bare pipeline call in this process (``Echo4oPipeline``, CPU, the same
 model, size, steps and seed), and end to end through a live stack (``echo4o serve``, Redis broker, one
 ``echo4o worker``): ``POST /generate?wait=`` until the finished job comes back, then its PNG downloaded.
-``overhead_ratio`` = median end-to-end / median direct. Measured twice:
+``overhead_ratio`` = median end-to-end / median direct. The job's own timings split the difference in two:
+``serving_path_s`` (median of end-to-end minus the worker's sampling time: the submit, the queue, the worker's
+bookkeeping and PNG encoding, the answer and the download) and ``sampling_over_direct`` (the worker's sampling
+over the direct call: the same computation in another process, which on a small CPU machine also shares its
+cores with the gateway and Redis). Measured twice:
 
 * ``idle``: nothing else runs;
 * ``load``: a client process keeps 8 other jobs going: each of 8 loops submits a job (priority 0, below the
   timed job's 9, so the timed job never queues behind them), follows its event stream until it is queued,
   cancels it and follows the stream to its end, then starts again. The gateway serves those submits, streams
   and cancels while the timed job passes through it. (A background job the worker picks up before its cancel
-  lands runs until its next step; ``background_started`` counts them.)
+  lands runs until its next step; ``background_started`` counts them.) ``--loops 0`` skips it.
 
 The step count is calibrated so that the direct call takes about ``--target-s`` seconds.
 
@@ -32,6 +36,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -128,8 +133,8 @@ class Direct:
         return time.perf_counter() - t0
 
 
-def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> float:
-    """Seconds from submit to the PNG in hand for one job (priority 9)."""
+def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> tuple[float, float]:
+    """Seconds from submit to the PNG in hand for one job (priority 9), and the worker's sampling seconds."""
     body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed, "priority": 9}
     t0 = time.perf_counter()
     r = client.post("/generate", params={"wait": 600}, json=body)
@@ -138,18 +143,48 @@ def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> float:
     if job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed in time: {job}")
     client.get(job["result"]["images"][0]["url"]).raise_for_status()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
 
 
 def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: int, repeats: int) -> dict:
     """Alternated runs (load from elsewhere on the machine hits both paths alike)."""
-    d, e = [], []
+    d, e, sampling = [], [], []
     for _ in range(repeats):
         d.append(direct.run(steps))
-        e.append(end_to_end(client, size, steps, seed))
-    dm, em = statistics.median(d), statistics.median(e)
-    return {"direct_s": d, "end_to_end_s": e, "direct_s_median": dm, "end_to_end_s_median": em,
-            "overhead_s_median": em - dm, "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d)}
+        wall, sampled = end_to_end(client, size, steps, seed)
+        e.append(wall)
+        sampling.append(sampled)
+    dm, em, sm = statistics.median(d), statistics.median(e), statistics.median(sampling)
+    return {"direct_s": d, "end_to_end_s": e, "worker_sampling_s": sampling, "direct_s_median": dm,
+            "end_to_end_s_median": em, "worker_sampling_s_median": sm, "overhead_s_median": em - dm,
+            "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d),
+            "serving_path_s_median": statistics.median(w - x for w, x in zip(e, sampling, strict=True)),
+            "sampling_over_direct": sm / dm}
+
+
+def measure_loaded(direct: Direct, client: httpx.Client, stack: Any, args: argparse.Namespace, steps: int,
+                   seed: int) -> dict:
+    """:func:`measure` while ``args.loops`` background loops submit, follow and cancel jobs."""
+    load = Load(stack.url, stack.user_key, args.loops)
+    try:
+        deadline = time.monotonic() + 120
+        while load.counts[0] < args.loops and time.monotonic() < deadline:  # the loops are going
+            time.sleep(0.2)
+        cycles0 = load.counts[0]
+        t0 = time.monotonic()
+        loaded = measure(direct, client, args.size, steps, seed, args.repeats)
+        loaded["background_cycles_per_s"] = (load.counts[0] - cycles0) / (time.monotonic() - t0)
+        loaded["background_errors"] = load.counts[1]
+    finally:
+        load.close()
+    jobs = client.get("/jobs", params={"status": "cancelled", "limit": 1}).json()["count"]
+    started = 0
+    for offset in range(0, jobs, 200):
+        page = client.get("/jobs", params={"status": "cancelled", "limit": 200, "offset": offset})
+        started += sum(1 for j in page.json()["data"] if j["started_at"])
+    loaded["background_jobs"] = jobs
+    loaded["background_started"] = started
+    return loaded
 
 
 def main() -> None:
@@ -161,7 +196,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds of the direct call to calibrate to")
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
-    ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load")
+    ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load (0: no "
+                    "load phase)")
     ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -184,7 +220,6 @@ def main() -> None:
     broker = args.broker_url or cleanup.enter_context(private_redis())
     r = redis.Redis.from_url(broker)
     r.flushdb()
-    load: Load | None = None
     try:
         # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
         with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
@@ -198,43 +233,28 @@ def main() -> None:
                 end_to_end(client, args.size, steps, seed)  # warm path
                 idle = measure(direct, client, args.size, steps, seed, args.repeats)
                 print(f"idle: overhead_ratio {idle['overhead_ratio']:.3f}", flush=True)
-                load = Load(stack.url, stack.user_key, args.loops)
-                deadline = time.monotonic() + 120
-                while load.counts[0] < args.loops and time.monotonic() < deadline:  # the loops are going
-                    time.sleep(0.2)
-                cycles0 = load.counts[0]
-                t0 = time.monotonic()
-                loaded = measure(direct, client, args.size, steps, seed, args.repeats)
-                loaded["background_cycles_per_s"] = (load.counts[0] - cycles0) / (time.monotonic() - t0)
-                loaded["background_errors"] = load.counts[1]
-                load.close()
-                load = None
-                jobs = client.get("/jobs", params={"status": "cancelled", "limit": 1}).json()["count"]
-                started = 0
-                offset = 0
-                while offset < jobs:
-                    page = client.get("/jobs", params={"status": "cancelled", "limit": 200, "offset": offset})
-                    started += sum(1 for j in page.json()["data"] if j["started_at"])
-                    offset += 200
-                loaded["background_jobs"] = jobs
-                loaded["background_started"] = started
+                loaded = measure_loaded(direct, client, stack, args, steps, seed) if args.loops else None
     finally:
-        if load is not None:
-            load.close()
         r.flushdb()
         cleanup.close()
 
     figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model)},
-               "idle": idle, "load": loaded, "overhead_ratio": idle["overhead_ratio"],
-               "overhead_ratio_under_load": loaded["overhead_ratio"]}
+               "idle": idle, "overhead_ratio": idle["overhead_ratio"],
+               "serving_path_s": idle["serving_path_s_median"], "sampling_over_direct": idle["sampling_over_direct"]}
+    if loaded is not None:
+        figures.update(load=loaded, overhead_ratio_under_load=loaded["overhead_ratio"])
     print()
-    print(f"{'condition':<28}{'direct s':>10}{'e2e s':>10}{'overhead ms':>13}{'ratio':>8}{'ratio (min)':>13}")
+    print(f"{'condition':<24}{'direct s':>10}{'e2e s':>9}{'sampling s':>12}{'ratio':>7}{'ratio (min)':>13}"
+          f"{'serving path ms':>17}{'sampling/direct':>17}")
     for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
-        print(f"{name:<28}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>10.3f}"
-              f"{f['overhead_s_median'] * 1000:>13.0f}{f['overhead_ratio']:>8.3f}{f['overhead_ratio_min']:>13.3f}")
-    print(f"background: {loaded['background_cycles_per_s']:.1f} submit-follow-cancel cycles/s, "
-          f"{loaded['background_jobs']} jobs, {loaded['background_started']} started before their cancel, "
-          f"{loaded['background_errors']} errors")
+        if f is not None:
+            print(f"{name:<24}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>9.3f}"
+                  f"{f['worker_sampling_s_median']:>12.3f}{f['overhead_ratio']:>7.3f}{f['overhead_ratio_min']:>13.3f}"
+                  f"{f['serving_path_s_median'] * 1000:>17.0f}{f['sampling_over_direct']:>17.3f}")
+    if loaded is not None:
+        print(f"background: {loaded['background_cycles_per_s']:.1f} submit-follow-cancel cycles/s, "
+              f"{loaded['background_jobs']} jobs, {loaded['background_started']} started before their cancel, "
+              f"{loaded['background_errors']} errors")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
         print(f"\nwrote {args.json}")

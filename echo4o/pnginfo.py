@@ -25,6 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from echo4o import __version__
+from echo4o.settings import get_settings
 
 PARAMS_KEY = "echo4o.params"
 _RESERVED_KEYS = {PARAMS_KEY, "Software"}
@@ -66,18 +67,23 @@ def params_to_pnginfo(params: dict[str, Any]) -> PngInfo:
     return info
 
 
-def png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
-    """The PNG encoding of ``image`` with ``params`` in its text chunks (deterministic for the same input)."""
+def png_bytes(image: Image.Image, params: dict[str, Any] | None = None, *, compress_level: int | None = None) -> bytes:
+    """The PNG encoding of ``image``, with ``params`` (if any) in its text chunks (deterministic for the same
+    input). ``compress_level``: zlib's, default ``ECHO4O_PNG_COMPRESS_LEVEL``."""
+    if compress_level is None:
+        compress_level = get_settings().png_compress_level
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=params_to_pnginfo(params))
+    image.save(buf, format="PNG", pnginfo=params_to_pnginfo(params) if params is not None else None,
+               compress_level=compress_level)
     return buf.getvalue()
 
 
-def write_png(image: Image.Image, path: str | Path, params: dict[str, Any]) -> Path:
+def write_png(image: Image.Image, path: str | Path, params: dict[str, Any], *,
+              compress_level: int | None = None) -> Path:
     """Write ``image`` with ``params`` to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, params)
+    data = png_bytes(image, params, compress_level=compress_level)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         "worker runs it) and exits. Below the 30 s most supervisors (Kubernetes, `echo4o serve`) wait before SIGKILL.",
     )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level of the PNGs workers write (0: none, 9: smallest). Encoding runs on "
+        "the worker between sampling and the job's answer: at 1024x1024 a photo-like image takes about 80 ms at 1 "
+        "and 430 ms at Pillow's default 6, for a file about 18 % larger.",
+    )
     progress_interval_s: float = Field(
         0.25, ge=0, le=10, description="A running job's progress is written to its row at most this often (the "
         "event streams still show every step: the steps in between arrive together). Each write costs the worker "

@@ -91,3 +91,21 @@ def test_module_is_torch_free():
     code = "import sys, echo4o.pnginfo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_compression_level_comes_from_the_setting_and_keeps_pixels_and_params(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from echo4o.settings import get_settings
+
+    gradient = Image.linear_gradient("L").convert("RGB")  # 256x256, compressible
+    sizes = {level: len(png_bytes(gradient, PARAMS, compress_level=level)) for level in (0, 1, 9)}
+    assert sizes[0] > sizes[1] > sizes[9]
+    monkeypatch.setenv("ECHO4O_PNG_COMPRESS_LEVEL", "0")
+    get_settings.cache_clear()  # the autouse settings fixture clears it again afterwards
+    assert png_bytes(gradient, PARAMS) == png_bytes(gradient, PARAMS, compress_level=0)
+    path = write_png(gradient, tmp_path / "0.png", PARAMS)
+    assert path.stat().st_size == sizes[0]
+    with Image.open(path) as img:
+        assert params_from_png(img) == PARAMS
+        assert img.tobytes() == gradient.tobytes()

@@ -21,7 +21,6 @@ The runner is torch-free: it is handed ``generate(record, seeds) -> images`` (on
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -51,6 +50,7 @@ from echo4o.jobs import (
     MultirefJob,
     RenormType,
 )
+from echo4o.pnginfo import png_bytes
 from worker.evaluation.judge import Judge, JudgeConfig, Verdict, VerdictCache, image_sha256
 from worker.evaluation.protocols import protocol_for
 from worker.evaluation.scoring import score_results
@@ -136,9 +136,7 @@ def image_name(record: PromptRecord, k: int) -> str:
 
 
 def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(image.convert("RGB"))  # at ECHO4O_PNG_COMPRESS_LEVEL
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
