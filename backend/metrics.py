@@ -9,10 +9,20 @@
   this process's own traffic.
 
 Each app gets its own registry, so several apps in one process (tests) do not collide.
+
+With several gateway processes (``ECHO4O_GATEWAY_PROCESSES`` > 1) ``echo4o serve`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before they start (:data:`MULTIPROC_ENV`): each process keeps its
+counters and histograms there (prometheus_client's multiprocess mode) and a scrape of any of them answers the sum
+over all, so a scraper that reaches one process at random sees one steady series. The jobs that ended are then
+observed once for all processes: the scraped process advances one shared cursor, under a file lock, in that folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +45,14 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 SCAN_LIMIT = 5000  # ended jobs read per scrape at most; the rest are read at the next one
+#: Set (by ``echo4o serve``, before the gateway processes start) to the folder their metrics share.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_CURSOR_FILE = "echo4o-ended-jobs.json"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder the gateway processes share their metrics in, or None for a process of its own."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
@@ -80,16 +98,24 @@ class Metrics:
         child.observe(seconds)
 
     def render(self) -> bytes:
-        """The Prometheus text for a scrape: ended jobs observed first, so they show in this very scrape."""
+        """The Prometheus text for a scrape: ended jobs observed first, so they show in this very scrape. With
+        several gateway processes, the sum of all their counters and histograms."""
         try:
             self.observe_ended_jobs()
         except sa.exc.SQLAlchemyError as exc:
             log.warning("metrics: cannot read ended jobs", extra={"error": str(exc)})
-        return generate_latest(self.registry)
+        shared = multiprocess_dir()
+        if shared is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=shared)
+        registry.register(_RecordsCollector(self))
+        return generate_latest(registry)
 
     def observe_ended_jobs(self) -> None:
-        """Feed the histograms with the jobs that ended since the last call."""
-        with self._lock:
+        """Feed the histograms with the jobs that ended since the last call (of any gateway process, when several
+        share their metrics)."""
+        with self._lock, self._shared_cursor():
             session = get_sessionmaker(self.database_url)()
             try:
                 rows = session.scalars(
@@ -107,6 +133,31 @@ class Metrics:
                 if job.finished_at != self._since:
                     self._since, self._seen_at_since = job.finished_at, set()
                 self._seen_at_since.add(job.id)
+
+    @contextlib.contextmanager
+    def _shared_cursor(self) -> Iterator[None]:
+        """With several gateway processes: hold the folder's lock and take the shared cursor (which ended jobs
+        were observed already), storing it back on the way out; alone: nothing to share."""
+        shared = multiprocess_dir()
+        if shared is None:
+            yield
+            return
+        cursor = os.path.join(shared, _CURSOR_FILE)
+        with open(os.path.join(shared, _CURSOR_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+                    with open(cursor) as f:
+                        saved = json.load(f)
+                    self._since = datetime.fromisoformat(saved["since"])
+                    self._seen_at_since = set(saved["seen"])
+                yield
+                tmp = f"{cursor}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"since": self._since.isoformat(), "seen": sorted(self._seen_at_since)}, f)
+                os.replace(tmp, cursor)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _observe(self, job: Job) -> None:
         if job.finished_at and job.created_at:

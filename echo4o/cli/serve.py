@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -88,11 +90,17 @@ def serve(
               if processes > 1 else uvicorn.Config(for_serving(create_app(settings), settings), **options))
     server = uvicorn.Server(config)
     run, stop = server.run, lambda: setattr(server, "should_exit", True)
+    metrics_dir = None
     if processes > 1:
         # uvicorn's supervisor: one listening socket, that many processes accepting on it, each restarted when it
         # dies; SIGTERM ends each gracefully. It installs its own signal handlers and returns once all are gone.
         from uvicorn.supervisors import Multiprocess
 
+        from backend.metrics import MULTIPROC_ENV
+
+        # the processes keep their metrics in one fresh folder, so /metrics on any of them gives the sum
+        metrics_dir = tempfile.mkdtemp(prefix="echo4o-gateway-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
         run, stop = supervisor.run, supervisor.should_exit.set
         log.info("gateway processes", extra={"processes": processes, "port": settings.port})
@@ -109,6 +117,8 @@ def serve(
     finally:
         if worker is not None:
             _stop_worker(worker, log)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     if worker is not None and startup_failure.is_set():
         # the worker printed the one `error:` line naming the fix; a gateway whose only worker cannot start
         # would accept jobs that never run
@@ -140,7 +150,8 @@ class _EmbeddedWorker:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "echo4o", "worker", "--queues", EMBEDDED_QUEUES]
-        proc = subprocess.Popen(args, env=os.environ.copy(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the gateway's metrics only
+        proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
         return proc
 
