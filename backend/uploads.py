@@ -16,10 +16,8 @@ import base64
 import binascii
 import io
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import FormData, UploadFile
 
 from backend.errors import ApiError, invalid
+from echo4o.files import write_atomic
 from echo4o.jobs import MIN_SIDE  # smaller references carry no usable content and trip the engine's resizing
 from echo4o.settings import Settings
 
@@ -150,15 +149,9 @@ def save_references(images: list[CheckedImage], *, data_dir: Path, job_id: str) 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for n, checked in enumerate(images):
-        target = folder / f"{n}.png"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{n}.", suffix=".png.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                checked.image.save(fh, format="PNG")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        checked.image.save(buf, format="PNG")
+        target = write_atomic(folder / f"{n}.png", buf.getvalue())  # on the disk before the job is recorded
         paths.append(target.relative_to(data_dir).as_posix())
     return paths
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +23,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from echo4o import __version__
+from echo4o.files import write_atomic
 from echo4o.settings import get_settings
 
 PARAMS_KEY = "echo4o.params"
@@ -80,21 +79,8 @@ def png_bytes(image: Image.Image, params: dict[str, Any] | None = None, *, compr
 
 def write_png(image: Image.Image, path: str | Path, params: dict[str, Any], *,
               compress_level: int | None = None) -> Path:
-    """Write ``image`` with ``params`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, params, compress_level=compress_level)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``image`` with ``params`` to ``path`` atomically (:func:`echo4o.files.write_atomic`)."""
+    return write_atomic(path, png_bytes(image, params, compress_level=compress_level))
 
 
 def params_from_png(source: str | Path | bytes | IO[bytes] | Image.Image) -> dict[str, Any]:

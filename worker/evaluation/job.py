@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from echo4o.db import crud, session_scope
+from echo4o.files import write_atomic
 from echo4o.jobs import (
     ACTIVE_STATUSES,
     BENCHMARK_IMAGE_PRIORITY,
@@ -179,7 +178,7 @@ def _phase(job_id: str, payload: BenchmarkJob, *, owner: str, model_version: str
                         created.append(child_id)
                     pending.append("queued")
                 elif child.status == "succeeded":
-                    _copy_image(data_dir / child.result["images"][0], out / IMAGES_DIR / name)
+                    write_atomic(out / IMAGES_DIR / name, (data_dir / child.result["images"][0]).read_bytes())
                 elif child.status in ACTIVE_STATUSES:
                     pending.append(child.status)
                     if recovering and child.status == "queued":
@@ -232,18 +231,6 @@ def _create_child(s: Any, run_id: str, child_id: str, record: Any, k: int, gener
         s.rollback()
         return False
     return True
-
-
-def _copy_image(src: Path, dst: Path) -> None:
-    data = src.read_bytes()
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Cancelled(Exception):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from echo4o.files import write_atomic
 from echo4o.jobs import (
     DEFAULT_RENORM_MIN,
     DEFAULT_SIZE,
@@ -139,17 +139,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return png_bytes(image.convert("RGB"))  # at ECHO4O_PNG_COMPRESS_LEVEL
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_or_write_run_file(out: Path, identity: dict[str, Any]) -> None:
     path = out / RUN_FILE
     if path.is_file():
@@ -159,7 +148,7 @@ def _check_or_write_run_file(out: Path, identity: dict[str, Any]) -> None:
                 raise RunMismatch(f"{out} holds another run: its {key} differs "
                                   f"({_diff(previous.get(key), identity[key])}); resume with the same suite, limit and "
                                   "settings, or choose a new output directory")
-    _write_atomic(path, json.dumps(identity, indent=2).encode())
+    write_atomic(path, json.dumps(identity, indent=2).encode())
 
 
 def _diff(old: Any, new: Any) -> str:
@@ -204,7 +193,7 @@ def run_benchmark(records: Sequence[PromptRecord], out_dir: str | os.PathLike, *
             judge.cache.close()
             judge.close()
 
-    _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results).encode())
+    write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results).encode())
     order = GENEVAL_PP_TAGS if suite == "geneval_pp" else GENEVAL_TAGS if suite == "geneval" else ()
     scores = score_results(suite, results, tag_order=order)
     notes = list(scores.get("notes", []))
@@ -255,7 +244,7 @@ def _generate_all(records: Sequence[PromptRecord], out: Path, generate: Generate
             raise RuntimeError(f"generate returned {len(images)} images for prompt {record.id}, expected "
                                f"{len(missing)} (one per seed)")
         for k, image in zip(missing, images, strict=True):
-            _write_atomic(out / IMAGES_DIR / image_name(record, k), _png_bytes(image))
+            write_atomic(out / IMAGES_DIR / image_name(record, k), _png_bytes(image))
             made += 1
             done += 1
             progress("generate", done, total)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from echo4o.files import write_atomic
 from echo4o.jobs import BENCHMARK_SUITES, BenchmarkSuite
 
 SuiteName = BenchmarkSuite
@@ -318,9 +318,4 @@ def fetch_suite_file(suite: str, cache_dir: str | os.PathLike, *, base_url: str 
     if digest != source.sha256:
         raise SuiteFileError(f"the {suite} prompts downloaded from {url} hash to {digest}, not the pinned "
                              f"{source.sha256}; the source changed or the download was altered; nothing was kept")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(response.content)
-    os.replace(tmp, target)
-    return target
+    return write_atomic(target, response.content)
