@@ -43,7 +43,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-PROMPT = "a lighthouse on a cliff at dawn"
+from benchmarks.harness import Direct, end_to_end  # noqa: E402
+
 BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_steps": 2, "priority": 0}
 
 
@@ -106,52 +107,12 @@ class Load:
 
 # --- the two paths ----------------------------------------------------------------------------------------------
 
-class Direct:
-    """The pipeline in this process, on the CPU like the worker, warmed up as the worker is."""
-
-    def __init__(self, model: Path, size: int, seed: int) -> None:
-        from worker.engine import Echo4oPipeline
-
-        self.pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
-        self.kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
-        self.pipe(PROMPT, num_steps=3, **self.kwargs)
-
-    def calibrate(self, target_s: float) -> int:
-        """Steps for a call of about ``target_s`` seconds (per-step time from two call lengths)."""
-        times = {}
-        for n in (3, 9):
-            t0 = time.perf_counter()
-            self.pipe(PROMPT, num_steps=n, **self.kwargs)
-            times[n] = time.perf_counter() - t0
-        per_step = max(1e-3, (times[9] - times[3]) / 6)
-        fixed = max(0.0, times[3] - 2 * per_step)
-        return max(2, min(100, round((target_s - fixed) / per_step) + 1))
-
-    def run(self, steps: int) -> float:
-        t0 = time.perf_counter()
-        self.pipe(PROMPT, num_steps=steps, **self.kwargs)
-        return time.perf_counter() - t0
-
-
-def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> tuple[float, float]:
-    """Seconds from submit to the PNG in hand for one job (priority 9), and the worker's sampling seconds."""
-    body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed, "priority": 9}
-    t0 = time.perf_counter()
-    r = client.post("/generate", params={"wait": 600}, json=body)
-    r.raise_for_status()
-    job = r.json()
-    if job.get("status") != "succeeded":
-        raise RuntimeError(f"job did not succeed in time: {job}")
-    client.get(job["result"]["images"][0]["url"]).raise_for_status()
-    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
-
-
 def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: int, repeats: int) -> dict:
     """Alternated runs (load from elsewhere on the machine hits both paths alike)."""
     d, e, sampling = [], [], []
     for _ in range(repeats):
         d.append(direct.run(steps))
-        wall, sampled = end_to_end(client, size, steps, seed)
+        wall, sampled = end_to_end(client, size, steps, seed, priority=9)
         e.append(wall)
         sampling.append(sampled)
     dm, em, sm = statistics.median(d), statistics.median(e), statistics.median(sampling)
@@ -205,8 +166,7 @@ def main() -> None:
 
     import redis
 
-    from benchmarks.serving_bench import torch_threads
-    from benchmarks.watchers_bench import private_redis, stack_env
+    from benchmarks.harness import private_redis, stack_env, torch_threads
     from tests.support.stack import live_stack
 
     tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
@@ -230,7 +190,7 @@ def main() -> None:
             print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}; direct call "
                   f"{direct.run(steps):.2f} s", flush=True)
             with stack.client(timeout=600) as client:
-                end_to_end(client, args.size, steps, seed)  # warm path
+                end_to_end(client, args.size, steps, seed, priority=9)  # warm path
                 idle = measure(direct, client, args.size, steps, seed, args.repeats)
                 print(f"idle: overhead_ratio {idle['overhead_ratio']:.3f}", flush=True)
                 loaded = measure_loaded(direct, client, stack, args, steps, seed) if args.loops else None

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serving_bench import SUBMIT_BODY, private_redis  # noqa: E402
+from benchmarks.harness import private_redis  # noqa: E402
+from benchmarks.serving_bench import SUBMIT_BODY  # noqa: E402
 
 BODY = json.dumps(SUBMIT_BODY).encode()
 

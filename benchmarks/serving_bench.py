@@ -44,7 +44,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-PROMPT = "a lighthouse on a cliff at dawn"
+from benchmarks.harness import PROMPT, Direct, end_to_end, private_redis, torch_threads  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,43 +54,6 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-class Direct:
-    """The pipeline in this process, on the CPU like the worker."""
-
-    def __init__(self, model: Path, size: int, seed: int) -> None:
-        from worker.engine import Echo4oPipeline
-
-        self.pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
-        self.kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
-        self.pipe(PROMPT, num_steps=3, **self.kwargs)  # warm-up, as the worker does
-
-    def calibrate(self, target_s: float) -> int:
-        """Steps for about ``target_s`` seconds of sampling (per-step time from a 6-step run)."""
-        probe = 6
-        t0 = time.perf_counter()
-        self.pipe(PROMPT, num_steps=probe, **self.kwargs)
-        per_step = (time.perf_counter() - t0) / (probe - 1)
-        return max(2, min(100, round(target_s / per_step) + 1))
-
-    def run(self, steps: int) -> float:
-        t0 = time.perf_counter()
-        self.pipe(PROMPT, num_steps=steps, **self.kwargs)
-        return time.perf_counter() - t0
-
-
-def end_to_end(client: httpx.Client, size: int, steps: int, seed: int) -> tuple[float, float]:
-    """(client wall seconds from submit to PNG in hand, worker-recorded sampling seconds) of one job."""
-    body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed}
-    t0 = time.perf_counter()
-    r = client.post("/generate", params={"wait": 600}, json=body)
-    r.raise_for_status()
-    job = r.json()
-    if job.get("status") != "succeeded":
-        raise RuntimeError(f"job did not succeed in time: {job}")
-    client.get(job["result"]["images"][0]["url"]).raise_for_status()
-    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
 
 
 # --- submissions with wrk (gateway without worker) -------------------------------------------------------
@@ -197,18 +160,6 @@ def run_client_processes(url: str, key: str | None, concurrency: int, duration_s
             "submits_per_s": (len(lat) - errors) / wall, "p50_ms": percentile(lat, 0.5) * 1000,
             "p99_ms": percentile(lat, 0.99) * 1000, "mean_ms": statistics.fmean(lat) * 1000 if lat else 0.0,
             "client": "python"}
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A redis-server of this run's own on a free port, no persistence (tests/support/redis_server.py); its URL."""
-    from tests.support.redis_server import RedisServer
-
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="echo4o-bench-redis-")), appendonly=False).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def process_cpu_s(pid: int) -> float:
@@ -386,13 +337,6 @@ def print_submission_figures(figures: dict[str, Any]) -> None:
     for label, b in rows:
         print(f"{label:<22}{b['concurrency']:>6}{b['requests']:>10}{b['errors']:>8}{b['submits_per_s']:>11.1f}"
               f"{b['mean_ms']:>9.1f}{b['p50_ms']:>8.1f}{b['p99_ms']:>8.1f}{b['server_cpu_ms_per_request']:>11.2f}")
-
-
-def torch_threads() -> int:
-    """The CPU threads torch uses in this process (the direct call's)."""
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main() -> None:

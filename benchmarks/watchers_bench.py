@@ -36,7 +36,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,31 +44,10 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
+from benchmarks.harness import private_redis, stack_env  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OPEN_BATCH = 50  # streams a client opens at once
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A redis-server of this run's own on a free port, no persistence (tests/support/redis_server.py); its URL."""
-    from tests.support.redis_server import RedisServer
-
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="echo4o-bench-redis-")), appendonly=False).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def stack_env(pairs: list[str]) -> dict[str, str]:
-    """``--stack-env NAME=VALUE`` arguments as an environment; exits naming a malformed one."""
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--stack-env takes NAME=VALUE, got {pair!r}")
-        env[name] = value
-    return env
 
 
 def cpu_ticks(pid: int) -> int:

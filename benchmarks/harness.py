@@ -1,0 +1,88 @@
+"""What the serving benchmarks share: a private Redis, the stack's settings, the direct pipeline call they compare
+against, and one job timed end to end through a live stack."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+PROMPT = "a lighthouse on a cliff at dawn"
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of this run's own on a free port, no persistence (tests/support/redis_server.py); its URL."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="echo4o-bench-redis-")), appendonly=False).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def stack_env(pairs: list[str]) -> dict[str, str]:
+    """``--stack-env NAME=VALUE`` arguments as an environment; exits naming a malformed one."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--stack-env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def torch_threads() -> int:
+    """The CPU threads torch uses in this process (the direct call's): the stack's worker gets as many."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+class Direct:
+    """The pipeline in this process, on the CPU like the worker, warmed up as the worker is."""
+
+    def __init__(self, model: Path, size: int, seed: int) -> None:
+        from worker.engine import Echo4oPipeline
+
+        self.pipe = Echo4oPipeline.from_pretrained(str(model), device="cpu", dtype="float32")
+        self.kwargs = {"height": size, "width": size, "seed": seed, "num_images": 1}
+        self.pipe(PROMPT, num_steps=3, **self.kwargs)
+
+    def calibrate(self, target_s: float) -> int:
+        """Steps for a call of about ``target_s`` seconds (per-step time from two call lengths)."""
+        times = {}
+        for n in (3, 9):
+            t0 = time.perf_counter()
+            self.pipe(PROMPT, num_steps=n, **self.kwargs)
+            times[n] = time.perf_counter() - t0
+        per_step = max(1e-3, (times[9] - times[3]) / 6)
+        fixed = max(0.0, times[3] - 2 * per_step)
+        return max(2, min(100, round((target_s - fixed) / per_step) + 1))
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        self.pipe(PROMPT, num_steps=steps, **self.kwargs)
+        return time.perf_counter() - t0
+
+
+def end_to_end(client: httpx.Client, size: int, steps: int, seed: int, priority: int | None = None
+               ) -> tuple[float, float]:
+    """(client wall seconds from submit to PNG in hand, the worker's recorded sampling seconds) of one job:
+    ``POST /generate?wait=`` until it comes back finished, then its PNG downloaded."""
+    body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed}
+    if priority is not None:
+        body["priority"] = priority
+    t0 = time.perf_counter()
+    r = client.post("/generate", params={"wait": 600}, json=body)
+    r.raise_for_status()
+    job = r.json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed in time: {job}")
+    client.get(job["result"]["images"][0]["url"]).raise_for_status()
+    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
