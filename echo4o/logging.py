@@ -52,6 +52,21 @@ def get_logger(name: str) -> logging.Logger:
 
 #: Logger name and message fragment of library warnings that tell the user nothing they can act on.
 _XFORMERS_NO_EXTENSIONS = ("xformers", "can't load C++/CUDA extensions")
+#: bitsandbytes (0.50) on a CPU with AVX512-BF16 tries, at import, to fetch an optional CPU 4-bit kernel from the
+#: Hugging Face Hub through the `kernels` package, and warns "Failed to load" when it cannot: its own CPU kernel
+#: runs instead, and the 4-bit modes are meant for GPUs anyway.
+_BNB_CPU_KERNEL = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+
+
+class _Drop(logging.Filter):
+    """Drops a record containing ``fragment``."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
 
 
 class _DropWithoutCuda(logging.Filter):
@@ -74,7 +89,7 @@ class _DropWithoutCuda(logging.Filter):
 def quiet_library_noise() -> None:
     """Install the filters for library warnings that mean nothing to the user; call it before the library is
     imported (the ``echo4o`` command does, first thing). Idempotent; other messages of those loggers pass."""
-    name, fragment = _XFORMERS_NO_EXTENSIONS
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _DropWithoutCuda) for f in logger.filters):
-        logger.addFilter(_DropWithoutCuda(fragment))
+    for (name, fragment), kind in ((_XFORMERS_NO_EXTENSIONS, _DropWithoutCuda), (_BNB_CPU_KERNEL, _Drop)):
+        logger = logging.getLogger(name)
+        if not any(type(f) is kind for f in logger.filters):
+            logger.addFilter(kind(fragment))
