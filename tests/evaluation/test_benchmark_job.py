@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from echo4o.db import session_scope, upgrade_to_head
 from echo4o.db.models import Job
-from echo4o.jobs import parse_job
+from echo4o.jobs import MAX_STEPS, parse_job
 from tests.evaluation.servers import judge_server
 from tests.support.benchmarks import shared_benchmarks_dir
 from tests.support.worker_proc import WAIT_S, WorkerProcess, _poll_job, wait_for_job, wait_for_progress
@@ -60,8 +60,9 @@ def test_killed_run_resumes_without_regenerating_images_or_reasking_verdicts(
     prompts = _write_prompts(data_dir)
     release = threading.Event()
     with judge_server(hold_after=1, release=release) as (url, judge_log):
-        run_id = _submit_run(suite="custom", prompts=prompts, height=32, width=32, num_steps=12, seed=7,
-                        judge_url=url, judge_model="judge-m")
+        # images long enough (MAX_STEPS: about 0.1 s each on a fast machine) to be seen mid-sampling
+        run_id = _submit_run(suite="custom", prompts=prompts, height=64, width=64, num_steps=MAX_STEPS, seed=7,
+                             judge_url=url, judge_model="judge-m")
         second_image = child_job_id(run_id, "0002_0.png")
 
         # 1. killed while the run's second image is sampling: the first image job has finished

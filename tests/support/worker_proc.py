@@ -35,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 240.0
 #: Pause between two reads of the condition a wait polls.
 POLL_S = 0.05
+PROGRESS_POLL_S = 0.01
 
 
 class WorkerProcessError(RuntimeError):
@@ -179,7 +180,7 @@ class WorkerProcess:
 
 
 def _poll_job(job_id: str, done: Callable[[Any], bool], *, what: str, timeout_s: float,
-              database_url: str | None, worker: WorkerProcess | None):
+              database_url: str | None, worker: WorkerProcess | None, poll_s: float = POLL_S):
     """Read the job row until ``done(row)``; returns the row. Fails, with the worker's log tail, when the
     worker died or ``timeout_s`` passed."""
     from echo4o.db import crud, session_scope
@@ -198,7 +199,7 @@ def _poll_job(job_id: str, done: Callable[[Any], bool], *, what: str, timeout_s:
                 f"job {job_id} still {job and job.status} (step {job and job.progress_step}) after {timeout_s} s, "
                 f"waiting for {what}{log}"
             )
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
 def wait_for_job(job_id: str, *, statuses: tuple[str, ...] = TERMINAL_STATUSES, timeout_s: float = WAIT_S,
@@ -223,5 +224,6 @@ def wait_for_progress(job_id: str, *, min_step: int = 1, timeout_s: float = WAIT
             )
         return job.status == "running" and job.progress_step >= min_step
 
+    # a tiny job samples a step in a millisecond or two: poll often, so that the running window is not missed
     return _poll_job(job_id, reached, what=f"step {min_step}", timeout_s=timeout_s, database_url=database_url,
-                     worker=worker)
+                     worker=worker, poll_s=PROGRESS_POLL_S)

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from echo4o import queue
+from echo4o.jobs import MAX_STEPS
 from echo4o.settings import get_settings
 from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import KILLABLE, submit, use_env, worker_env
 
-#: Long enough to be killed mid-run, short enough that its rerun is quick: the rerun makes every step again.
-STEPS = 40
+#: Long enough to be killed mid-run (about 0.1 s of sampling on a fast machine), short enough that its rerun is
+#: quick: the rerun makes every step again.
+STEPS = MAX_STEPS
 
 
 @pytest.fixture

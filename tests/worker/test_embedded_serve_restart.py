@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from echo4o.jobs import MIN_SIDE
+from echo4o.jobs import MAX_STEPS, MIN_SIDE
 from tests.support.stack import live_stack
 from tests.support.worker_proc import wait_for_progress
 
@@ -17,7 +17,7 @@ def test_serve_restarts_its_killed_worker_and_the_job_runs_again(tiny_model: Pat
     with live_stack(model=tiny_model, data_dir=tmp_path / "stack", env=env) as stack:
         with stack.client(None) as c:
             r = c.post("/generate", json={"prompt": "restart", "seed": 1, "height": MIN_SIDE, "width": MIN_SIDE,
-                                          "num_steps": 40})
+                                          "num_steps": MAX_STEPS})
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
         first = wait_for_progress(job_id, database_url=stack.database_url)
