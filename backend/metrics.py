@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from echo4o.db import crud, get_sessionmaker
 from echo4o.db.models import TERMINAL_STATUSES, Job, utcnow
+from echo4o.files import write_atomic
 from echo4o.logging import get_logger
 
 log = get_logger(__name__)
@@ -152,10 +153,8 @@ class Metrics:
                     self._since = datetime.fromisoformat(saved["since"])
                     self._seen_at_since = set(saved["seen"])
                 yield
-                tmp = f"{cursor}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"since": self._since.isoformat(), "seen": sorted(self._seen_at_since)}, f)
-                os.replace(tmp, cursor)
+                write_atomic(cursor, json.dumps({"since": self._since.isoformat(),
+                                                 "seen": sorted(self._seen_at_since)}).encode())
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -274,13 +274,13 @@ def write_images(job_id: str, images: list[Any], params: dict[str, Any], data_di
     overwrites the same files, so a redelivered job is harmless, and removes the temp files of an attempt killed
     mid-write; the row's result is written once, by the attempt that holds the job (``crud.mark_succeeded`` with
     the claim's fence)."""
+    from echo4o.files import remove_partial_writes
     from echo4o.pnginfo import write_png
 
     folder = data_dir / "results" / job_id
-    # an attempt killed while writing leaves its temp file (``.<n>.png.<random>.tmp``): this attempt holds the job
-    # now (the earlier one's worker is gone), so what it left is removed
-    for stale in folder.glob(".*.png.*.tmp") if folder.is_dir() else ():
-        stale.unlink(missing_ok=True)
+    # an attempt killed while writing leaves its temp file: this attempt holds the job now (the earlier one's
+    # worker is gone), so what it left is removed
+    remove_partial_writes(folder)
     rel: list[str] = []
     for n, image in enumerate(images):
         write_png(image, folder / f"{n}.png", {**params, "image_index": n})

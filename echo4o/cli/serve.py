@@ -150,7 +150,9 @@ class _EmbeddedWorker:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "echo4o", "worker", "--queues", EMBEDDED_QUEUES]
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the gateway's metrics only
+        from backend.metrics import MULTIPROC_ENV
+
+        env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}  # the gateway's metrics only
         proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.log.info("embedded worker started", extra={"pid": proc.pid, "broker": "embedded (SQLite)"})
         return proc

@@ -20,11 +20,6 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def _answering_pids(log: Path) -> set[str]:
-    lines = log.read_text(errors="replace").splitlines()
-    return {line.split("pid=")[1].split()[0] for line in lines if "job submitted" in line and "pid=" in line}
-
-
 def test_each_scrape_of_either_process_sums_both_and_counts_an_ended_job_once(tmp_path: Path, redis_url: str) -> None:
     rounds, per_round = 10, 20
     gw = start_gateway(tmp_path, redis_url, gateway_processes="2", log_level="INFO",
@@ -43,9 +38,9 @@ def test_each_scrape_of_either_process_sums_both_and_counts_an_ended_job_once(tm
                     r = client.post("/generate", json={"prompt": f"cube {len(ids) + i}", "num_steps": 2})
                     assert r.status_code == 202, r.text
                     ids.append(r.json()["id"])
-                if len(_answering_pids(gw.log)) == 2:
+                if len(gw.answering_pids()) == 2:
                     break
-            assert len(_answering_pids(gw.log)) == 2, f"one process answered all {len(ids)} submits:\n{gw.tail()}"
+            assert len(gw.answering_pids()) == 2, f"one process answered all {len(ids)} submits:\n{gw.tail()}"
             cancelled = ids[:5]  # no worker runs: a cancel ends a queued job at once
             for job_id in cancelled:
                 assert client.delete(f"/jobs/{job_id}").status_code in (200, 202)

@@ -110,12 +110,6 @@ def test_new_connections_are_refused_once_stopped(gateway: Gateway) -> None:
         httpx.get(f"{gw.url}/healthz", timeout=5)
 
 
-def _answering_pids(gw: Gateway) -> set[str]:
-    """The processes named in the gateway's submit log lines (the whole log: ``tail`` keeps only its end)."""
-    lines = gw.log.read_text(errors="replace").splitlines()
-    return {line.split("pid=")[1].split()[0] for line in lines if "job submitted" in line and "pid=" in line}
-
-
 def test_two_processes_share_the_port_and_each_records_what_it_accepts(tmp_path: Path, redis_url: str) -> None:
     rounds, per_round = 10, 40
     gw = start_gateway(tmp_path, redis_url, gateway_processes="2", log_level="INFO",
@@ -135,10 +129,10 @@ def test_two_processes_share_the_port_and_each_records_what_it_accepts(tmp_path:
                     statuses = list(pool.map(submit, range(submitted, submitted + per_round)))
                 assert statuses == [202] * per_round
                 submitted += per_round
-                if len(_answering_pids(gw)) == 2:
+                if len(gw.answering_pids()) == 2:
                     break
         assert gw.job_count() == submitted
-        pids = _answering_pids(gw)
+        pids = gw.answering_pids()
         assert len(pids) == 2, f"{submitted} submissions were answered by {pids or 'no'} process(es):\n{gw.tail()}"
     finally:
         gw.kill()

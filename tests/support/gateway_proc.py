@@ -41,6 +41,11 @@ class GatewayProcess:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def answering_pids(self) -> set[str]:
+        """The processes named in the gateway's submit log lines (the whole log: :meth:`tail` keeps only its end)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        return {line.split("pid=")[1].split()[0] for line in lines if "job submitted" in line and "pid=" in line}
+
     def job_count(self) -> int:
         with session_scope(self.database_url) as s:
             return crud.list_jobs(session=s, owner=None, limit=1, offset=0)[1]
