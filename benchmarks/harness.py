@@ -3,6 +3,7 @@ against, and one job timed end to end through a live stack."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import tempfile
 import time
@@ -24,6 +25,12 @@ def private_redis() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def add_stack_env_argument(ap: argparse.ArgumentParser) -> None:
+    """``--stack-env NAME=VALUE`` (repeatable): settings for the stack's processes, for A/B runs of a setting."""
+    ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
 
 
 def stack_env(pairs: list[str]) -> dict[str, str]:

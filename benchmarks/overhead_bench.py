@@ -43,7 +43,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import Direct, end_to_end  # noqa: E402
+from benchmarks.harness import Direct, add_stack_env_argument, end_to_end  # noqa: E402
 
 BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_steps": 2, "priority": 0}
 
@@ -159,8 +159,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
     ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load (0: no "
                     "load phase)")
-    ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
+    add_stack_env_argument(ap)
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 

@@ -44,7 +44,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import private_redis, stack_env  # noqa: E402
+from benchmarks.harness import add_stack_env_argument, private_redis, stack_env  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OPEN_BATCH = 50  # streams a client opens at once
@@ -215,8 +215,7 @@ def main() -> None:
                     "redis-server of the run's own on a free port")
     ap.add_argument("--embedded", action="store_true", help="no Redis: embedded broker, the hub polls")
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
-    ap.add_argument("--stack-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="a setting for the stack's processes (repeatable), e.g. ECHO4O_PROGRESS_INTERVAL_S=0.05")
+    add_stack_env_argument(ap)
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 

@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from echo4o import queue
-from echo4o.jobs import MAX_STEPS
 from echo4o.settings import get_settings
 from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import KILLABLE, submit, use_env, worker_env
-
-#: Long enough to be killed mid-run (about 0.1 s of sampling on a fast machine), short enough that its rerun is
-#: quick: the rerun makes every step again.
-STEPS = MAX_STEPS
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ def test_killed_busy_worker_job_runs_again_on_the_other_worker_once(
     assert get_settings().broker_visibility_timeout_s > 3000  # Redis would redeliver only after an hour
     w1, w2 = request.getfixturevalue("two_workers")
 
-    job_id = submit(prompt="dead worker", seed=5, **{**KILLABLE, "num_steps": STEPS})
+    job_id = submit(prompt="dead worker", seed=5, **KILLABLE)  # MAX_STEPS: long enough to be killed mid-run
     job = wait_for_progress(job_id)  # mid-sampling on one of them
     busy, idle = (w1, w2) if job.worker == w1.worker_id else (w2, w1)
     assert job.worker == busy.worker_id and job.attempts == 1
