@@ -69,18 +69,14 @@ class _Drop(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
-class _DropWithoutCuda(logging.Filter):
+class _DropWithoutCuda(_Drop):
     """Drops a record containing ``fragment`` when this process has no CUDA device: xformers' kernels need
     CUDA, so on a CPU machine its "can't load C++/CUDA extensions" warning describes nothing the user could use
     (the engine runs sdpa there). With CUDA present the warning is kept: it explains why ``auto`` attention
     does not pick xformers."""
 
-    def __init__(self, fragment: str) -> None:
-        super().__init__()
-        self.fragment = fragment
-
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.fragment not in record.getMessage():
+        if super().filter(record):
             return True
         torch = sys.modules.get("torch")  # xformers imports torch before it warns
         return bool(torch is not None and torch.cuda.is_available())
