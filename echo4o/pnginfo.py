@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,12 +69,16 @@ def params_to_pnginfo(params: dict[str, Any]) -> PngInfo:
 
 def png_bytes(image: Image.Image, params: dict[str, Any] | None = None, *, compress_level: int | None = None) -> bytes:
     """The PNG encoding of ``image``, with ``params`` (if any) in its text chunks (deterministic for the same
-    input). ``compress_level``: zlib's, default ``ECHO4O_PNG_COMPRESS_LEVEL``."""
+    input). ``compress_level``: zlib's, default ``ECHO4O_PNG_COMPRESS_LEVEL``; 0 stores the rows uncompressed.
+
+    Compressed with zlib's run-length strategy (``Z_RLE``): after PNG's row filters most of a picture is runs
+    of small differences, so it gives files about the size of Pillow's default (level 6) at level-1 speed or
+    better (``benchmarks/png_bench.py``); the level then hardly matters."""
     if compress_level is None:
         compress_level = get_settings().png_compress_level
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=params_to_pnginfo(params) if params is not None else None,
-               compress_level=compress_level)
+               compress_level=compress_level, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 

@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
     png_compress_level: int = Field(
-        1, ge=0, le=9, description="zlib level of the PNGs workers write (0: none, 9: smallest). Encoding runs on "
-        "the worker between sampling and the job's answer: at 1024x1024 a photo-like image takes about 80 ms at 1 "
-        "and 430 ms at Pillow's default 6, for a file about 18 % larger.",
+        1, ge=0, le=9, description="zlib level of the PNGs workers write: 0 stores the pixels uncompressed, 1-9 "
+        "compress them with zlib's run-length strategy, where the level hardly changes size or speed. Encoding runs "
+        "on the worker between sampling and the job's answer (benchmarks/png_bench.py gives the figures).",
     )
     progress_interval_s: float = Field(
         0.25, ge=0, le=10, description="A running job's progress is written to its row at most this often (the "
