@@ -8,7 +8,9 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -78,18 +80,40 @@ class Direct:
         return time.perf_counter() - t0
 
 
-def end_to_end(client: httpx.Client, size: int, steps: int, seed: int, priority: int | None = None
-               ) -> tuple[float, float]:
-    """(client wall seconds from submit to PNG in hand, the worker's recorded sampling seconds) of one job:
-    ``POST /generate?wait=`` until it comes back finished, then its PNG downloaded."""
+class Trip(NamedTuple):
+    """One job end to end: the client's wall seconds from submit to PNG in hand, the worker's recorded sampling
+    seconds, and ``phases``: where the rest went, in seconds, from the job's timestamps and timings against the
+    client's clock (one machine, one clock)."""
+
+    wall_s: float
+    sampling_s: float
+    phases: dict[str, float]
+
+
+#: The serving path of a job, in order (``Trip.phases``): submit accepted (client send to the row's
+#: ``created_at``), queue (to the claim, ``started_at``), the worker's own bookkeeping before and after sampling,
+#: PNG encoding and writing, the answer (the worker's result to the client holding it) and the PNG download.
+PHASES = ("submit", "queue", "worker", "encoding", "answer", "download")
+
+
+def end_to_end(client: httpx.Client, size: int, steps: int, seed: int, priority: int | None = None) -> Trip:
+    """One job through the stack: ``POST /generate?wait=`` until it comes back finished, then its PNG downloaded."""
     body = {"prompt": PROMPT, "height": size, "width": size, "num_steps": steps, "seed": seed}
     if priority is not None:
         body["priority"] = priority
-    t0 = time.perf_counter()
+    sent, t0 = time.time(), time.perf_counter()
     r = client.post("/generate", params={"wait": 600}, json=body)
     r.raise_for_status()
+    answered, t_answered = time.time(), time.perf_counter()
     job = r.json()
     if job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed in time: {job}")
     client.get(job["result"]["images"][0]["url"]).raise_for_status()
-    return time.perf_counter() - t0, job["result"]["timings"]["sampling_s"]
+    t_end = time.perf_counter()
+    timings = job["result"]["timings"]
+    created, started = (datetime.fromisoformat(job[k]).timestamp() for k in ("created_at", "started_at"))
+    worker_s = timings["total_s"]  # from the worker receiving the job to its result, stored just after
+    phases = {"submit": created - sent, "queue": started - created,
+              "worker": worker_s - timings["sampling_s"] - timings["encoding_s"], "encoding": timings["encoding_s"],
+              "answer": answered - started - worker_s, "download": t_end - t_answered}
+    return Trip(t_end - t0, timings["sampling_s"], phases)

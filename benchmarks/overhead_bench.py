@@ -5,7 +5,8 @@ model, size, steps and seed), and end to end through a live stack (``echo4o serv
 ``echo4o worker``): ``POST /generate?wait=`` until the finished job comes back, then its PNG downloaded.
 ``overhead_ratio`` = median end-to-end / median direct. The job's own timings split the difference in two:
 ``serving_path_s`` (median of end-to-end minus the worker's sampling time: the submit, the queue, the worker's
-bookkeeping and PNG encoding, the answer and the download) and ``sampling_over_direct`` (the worker's sampling
+bookkeeping and PNG encoding, the answer and the download; ``phases_s_median`` splits it, see
+``benchmarks.harness.PHASES``) and ``sampling_over_direct`` (the worker's sampling
 over the direct call: the same computation in another process, which on a small CPU machine also shares its
 cores with the gateway and Redis). Measured twice:
 
@@ -43,7 +44,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import Direct, add_stack_env_argument, end_to_end  # noqa: E402
+from benchmarks.harness import PHASES, Direct, add_stack_env_argument, end_to_end  # noqa: E402
 
 BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_steps": 2, "priority": 0}
 
@@ -109,17 +110,17 @@ class Load:
 
 def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: int, repeats: int) -> dict:
     """Alternated runs (load from elsewhere on the machine hits both paths alike)."""
-    d, e, sampling = [], [], []
+    d, trips = [], []
     for _ in range(repeats):
         d.append(direct.run(steps))
-        wall, sampled = end_to_end(client, size, steps, seed, priority=9)
-        e.append(wall)
-        sampling.append(sampled)
+        trips.append(end_to_end(client, size, steps, seed, priority=9))
+    e, sampling = [t.wall_s for t in trips], [t.sampling_s for t in trips]
     dm, em, sm = statistics.median(d), statistics.median(e), statistics.median(sampling)
     return {"direct_s": d, "end_to_end_s": e, "worker_sampling_s": sampling, "direct_s_median": dm,
             "end_to_end_s_median": em, "worker_sampling_s_median": sm, "overhead_s_median": em - dm,
             "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d),
-            "serving_path_s_median": statistics.median(w - x for w, x in zip(e, sampling, strict=True)),
+            "serving_path_s_median": statistics.median(t.wall_s - t.sampling_s for t in trips),
+            "phases_s_median": {p: statistics.median(t.phases[p] for t in trips) for p in PHASES},
             "sampling_over_direct": sm / dm}
 
 
@@ -159,9 +160,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
     ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load (0: no "
                     "load phase)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of the direct call and the "
+                    "worker (default: torch's). On a small CPU machine 1 leaves a core to the gateway, Redis and the "
+                    "client, as a GPU machine leaves its CPU to them")
     add_stack_env_argument(ap)
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import redis
 
@@ -197,7 +205,8 @@ def main() -> None:
         r.flushdb()
         cleanup.close()
 
-    figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model)},
+    figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model),
+                       "threads": torch_threads()},
                "idle": idle, "overhead_ratio": idle["overhead_ratio"],
                "serving_path_s": idle["serving_path_s_median"], "sampling_over_direct": idle["sampling_over_direct"]}
     if loaded is not None:
@@ -210,6 +219,10 @@ def main() -> None:
             print(f"{name:<24}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>9.3f}"
                   f"{f['worker_sampling_s_median']:>12.3f}{f['overhead_ratio']:>7.3f}{f['overhead_ratio_min']:>13.3f}"
                   f"{f['serving_path_s_median'] * 1000:>17.0f}{f['sampling_over_direct']:>17.3f}")
+    for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
+        if f is not None:
+            print(f"serving path, {name}, median ms: "
+                  + ", ".join(f"{phase} {f['phases_s_median'][phase] * 1000:.1f}" for phase in PHASES))
     if loaded is not None:
         print(f"background: {loaded['background_cycles_per_s']:.1f} submit-follow-cancel cycles/s, "
               f"{loaded['background_jobs']} jobs, {loaded['background_started']} started before their cancel, "

@@ -403,9 +403,9 @@ def end_to_end_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 # interleaved, so that load from elsewhere on the machine hits both paths alike
                 for _ in range(args.repeats):
                     direct_wall.append(direct.run(steps))
-                    wall, sampling = end_to_end(client, args.size, steps, seed)
-                    e2e_wall.append(wall)
-                    e2e_sampling.append(sampling)
+                    trip = end_to_end(client, args.size, steps, seed)
+                    e2e_wall.append(trip.wall_s)
+                    e2e_sampling.append(trip.sampling_s)
     finally:
         r.flushdb()
 
