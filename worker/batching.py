@@ -50,7 +50,6 @@ class Member:
     payload: Any
     kwargs: dict[str, Any] | None
     parent_id: str | None
-    queue_wait_s: float
     t_received: float
 
 
@@ -112,14 +111,11 @@ def _claim_compatible(key: tuple, version: str, runtime: Any, seen: set[str], pl
         claim = claim_job(job_id, runtime)
         if not isinstance(claim, Claim):
             continue  # taken by another worker meanwhile, or cancelled
-        with session_scope(db) as s:
-            row = crud.get_job(session=s, job_id=job_id)
-            queue_wait_s = max(0.0, (row.started_at - row.created_at).total_seconds())
-        companions.append(Member(claim, payload, kwargs, parent_id, queue_wait_s, t_received))
+        companions.append(Member(claim, payload, kwargs, parent_id, t_received))
 
 
 def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: list[Member], runtime: Any,
-              queue_wait_s: float, t_received: float) -> str:
+              t_received: float) -> str:
     """Sample the lead job (``claim``, ``payload``) and its ``companions`` in one
     :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch`; each job ends as it would alone (written by the
     solo run's functions), its result with ``batch: {id, size}``. Returns the lead's status."""
@@ -127,7 +123,7 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
     from worker.evaluation.job import image_job_succeeded
 
     settings = get_settings()
-    members = [Member(claim, payload, None, parent_id, queue_wait_s, t_received), *companions]
+    members = [Member(claim, payload, None, parent_id, t_received), *companions]
     batch = {"id": uuid.uuid4().hex[:12], "size": len(members)}
     deadline = time.monotonic() + settings.job_timeout_s
     statuses: dict[str, str] = {}
@@ -145,7 +141,7 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
                 statuses[job_id] = tasks.sampling_failed(m.claim, exc, 0)
                 continue
             log.info("job started", extra={"job_id": job_id, "attempt": m.claim.attempt, "batch_id": batch["id"],
-                                           "batch_size": batch["size"], "queue_wait_s": round(m.queue_wait_s, 3)})
+                                           "batch_size": batch["size"], "queue_wait_s": round(m.claim.queue_wait_s, 3)})
             reporter = stack.enter_context(ProgressReporter(settings.database_url, job_id, claim=m.claim))
             last: dict[str, Any] = {"step": 0, "total": None}
             requests.append({**kwargs, "callback": tasks.step_callback(job_id, reporter, deadline, last),
@@ -159,13 +155,16 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
             except Exception as exc:  # noqa: BLE001 - the batch as a whole failed: each of its jobs fails with it
                 outs = [exc] * len(requests)
         sampling_s = time.perf_counter() - t0
+        for (_, reporter, last), out in zip(live, outs, strict=True):
+            if not isinstance(out, BaseException):  # written with the last step as the reporter closes
+                reporter.report(last["step"], last["total"], stage="encoding")
     for (m, reporter, last), out in zip(live, outs, strict=True):
         if not isinstance(out, BaseException) and reporter.cancelled.is_set():  # cancelled with the last step
             out = tasks.JobCancelled(m.claim.job_id)
         if isinstance(out, BaseException):
             status = tasks.sampling_failed(m.claim, out, last["step"])
         else:
-            status = tasks.store_result(m.claim, m.payload, out, runtime, last, m.queue_wait_s, sampling_s,
+            status = tasks.store_result(m.claim, m.payload, out, runtime, sampling_s,
                                         m.t_received, {"batch": batch})
         if status == "succeeded" and m.parent_id is not None:
             image_job_succeeded(m.parent_id)

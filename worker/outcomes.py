@@ -34,6 +34,8 @@ class Claim:
     job_id: str
     worker: str
     attempt: int
+    #: Seconds the job waited between its submission and this claim (the row's ``started_at - created_at``).
+    queue_wait_s: float = 0.0
 
     def fence(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "worker": self.worker}
@@ -82,8 +84,10 @@ def claim_job(job_id: str, runtime: Any, *, cancel: Callable[[str], str] | None 
     with session_scope(get_settings().database_url) as s:
         if crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name,
                              stale_after_s=runtime.dead_after_s):
-            attempt = s.scalar(sa.select(Job.attempts).where(Job.id == job_id))
-            claim = Claim(job_id, runtime.worker_id, int(attempt))
+            attempt, created_at, started_at = s.execute(
+                sa.select(Job.attempts, Job.created_at, Job.started_at).where(Job.id == job_id)).one()
+            claim = Claim(job_id, runtime.worker_id, int(attempt),
+                          max(0.0, (started_at - created_at).total_seconds()))
             runtime.claim = claim
             return claim
         row = crud.get_job(session=s, job_id=job_id)

@@ -118,21 +118,17 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
                                                          "error": str(exc)})
         return fail_job(job_id, "model_unavailable",
                         f"model_version {version!r} cannot be served by this worker: {exc}", claim)
-    with session_scope(get_settings().database_url) as s:
-        started = crud.get_job(session=s, job_id=job_id)
-        queue_wait_s = max(0.0, (started.started_at - started.created_at).total_seconds())
-
     log.info(
         "job started",
         extra={"job_id": job_id, "kind": job.kind, "attempt": claim.attempt, "redelivered": redelivered,
-               "queue_wait_s": round(queue_wait_s, 3)},
+               "queue_wait_s": round(claim.queue_wait_s, 3)},
     )
     runtime.set_status("busy")
     try:
         companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
         if companions:
-            return run_batch(claim, payload, job.parent_id, companions, runtime, queue_wait_s, t_received)
-        status = _run(claim, payload, runtime, queue_wait_s, t_received)
+            return run_batch(claim, payload, job.parent_id, companions, runtime, t_received)
+        status = _run(claim, payload, runtime, t_received)
         if status == "succeeded" and job.parent_id is not None:
             image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
         return status
@@ -149,7 +145,7 @@ JOB_HANDLERS["benchmark"] = execute_benchmark_job  # phased: never holds a worke
 JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train, publish, register
 
 
-def _run(claim: Claim, payload: Any, runtime: Any, queue_wait_s: float, t_received: float) -> str:
+def _run(claim: Claim, payload: Any, runtime: Any, t_received: float) -> str:
     settings = get_settings()
     job_id = claim.job_id
     deadline = time.monotonic() + settings.job_timeout_s
@@ -162,12 +158,13 @@ def _run(claim: Claim, payload: Any, runtime: Any, queue_wait_s: float, t_receiv
             t0 = time.perf_counter()
             on_step = step_callback(job_id, reporter, deadline, last)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
-        sampling_s = time.perf_counter() - t0
+            sampling_s = time.perf_counter() - t0
+            reporter.report(last["step"], last["total"], stage="encoding")  # one write with the last step, at exit
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobCancelled(job_id)
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         return sampling_failed(claim, exc, last["step"])
-    return store_result(claim, payload, out, runtime, last, queue_wait_s, sampling_s, t_received)
+    return store_result(claim, payload, out, runtime, sampling_s, t_received)
 
 
 def start_sampling(claim: Claim) -> None:
@@ -194,17 +191,14 @@ def sampling_failed(claim: Claim, exc: BaseException, step: int) -> str:
     return fail_job(claim.job_id, "engine_error", f"{type(exc).__name__}: {exc}", claim)
 
 
-def store_result(claim: Claim, payload: Any, out: Any, runtime: Any, last: dict[str, Any], queue_wait_s: float,
-                 sampling_s: float, t_received: float, extra: dict[str, Any] | None = None) -> str:
+def store_result(claim: Claim, payload: Any, out: Any, runtime: Any, sampling_s: float, t_received: float,
+                 extra: dict[str, Any] | None = None) -> str:
     """Write the images of a finished sampling (``out``) and the job's result (plus ``extra``, e.g. its batch);
     returns the job's status."""
     settings = get_settings()
     db = settings.database_url
     job_id = claim.job_id
-    try:
-        with session_scope(db) as s:
-            crud.update_progress(session=s, job_id=job_id, step=last["step"], total=last["total"], stage="encoding",
-                                 **claim.fence())
+    try:  # the job's row says `encoding` already: the sampling's reporter wrote it with the last step
         t1 = time.perf_counter()
         params = dict(out.params)
         params.setdefault("model_version", runtime.active_version)
@@ -216,7 +210,7 @@ def store_result(claim: Claim, payload: Any, out: Any, runtime: Any, last: dict[
                         claim)
 
     timings = {
-        "queue_wait_s": round(queue_wait_s, 4),
+        "queue_wait_s": round(claim.queue_wait_s, 4),
         "sampling_s": round(sampling_s, 4),
         "encoding_s": round(encoding_s, 4),
         "total_s": round(time.perf_counter() - t_received, 4),

@@ -1,0 +1,81 @@
+"""The database statements an image job costs on the worker's own thread, between the message and the answer.
+
+Each statement is a round trip (and each write a commit) on the serving path of every job, which on a small
+machine costs milliseconds (docs/performance.md, "Serving overhead"). The worker runs in this process on the
+test's SQLite records and the tiny model; the progress reporter's and the heartbeat's threads are not counted
+(the reporter's writes follow the clock, and so do the heartbeat's)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from echo4o.db import crud, get_engine, session_scope, upgrade_to_head
+from echo4o.jobs import parse_job
+from echo4o.settings import get_settings
+
+#: Statements of one job on the worker's thread: read the row, claim it (UPDATE, then its attempt and
+#: timestamps), the worker's status busy, look for batch companions, the sampling stage, the result, the worker's
+#: status ready. The stage `encoding` goes with the reporter's last progress write, and the queue wait is read
+#: with the claim (each was a statement of its own before).
+STATEMENTS_PER_JOB = 8
+
+
+@pytest.fixture
+def runtime(tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
+    import worker.runtime
+
+    monkeypatch.setenv("ECHO4O_MODEL", str(tiny_model))
+    monkeypatch.setenv("ECHO4O_DEVICE", "cpu")
+    monkeypatch.setenv("ECHO4O_WORKER_HEARTBEAT_S", "60")
+    get_settings.cache_clear()
+    rt = worker.runtime.WorkerRuntime()
+    rt.register()
+    rt.load()
+    rt.set_status("ready")
+    monkeypatch.setattr(worker.runtime, "_runtime", rt)
+    yield rt
+    rt.stop()
+
+
+def _statements_of_this_thread(run) -> list[str]:  # noqa: ANN001
+    me, seen = threading.get_ident(), []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001, ARG001
+        if threading.get_ident() == me:
+            seen.append(" ".join(statement.split())[:90])
+
+    engine = get_engine()
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        run()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_an_image_job_costs_a_fixed_number_of_statements_on_the_workers_thread(runtime) -> None:  # noqa: ANN001
+    from worker.tasks import execute_image_job
+
+    upgrade_to_head()
+    payload = parse_job("generate", {"prompt": "a red cube", "height": 32, "width": 32, "num_steps": 3})
+
+    def submit() -> str:
+        with session_scope() as s:
+            return crud.create_job(session=s, kind="generate", params=payload.model_dump(mode="json"),
+                                   model_version=get_settings().model_version).id
+
+    execute_image_job(submit())  # the first job warms up what is loaded lazily
+    job_id = submit()
+    outcomes: list[str] = []
+    statements = _statements_of_this_thread(lambda: outcomes.append(execute_image_job(job_id)))
+
+    assert outcomes == ["succeeded"]
+    assert len(statements) == STATEMENTS_PER_JOB, "\n".join(statements)
+    with session_scope() as s:
+        row = crud.get_job(session=s, job_id=job_id)
+    assert row.result["timings"]["queue_wait_s"] == round((row.started_at - row.created_at).total_seconds(), 4)
+    assert row.progress_step == row.progress_total == 2
