@@ -136,13 +136,13 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
             job_id = m.claim.job_id
             try:
                 kwargs = m.kwargs if m.kwargs is not None else m.payload.to_pipeline_kwargs()
-                tasks.start_sampling(m.claim)
-            except Exception as exc:  # noqa: BLE001 - cancelled meanwhile, unreadable reference: this job alone
+            except Exception as exc:  # noqa: BLE001 - an unreadable reference: this job alone
                 statuses[job_id] = tasks.sampling_failed(m.claim, exc, 0)
                 continue
             log.info("job started", extra={"job_id": job_id, "attempt": m.claim.attempt, "batch_id": batch["id"],
                                            "batch_size": batch["size"], "queue_wait_s": round(m.claim.queue_wait_s, 3)})
             reporter = stack.enter_context(ProgressReporter(settings.database_url, job_id, claim=m.claim))
+            tasks.start_sampling(reporter)  # a job cancelled meanwhile leaves the batch at its first step
             last: dict[str, Any] = {"step": 0, "total": None}
             requests.append({**kwargs, "callback": tasks.step_callback(job_id, reporter, deadline, last),
                              "preview_every": settings.preview_every})

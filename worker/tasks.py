@@ -153,8 +153,8 @@ def _run(claim: Claim, payload: Any, runtime: Any, t_received: float) -> str:
     last: dict[str, Any] = {"step": 0, "total": None}
     try:
         kwargs = payload.to_pipeline_kwargs()  # multiref opens its references under settings.data_dir
-        start_sampling(claim)
         with ProgressReporter(settings.database_url, job_id, claim=claim) as reporter:  # writes the last step on exit
+            start_sampling(reporter)
             t0 = time.perf_counter()
             on_step = step_callback(job_id, reporter, deadline, last)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
@@ -167,12 +167,10 @@ def _run(claim: Claim, payload: Any, runtime: Any, t_received: float) -> str:
     return store_result(claim, payload, out, runtime, sampling_s, t_received)
 
 
-def start_sampling(claim: Claim) -> None:
-    """Put the job in its ``sampling`` stage; :class:`JobCancelled` when its cancel was requested meanwhile."""
-    with session_scope(get_settings().database_url) as s:
-        if crud.update_progress(session=s, job_id=claim.job_id, step=0, total=None, stage="sampling",
-                                **claim.fence()):
-            raise JobCancelled(claim.job_id)
+def start_sampling(reporter: ProgressReporter) -> None:
+    """Put the job in its ``sampling`` stage: the reporter's thread writes it while the pipeline starts, off the
+    job's path. A cancel requested meanwhile comes back with that write and stops the run at its first step."""
+    reporter.report(0, None, stage="sampling")
 
 
 def sampling_failed(claim: Claim, exc: BaseException, step: int) -> str:

@@ -18,10 +18,10 @@ from echo4o.jobs import parse_job
 from echo4o.settings import get_settings
 
 #: Statements of one job on the worker's thread: read the row, claim it (UPDATE, then its attempt and
-#: timestamps), the worker's status busy, look for batch companions, the sampling stage, the result, the worker's
-#: status ready. The stage `encoding` goes with the reporter's last progress write, and the queue wait is read
-#: with the claim (each was a statement of its own before).
-STATEMENTS_PER_JOB = 8
+#: timestamps), the worker's status busy, look for batch companions, the result, the worker's status ready. The
+#: progress reporter's thread writes the stages `sampling` and (with the last step) `encoding`, and the queue
+#: wait is read with the claim (each was a statement on this thread before).
+STATEMENTS_PER_JOB = 7
 
 
 @pytest.fixture
