@@ -112,7 +112,8 @@ class ProgressReporter:
                 closing = self._closing
             if pending is not None:
                 self._write(pending)
-                last_write = time.monotonic()
+                if pending[0] > 0:  # a stage's start (step 0) does not hold back the first step's write
+                    last_write = time.monotonic()
             elif closing:
                 return
             else:

@@ -171,3 +171,20 @@ def test_the_write_interval_comes_from_the_setting_and_coalesces_the_steps_in_be
             reporter.report(step, 9)
     assert reporter.writes == 2  # steps 2-5 in one write, at close
     assert _row(db_url, job_id).progress_step == 5
+
+
+def test_a_stage_start_does_not_hold_back_the_first_step(db_url: str) -> None:
+    """The worker writes a job's `sampling` stage (step 0) through the reporter as the pipeline starts; the first
+    step still shows at once, not a whole write interval later."""
+    job_id = _running_job(db_url)
+    with ProgressReporter(db_url, job_id, min_interval_s=10 * EVENT_WAIT_S) as reporter:
+        reporter.report(0, None, stage="sampling")
+        deadline = time.monotonic() + EVENT_WAIT_S
+        while reporter.writes < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reporter.writes == 1 and _row(db_url, job_id).progress_stage == "sampling"
+        reporter.report(1, 9)
+        deadline = time.monotonic() + EVENT_WAIT_S
+        while reporter.writes < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reporter.writes == 2 and _row(db_url, job_id).progress_step == 1  # long before the interval
