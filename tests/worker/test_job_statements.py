@@ -11,11 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from echo4o.db import crud, get_engine, session_scope, upgrade_to_head
+from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.jobs import parse_job
 from echo4o.settings import get_settings
+from tests.support.statements import recorded_statements
 
 #: Statements of one job on the worker's thread: read the row, claim it (UPDATE, then its attempt and
 #: timestamps), the worker's status busy, look for batch companions, the result, the worker's status ready. The
@@ -41,22 +41,6 @@ def runtime(tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
     rt.stop()
 
 
-def _statements_of_this_thread(run) -> list[str]:  # noqa: ANN001
-    me, seen = threading.get_ident(), []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001, ARG001
-        if threading.get_ident() == me:
-            seen.append(" ".join(statement.split())[:90])
-
-    engine = get_engine()
-    sa.event.listen(engine, "before_cursor_execute", record)
-    try:
-        run()
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
-    return seen
-
-
 def test_an_image_job_costs_a_fixed_number_of_statements_on_the_workers_thread(runtime) -> None:  # noqa: ANN001
     from worker.tasks import execute_image_job
 
@@ -70,10 +54,11 @@ def test_an_image_job_costs_a_fixed_number_of_statements_on_the_workers_thread(r
 
     execute_image_job(submit())  # the first job warms up what is loaded lazily
     job_id = submit()
-    outcomes: list[str] = []
-    statements = _statements_of_this_thread(lambda: outcomes.append(execute_image_job(job_id)))
+    with recorded_statements(get_settings().database_url) as log:
+        outcome = execute_image_job(job_id)
+    statements = [" ".join(sql.split())[:90] for sql in log.on(threading.get_ident())]
 
-    assert outcomes == ["succeeded"]
+    assert outcome == "succeeded"
     assert len(statements) == STATEMENTS_PER_JOB, "\n".join(statements)
     with session_scope() as s:
         row = crud.get_job(session=s, job_id=job_id)

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from echo4o.db import crud, get_engine, session_scope, upgrade_to_head
+from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.db.session import create_db_engine
+from tests.support.statements import recorded_statements
 from worker.progress import ProgressReporter
 from worker.tasks import JobCancelled, step_callback
 
@@ -53,42 +52,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
     return request.getfixturevalue("postgres_url")
-
-
-class StatementLog:
-    """Every statement the process-wide engine of a URL executes, with the ident of the thread it ran on."""
-
-    def __init__(self) -> None:
-        self.statements: list[tuple[int, str]] = []
-        self.first_update = threading.Event()
-        self._lock = threading.Lock()
-
-    def __call__(self, conn, cursor, statement: str, parameters, context, executemany) -> None:  # noqa: ANN001
-        with self._lock:
-            self.statements.append((threading.get_ident(), statement))
-        if statement.lstrip().upper().startswith("UPDATE"):
-            self.first_update.set()
-
-    def threads(self) -> set[int]:
-        with self._lock:
-            return {ident for ident, _ in self.statements}
-
-    def updates_on(self, ident: int | None) -> int:
-        with self._lock:
-            return sum(1 for t, sql in self.statements if t == ident and sql.lstrip().upper().startswith("UPDATE"))
-
-
-@contextmanager
-def recorded_statements(url: str) -> Iterator[StatementLog]:
-    """Record the statements of ``get_engine(url)``, the engine ``session_scope(url)`` (and so the reporter)
-    uses, while the block runs."""
-    engine = get_engine(url)
-    log = StatementLog()
-    sa.event.listen(engine, "before_cursor_execute", log)
-    try:
-        yield log
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", log)
 
 
 def test_no_database_statement_runs_on_the_sampling_thread(db_url: str) -> None:
