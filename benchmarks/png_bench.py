@@ -7,8 +7,10 @@ serving time with the GPU idle. Three kinds of picture, because zlib's results d
 - ``noise``: uniform noise, what the tiny random-weight model produces (no setting shrinks it);
 - any ``--image PATH`` given (resized to ``--size``), e.g. a real render.
 
-Rows: ``default`` is zlib's default strategy (what Pillow uses), ``rle`` its run-length strategy (what
-``png_bytes`` uses), each at levels 0/1/6; one thread, best of ``--repeats``.
+Rows: Pillow's encoder with zlib's ``default`` strategy at levels 0/1/6 and with its run-length strategy
+(``rle``, level 1); then ``png_bytes`` (``echo4o.png_encoder``: row filters chosen with numpy, run-length
+deflate in strips), on one thread (``ours-1t``) and on the process's pool (``ours``, up to 4 threads). Best of
+``--repeats``.
 
     .venv/bin/python benchmarks/png_bench.py --size 1024 --json png.json
 """
@@ -25,10 +27,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from echo4o import png_encoder
 from echo4o.pnginfo import png_bytes
+from echo4o.settings import get_settings
 
+#: Pillow's encoder: zlib's default strategy at levels 0, 1 and 6 (Pillow's default), and its run-length strategy
+#: (what ``png_bytes`` used before ``echo4o.png_encoder``).
 CASES = [("default", 0, zlib.Z_DEFAULT_STRATEGY), ("default", 1, zlib.Z_DEFAULT_STRATEGY),
-         ("default", 6, zlib.Z_DEFAULT_STRATEGY), ("rle", 1, zlib.Z_RLE), ("rle", 6, zlib.Z_RLE)]
+         ("default", 6, zlib.Z_DEFAULT_STRATEGY), ("rle", 1, zlib.Z_RLE)]
 
 
 def photo_like(size: int, seed: int = 0) -> Image.Image:
@@ -75,7 +81,8 @@ def main() -> None:
                 "noise": Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))}
     for path in args.image:
         with Image.open(path) as img:
-            pictures[path.name] = img.convert("RGB").resize((args.size, args.size))
+            # the pixels only: a photo's ICC profile would send png_bytes to Pillow's encoder, a render has none
+            pictures[path.name] = Image.fromarray(np.asarray(img.convert("RGB").resize((args.size, args.size))))
 
     figures: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{'picture':<14} {'strategy':<8} {'level':>5} {'ms':>8} {'kB':>8}")
@@ -86,12 +93,16 @@ def main() -> None:
             ms = best_ms(lambda: encode(image, level, strategy), args.repeats)  # noqa: B023 - called at once
             figures[name][f"{label}_{level}"] = {"ms": round(ms, 1), "kb": round(size_kb, 1)}
             print(f"{name:<14} {label:<8} {level:>5} {ms:>8.1f} {size_kb:>8.1f}")
-        ms = best_ms(lambda: png_bytes(image), args.repeats)  # noqa: B023 - called at once
-        size_kb = len(png_bytes(image)) / 1000
-        figures[name]["png_bytes"] = {"ms": round(ms, 1), "kb": round(size_kb, 1)}
-        print(f"{name:<14} {'workers':<8} {'set':>5} {ms:>8.1f} {size_kb:>8.1f}")
+        level = get_settings().png_compress_level
+        for label, threads in (("ours-1t", 1), ("ours", None)):
+            data = png_encoder.encode(image, level=level, threads=threads)
+            assert data == png_bytes(image)  # what the workers write
+            ms = best_ms(lambda: png_encoder.encode(image, level=level, threads=threads), args.repeats)  # noqa: B023
+            figures[name][label] = {"ms": round(ms, 1), "kb": round(len(data) / 1000, 1)}
+            print(f"{name:<14} {label:<8} {level:>5} {ms:>8.1f} {len(data) / 1000:>8.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "pillow": Image.__version__, "figures": figures}, indent=2))
+        args.json.write_text(json.dumps({"size": args.size, "pillow": Image.__version__,
+                                         "threads": png_encoder.default_threads(), "figures": figures}, indent=2))
 
 
 if __name__ == "__main__":

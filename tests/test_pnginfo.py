@@ -101,7 +101,7 @@ def test_the_compression_level_comes_from_the_setting_and_keeps_pixels_and_param
 
     gradient = Image.linear_gradient("L").convert("RGB")  # 256x256, compressible
     sizes = {level: len(png_bytes(gradient, PARAMS, compress_level=level)) for level in (0, 1, 9)}
-    assert sizes[0] > 100 * sizes[1] and sizes[1] == sizes[9]  # 0 stores; run-length: the level hardly matters
+    assert sizes[0] > 50 * sizes[1] and sizes[1] == sizes[9]  # 0 stores; run-length: the level hardly matters
     monkeypatch.setenv("ECHO4O_PNG_COMPRESS_LEVEL", "0")
     get_settings.cache_clear()  # the autouse settings fixture clears it again afterwards
     assert png_bytes(gradient, PARAMS) == png_bytes(gradient, PARAMS, compress_level=0)
