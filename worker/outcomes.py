@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from pydantic import ValidationError
 
 from echo4o.db import crud, session_scope
@@ -82,12 +81,11 @@ def claim_job(job_id: str, runtime: Any, *, cancel: Callable[[str], str] | None 
     request is cancelled here, by ``cancel`` when given), or running on a worker that is alive (a late or duplicate
     delivery, dropped). The runtime keeps the claim while the job runs (see ``WorkerRuntime.claim``)."""
     with session_scope(get_settings().database_url) as s:
-        if crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name,
-                             stale_after_s=runtime.dead_after_s):
-            attempt, created_at, started_at = s.execute(
-                sa.select(Job.attempts, Job.created_at, Job.started_at).where(Job.id == job_id)).one()
-            claim = Claim(job_id, runtime.worker_id, int(attempt),
-                          max(0.0, (started_at - created_at).total_seconds()))
+        claimed = crud.mark_running(session=s, job_id=job_id, worker=runtime.worker_id, gpu=runtime.gpu_name,
+                                    stale_after_s=runtime.dead_after_s)
+        if claimed is not None:
+            claim = Claim(job_id, runtime.worker_id, claimed.attempts,
+                          max(0.0, (claimed.started_at - claimed.created_at).total_seconds()))
             runtime.claim = claim
             return claim
         row = crud.get_job(session=s, job_id=job_id)

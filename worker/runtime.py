@@ -60,6 +60,7 @@ class WorkerRuntime:
         #: The claim (worker.outcomes.Claim) of the job this worker runs, None between jobs.
         self.claim: Any = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the heartbeat's thread: a status to write now, or stop
         self._shutdown_timer: threading.Timer | None = None
         self._beat: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -140,11 +141,19 @@ class WorkerRuntime:
         self.pipeline("warm-up", height=WARMUP_SIZE, width=WARMUP_SIZE, num_steps=2, seed=0)
         log.info("warm-up done", extra={"warmup_s": round(time.perf_counter() - t0, 3)})
 
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: str, *, now: bool = True) -> None:
+        """Set this worker's status: written at once, or with ``now=False`` by the heartbeat's thread within
+        moments, off the caller's thread (a job's ``busy`` and ``ready``: two statements fewer on its serving
+        path). A stopped worker's row stays ``stopped``."""
         # The lock covers the write too: a heartbeat that read the old status cannot write it after this one.
         with self._lock:
             self.status = status
-            self._write(status=status)
+            if self._stop.is_set():
+                return
+            if now or self._beat is None or not self._beat.is_alive():
+                self._write(status=status)
+                return
+        self._wake.set()
 
     @property
     def dead_after_s(self) -> float:
@@ -192,9 +201,11 @@ class WorkerRuntime:
         return True
 
     def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
+        with self._lock:  # a heartbeat writing now finishes first, and none writes after `stopped`
+            if self._stop.is_set():
+                return
+            self._stop.set()
+        self._wake.set()
         if self._shutdown_timer is not None:
             self._shutdown_timer.cancel()
         try:
@@ -209,13 +220,22 @@ class WorkerRuntime:
             crud.worker_heartbeat(session=s, worker_id=self.worker_id, **fields)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.worker_heartbeat_s):
-            try:
-                with self._lock:  # read and write under one lock: never a stale status after set_status's
+        """Beat every ``worker_heartbeat_s`` seconds (write the status, then sweep for dead workers); in between,
+        write a status set with ``now=False`` as soon as it is set."""
+        beat_due = time.monotonic() + self.settings.worker_heartbeat_s
+        while True:
+            woke = self._wake.wait(max(0.0, beat_due - time.monotonic()))
+            self._wake.clear()  # before the write: a status set from here on wakes the loop again
+            with self._lock:  # read and write under one lock: never a stale status after set_status's
+                if self._stop.is_set():
+                    return
+                try:
                     self._write(status=self.status)
-            except Exception as exc:  # noqa: BLE001 - a missed beat is logged, the next one retries
-                log.warning("heartbeat failed", extra={"worker": self.worker_id, "error": str(exc)})
-                continue
+                except Exception as exc:  # noqa: BLE001 - a missed beat is logged, the next one retries
+                    log.warning("heartbeat failed", extra={"worker": self.worker_id, "error": str(exc)})
+            if woke and time.monotonic() < beat_due:
+                continue  # a status change, not a beat
+            beat_due = time.monotonic() + self.settings.worker_heartbeat_s
             try:
                 self.sweep()
             except Exception as exc:  # noqa: BLE001 - the next beat sweeps again

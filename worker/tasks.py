@@ -123,7 +123,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
         extra={"job_id": job_id, "kind": job.kind, "attempt": claim.attempt, "redelivered": redelivered,
                "queue_wait_s": round(claim.queue_wait_s, 3)},
     )
-    runtime.set_status("busy")
+    runtime.set_status("busy", now=False)  # written by the heartbeat's thread, off the job's path
     try:
         companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
         if companions:
@@ -133,7 +133,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
             image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
         return status
     finally:
-        runtime.set_status("ready")
+        runtime.set_status("ready", now=False)
 
 
 #: The handler of each job kind: image kinds run the pipeline, benchmark and finetune runs their own handlers

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -164,11 +164,21 @@ def _fence(attempt: int | None, worker: str | None) -> list[Any]:
     return [Job.status == "running", Job.attempts == attempt, Job.worker == worker]
 
 
+class Claimed(NamedTuple):
+    """What :func:`mark_running` returns for a job it claimed: the attempt (the fence of the run's writes) and the
+    row's timestamps (``started_at - created_at`` is the job's queue wait)."""
+
+    attempts: int
+    created_at: datetime
+    started_at: datetime
+
+
 def mark_running(
     *, session: Session, job_id: str, worker: str, gpu: str | None, stale_after_s: float | None = None
-) -> bool:
+) -> Claimed | None:
     """Claim the job for a new attempt (``attempts`` + 1, ``worker``); the caller then writes with that attempt as
-    its fence. False when it is finished, cancelled, has a cancel request, or runs on a worker that is alive.
+    its fence. None when it is finished, cancelled, has a cancel request, or runs on a worker that is alive; else
+    the attempt and timestamps, returned by the same statement (no second read on the worker's serving path).
 
     A ``running`` job is claimed only when its worker is gone (row missing, ``stopped``, ``dead``, or no beat for
     ``stale_after_s`` seconds; None: only a missing, stopped or dead one): a late or duplicated delivery of its
@@ -179,21 +189,20 @@ def mark_running(
         else sa.select(Worker.id).where(Worker.status.not_in(GONE_WORKER_STATUSES))
     )
     now = utcnow()
-    return _update(
-        session,
-        job_id,
-        [sa.or_(Job.status == "queued", sa.and_(Job.status == "running", gone)), Job.cancel_requested.is_(False)],
-        status="running",
-        worker=worker,
-        gpu=gpu,
-        attempts=Job.attempts + 1,
-        started_at=now,
-        updated_at=now,
-        progress_stage="starting",
-        progress_step=0,
-        progress_total=None,
-        preview=None,
-    )
+    row = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id, sa.or_(Job.status == "queued", sa.and_(Job.status == "running", gone)),
+               Job.cancel_requested.is_(False))
+        .values(status="running", worker=worker, gpu=gpu, attempts=Job.attempts + 1, started_at=now, updated_at=now,
+                progress_stage="starting", progress_step=0, progress_total=None, preview=None)
+        .returning(Job.attempts, Job.created_at, Job.started_at)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    session.commit()
+    if row is None:
+        return None
+    notify.job_changed(job_id, "running")  # the gateways re-read the row (echo4o/notify.py)
+    return Claimed(int(row.attempts), row.created_at, row.started_at)
 
 
 def holds_job(*, session: Session, job_id: str, attempt: int, worker: str) -> bool:

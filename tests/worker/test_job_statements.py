@@ -17,11 +17,11 @@ from echo4o.jobs import parse_job
 from echo4o.settings import get_settings
 from tests.support.statements import recorded_statements
 
-#: Statements of one job on the worker's thread: read the row, claim it (UPDATE, then its attempt and
-#: timestamps), the worker's status busy, look for batch companions, the result, the worker's status ready. The
-#: progress reporter's thread writes the stages `sampling` and (with the last step) `encoding`, and the queue
-#: wait is read with the claim (each was a statement on this thread before).
-STATEMENTS_PER_JOB = 7
+#: Statements of one job on the worker's thread: read the row, claim it (one UPDATE ... RETURNING the attempt and
+#: timestamps), look for batch companions, the result. The progress reporter's thread writes the stages
+#: `sampling` and (with the last step) `encoding`, the heartbeat's thread the worker's status `busy` and `ready`,
+#: and the queue wait comes with the claim (each was a statement on this thread before: 10 in all).
+STATEMENTS_PER_JOB = 4
 
 
 @pytest.fixture

@@ -119,7 +119,10 @@ def test_cancel_a_queued_and_a_running_job(stack, module_worker: WorkerProcess) 
     queued = submit(prompt="waits behind it", **QUICK)
     wait_for_progress(running, worker=module_worker)  # mid-sampling
 
-    assert module_worker.status() == "busy"
+    deadline = time.monotonic() + WAIT_S  # `busy` is written by the worker's heartbeat thread as the job starts
+    while module_worker.status() != "busy":
+        assert module_worker.alive() and time.monotonic() < deadline, module_worker.status()
+        time.sleep(POLL_S)
     # one worker, prefetch 1: the second job is still waiting in Redis, so it is cancelled at once
     row = cancel(queued)
     assert row.status == "cancelled" and row.finished_at is not None
