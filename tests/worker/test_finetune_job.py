@@ -7,6 +7,7 @@ problem."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pytest
 from echo4o import versions
 from echo4o.db import session_scope
 from echo4o.settings import get_settings
-from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
+from tests.support.worker_proc import POLL_S, WAIT_S, WorkerProcess, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import private_redis_url, submit, use_env, worker_env
 from worker.training.data import TEXT_TO_IMAGE, write_test_dataset
 from worker.training.job import LossCurve
@@ -72,7 +73,12 @@ def test_a_run_publishes_its_version_and_bad_datasets_fail_clearly(
         assert manifest["source"] == f"finetune:{job_id}" and manifest["parent"] == tiny_model.name
         assert manifest["steps"] == 6 and (folder / "ema.safetensors").is_file()
         assert list(Path(job.result["tensorboard"]).glob("events.out.tfevents.*"))
-        assert not (data_dir / "finetune" / job_id / "checkpoints").exists()
+        # the checkpoints go once the row says succeeded (a crash before that resumes from them): just after it
+        checkpoints = data_dir / "finetune" / job_id / "checkpoints"
+        deadline = time.monotonic() + WAIT_S
+        while checkpoints.exists():
+            assert time.monotonic() < deadline, f"{checkpoints} still there {WAIT_S} s after the job succeeded"
+            time.sleep(POLL_S)
         with session_scope() as s:
             row = versions.get_version(s, ref)
             assert row is not None and row.source == "finetune" and row.path == str(folder)
@@ -173,7 +179,12 @@ def test_a_run_over_two_training_processes_publishes_the_weights_of_one_process(
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["world_size"] == processes
         assert manifest["sharding"] == ("fsdp" if processes == 2 else "none")
-        assert not (data_dir / "finetune" / job_id / "checkpoints").exists()
+        # the checkpoints go once the row says succeeded (a crash before that resumes from them): just after it
+        checkpoints = data_dir / "finetune" / job_id / "checkpoints"
+        deadline = time.monotonic() + WAIT_S
+        while checkpoints.exists():
+            assert time.monotonic() < deadline, f"{checkpoints} still there {WAIT_S} s after the job succeeded"
+            time.sleep(POLL_S)
         assert not (folder / "train_config.json").exists()  # the run's own file, not the version's
         weights[processes] = load_file(folder / "ema.safetensors")
     # the tolerance rule of tests/training: the ViT key bias's gradient is exactly zero, so AdamW turns rounding
