@@ -109,9 +109,10 @@ class Settings(BaseSettings):
     )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
     png_compress_level: int = Field(
-        1, ge=0, le=9, description="zlib level of the PNGs workers write: 0 stores the pixels uncompressed, 1-9 "
-        "compress them with zlib's run-length strategy, where the level hardly changes size or speed. Encoding runs "
-        "on the worker between sampling and the job's answer (benchmarks/png_bench.py gives the figures).",
+        1, ge=0, le=9, description="zlib level of the PNGs workers write: 0 stores the pixels unfiltered and "
+        "uncompressed, 1-9 compress them with zlib's run-length strategy, where the level does not change the file. "
+        "Encoding runs on the worker between sampling and the job's answer (echo4o/png_encoder.py; "
+        "benchmarks/png_bench.py gives the figures).",
     )
     progress_interval_s: float = Field(
         0.25, ge=0, le=10, description="A running job's progress is written to its row at most this often (the "
