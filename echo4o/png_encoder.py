@@ -44,18 +44,26 @@ ZLIB_HEADER = b"\x78\x01"
 NONE, SUB, UP, AVERAGE = 0, 1, 2, 3
 
 _pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
 def _executor() -> ThreadPoolExecutor:
-    """The process's encoding pool (made again in a forked child, whose copy of it has no threads)."""
-    global _pool, _pool_pid
+    """The process's encoding pool, made on first use."""
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
+        if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="echo4o-png")
-            _pool_pid = os.getpid()
         return _pool
+
+
+def _forget_the_pool() -> None:
+    """In a forked child (a prefork worker), whose copy of the pool has no threads and whose lock may be held by a
+    thread that did not come along: start afresh."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_the_pool)
 
 
 def default_threads() -> int:
