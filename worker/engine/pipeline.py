@@ -42,6 +42,7 @@ from echo4o.settings import DEFAULT_MODEL, get_settings
 from worker.engine import sampler
 from worker.engine.attention import resolve_backend
 from worker.engine.config import BagelConfig
+from worker.engine.host_allocator import keep_freed_memory
 from worker.engine.image_processing import VAE_RULE, PreparedReference, prepare_reference, resized_size
 from worker.engine.loading import (  # noqa: F401 - resolve_device/resolve_dtype/CheckpointError: re-exported
     CheckpointError,
@@ -233,6 +234,8 @@ class Echo4oPipeline:
         config = read_config(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()  # no fresh pages for each step's activations (worker/engine/host_allocator.py)
         if compile:
             check_compile_backend(device)
         backend = resolve_backend(attention, device, dtype)
