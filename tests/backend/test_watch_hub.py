@@ -26,15 +26,16 @@ from backend.services.events import job_events
 from backend.services.watch_hub import SAFETY_POLL_S, WatchHub
 from echo4o import notify
 from echo4o.db import crud, session_scope, upgrade_to_head
-from echo4o.jobs import MAX_STEPS
+from echo4o.jobs import MAX_SIDE, MAX_STEPS
 from echo4o.settings import Settings, get_settings
 from tests.support.stack import Stack, live_stack
 
 WATCHERS = 60
 STEPS = 8  # num_steps: the sampler reports STEPS - 1 steps
 JOB = {"prompt": "a red cube on a table", "height": 32, "width": 32, "num_steps": STEPS}
-# holds the only worker until cancelled (about a second per step on a CPU, MAX_STEPS steps)
-BLOCKER = {"prompt": "a blue sphere", "height": 256, "width": 256, "num_steps": MAX_STEPS}
+# holds the only worker until cancelled: the largest side and the most steps, minutes of tiny-model sampling on a
+# CPU (at 256 px it once ended by itself, on a loaded machine, before 60 streams were open)
+BLOCKER = {"prompt": "a blue sphere", "height": MAX_SIDE, "width": MAX_SIDE, "num_steps": MAX_STEPS}
 DEADLINE_S = 120  # generous: a shared, loaded machine; no timing is asserted
 
 
