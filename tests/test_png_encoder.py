@@ -33,6 +33,13 @@ def chunks_of(data: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
+def filtered_rows(image: Image.Image) -> np.ndarray:
+    """The filtered rows of ``image`` as encoded (each with its filter byte first), inflated by zlib itself."""
+    data = png_encoder.encode(image)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks_of(data) if kind == b"IDAT"))
+    return np.frombuffer(raw, np.uint8).reshape(image.height, -1)
+
+
 def random_image(mode: str, width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     shape = (height, width) if CHANNELS[mode] == 1 else (height, width, CHANNELS[mode])
@@ -72,13 +79,11 @@ def test_each_row_takes_the_filter_that_zeroes_it() -> None:
     """Identical rows: Up leaves zeros (after the first row, which has no row above and takes Sub on a horizontal
     ramp); constant rows of different values: Sub leaves zeros after the first pixel."""
     ramp = np.tile(np.arange(0, 250, 2, dtype=np.uint8)[None, :, None], (50, 1, 3))  # each row the same ramp
-    raw = zlib.decompress(b"".join(b for k, b in chunks_of(png_encoder.encode(Image.fromarray(ramp))) if k == b"IDAT"))
-    filters = np.frombuffer(raw, np.uint8).reshape(50, -1)[:, 0]
+    filters = filtered_rows(Image.fromarray(ramp))[:, 0]
     assert filters[0] == png_encoder.SUB and (filters[1:] == png_encoder.UP).all()
 
     bands = np.repeat(np.arange(5, 255, 5, dtype=np.uint8)[:, None, None], 125, axis=1).repeat(3, axis=2)
-    raw = zlib.decompress(b"".join(b for k, b in chunks_of(png_encoder.encode(Image.fromarray(bands))) if k == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(50, -1)
+    rows = filtered_rows(Image.fromarray(bands))
     assert (rows[:, 0] == png_encoder.SUB).all() and not rows[:, 4:].any()
 
 
