@@ -8,7 +8,7 @@ version lookup, the limits of each key from :class:`_LimitsLedger`, every admitt
 COMMIT, then every message in one publish (:func:`echo4o.queue.submit_many`: one Redis pipeline). A 202 is
 still only answered once its row is committed and its message is at the broker. ``POST /generate`` hands its
 submission to the app's :class:`SubmitBatcher`, which collects the submissions that arrive while the previous
-batch is being written (or within ``BATCH_WINDOW_S`` of the first one when idle) and writes them as one batch
+batch is being written (or, when idle, on the event loop's next turn after the first one) and writes them as one batch
 in a worker thread; the other submit paths write a batch of one. Per-item failures (unknown model version,
 a limit) answer that request alone; a database failure answers every request of the batch 503
 ``database_unavailable``; a broker that does not answer fails the batch's rows and answers 503
@@ -48,8 +48,11 @@ log = get_logger(__name__)
 
 #: A batch holds at most this many submissions (the rest wait for the next one).
 BATCH_MAX = 256
-#: With no batch being written, the first submission waits this long for others before its batch starts.
-BATCH_WINDOW_S = 0.002
+#: With no batch being written, the first submission waits this long for others before its batch starts. 0: the
+#: loop's next turn (the submissions parsed in the same turn join it). Under load a batch is nearly always being
+#: written, so batches form without a window; a 2 ms window cost every idle submit 2 ms and gained no measurable
+#: throughput (benchmarks/serving_bench.py --only submissions, alternated runs).
+BATCH_WINDOW_S = 0.0
 #: A key's job counts for the limits are read from the records at most this often; in between, this
 #: process adds what it admitted. A count that would refuse is always read again first.
 LIMITS_REFRESH_S = 0.5
@@ -300,10 +303,9 @@ class SubmitBatcher:
     """Group commit of one app's ``POST /generate`` submissions on its event loop.
 
     A submission waits on a future. With no batch being written, the first one schedules a batch
-    ``BATCH_WINDOW_S`` later (or at once when ``BATCH_MAX`` are waiting); while a batch is written (in a worker
-    thread, :func:`write_submissions`), the next ones gather and go as the next batch as soon as it ends. So an
-    idle gateway adds ``BATCH_WINDOW_S`` to a submit, and a busy one writes as many as arrived during one batch
-    in one transaction and one publish.
+    ``BATCH_WINDOW_S`` later (the loop's next turn; at once when ``BATCH_MAX`` are waiting); while a batch is
+    written (in a worker thread, :func:`write_submissions`), the next ones gather and go as the next batch as soon
+    as it ends. So a busy gateway writes as many as arrived during one batch in one transaction and one publish.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
