@@ -15,6 +15,9 @@ from backend.services.views import load_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+#: A stored PNG up to this size is answered from one read; a larger one is streamed (``FileResponse``).
+READ_WHOLE_MAX_BYTES = 16 * 1024 * 1024
+
 
 @router.get(
     "/{job_id}/images/{n}",
@@ -35,7 +38,10 @@ def get_image(
     path = result_path(settings, job, n)
     media_type = IMAGE_FORMATS[format][1]
     filename = f"{job.id}-{n}.{format}"
-    if format == "png":
+    headers = {"Content-Disposition": f'inline; filename="{filename}"'}
+    if format != "png":
+        return Response(encode_image(path, format), media_type=media_type, headers=headers)
+    if path.stat().st_size > READ_WHOLE_MAX_BYTES:
         return FileResponse(path, media_type=media_type, filename=filename, content_disposition_type="inline")
-    return Response(encode_image(path, format), media_type=media_type,
-                    headers={"Content-Disposition": f'inline; filename="{filename}"'})
+    # one read on this route's thread: FileResponse reads 64 KiB chunks, each on another thread hop
+    return Response(path.read_bytes(), media_type=media_type, headers=headers)
