@@ -50,29 +50,33 @@ class Opened:
     payload: Any = None
 
 
-def open_job(job_id: str, *, cancel: Callable[[str], str] | None = None) -> Opened:
+def open_job(job_id: str, *, cancel: Callable[[str], str] | None = None, row: Job | None = None) -> Opened:
     """The preamble of every handler: the job's row (none: ``missing``), a finished job left as it is (a duplicate
     delivery), a job with a cancel request cancelled (by ``cancel`` when given: a benchmark also cancels its image
-    jobs), stored params re-validated (bad: the job fails as ``invalid_params``)."""
-    with session_scope(get_settings().database_url) as s:
-        job = crud.get_job(session=s, job_id=job_id)
-        if job is None:
-            log.error("job not found; message dropped", extra={"job_id": job_id})
-            return Opened("missing")
-        if job.is_terminal:
-            log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": job.status})
-            return Opened(job.status)
-        if job.cancel_requested:
-            if cancel is not None:
-                return Opened(cancel(job_id))
+    jobs), stored params re-validated (bad: the job fails as ``invalid_params``). ``row``: the row as the caller
+    has just read it (:func:`worker.tasks.execute_job`), not read again."""
+    if row is None:
+        with session_scope(get_settings().database_url) as s:
+            row = crud.get_job(session=s, job_id=job_id)
+            if row is not None:
+                s.expunge(row)
+    if row is None:
+        log.error("job not found; message dropped", extra={"job_id": job_id})
+        return Opened("missing")
+    if row.is_terminal:
+        log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": row.status})
+        return Opened(row.status)
+    if row.cancel_requested:
+        if cancel is not None:
+            return Opened(cancel(job_id))
+        with session_scope(get_settings().database_url) as s:
             crud.mark_cancelled(session=s, job_id=job_id)
-            log.info("job cancelled before it started", extra={"job_id": job_id})
-            return Opened("cancelled")
-        s.expunge(job)
-    payload, problem = payload_problem(job.kind, job.params)
+        log.info("job cancelled before it started", extra={"job_id": job_id})
+        return Opened("cancelled")
+    payload, problem = payload_problem(row.kind, row.params)
     if problem is not None:
         return Opened(fail_job(job_id, "invalid_params", problem))
-    return Opened(None, job, payload)
+    return Opened(None, row, payload)
 
 
 def claim_job(job_id: str, runtime: Any, *, cancel: Callable[[str], str] | None = None) -> Claim | str:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from celery import shared_task
 
 from echo4o.db import crud, session_scope
+from echo4o.db.models import Job
 from echo4o.jobs import IMAGE_KINDS, JOB_KINDS, QUEUE_OF_KIND
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
@@ -45,7 +46,7 @@ class JobTimedOut(Exception):
 class JobHandler(Protocol):
     """Runs one job whose row exists; returns its final status."""
 
-    def __call__(self, job_id: str, *, redelivered: bool = False) -> str: ...
+    def __call__(self, job_id: str, *, redelivered: bool = False, row: Job | None = None) -> str: ...
 
 
 @shared_task(name=TASK_IMAGE, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -71,12 +72,14 @@ def execute_job(job_id: str, *, redelivered: bool = False) -> str:
 
     with session_scope(get_settings().database_url) as s:
         job = crud.get_job(session=s, job_id=job_id)
+        if job is not None:
+            s.expunge(job)
     if job is None:
         log.error("job not found; message dropped", extra={"job_id": job_id})
         return "missing"
     handler = JOB_HANDLERS.get(job.kind) or _not_supported(job.kind)
     try:
-        return handler(job_id, redelivered=redelivered)
+        return handler(job_id, redelivered=redelivered, row=job)  # the handler does not read the row again
     finally:
         runtime = current_runtime()
         if runtime is not None:
@@ -87,7 +90,7 @@ def _not_supported(kind: str) -> JobHandler:
     """A handler that fails jobs of ``kind`` as ``not_supported``, naming the kind and its queue."""
     where = f" on queue {QUEUE_OF_KIND[kind]}" if kind in QUEUE_OF_KIND else ""
 
-    def fail_unsupported(job_id: str, *, redelivered: bool = False) -> str:
+    def fail_unsupported(job_id: str, *, redelivered: bool = False, row: Job | None = None) -> str:
         return fail_job(
             job_id, "not_supported", f"{kind} jobs are not supported yet: no worker version{where} runs them (planned)"
         )
@@ -95,14 +98,14 @@ def _not_supported(kind: str) -> JobHandler:
     return fail_unsupported
 
 
-def execute_image_job(job_id: str, *, redelivered: bool = False) -> str:
+def execute_image_job(job_id: str, *, redelivered: bool = False, row: Job | None = None) -> str:
     """The handler of the image kinds (``IMAGE_KINDS``): claim the job, load its model version, run the pipeline,
     store the images; returns the final status. Every write after the claim is fenced by it
     (:class:`worker.outcomes.Claim`). Callable without Celery (benchmarks, tests)."""
     from worker.runtime import get_runtime
 
     t_received = time.perf_counter()
-    opened = open_job(job_id)
+    opened = open_job(job_id, row=row)
     if opened.outcome is not None:
         return opened.outcome
     job, payload = opened.job, opened.payload

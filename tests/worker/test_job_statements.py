@@ -17,8 +17,9 @@ from echo4o.jobs import parse_job
 from echo4o.settings import get_settings
 from tests.support.statements import recorded_statements
 
-#: Statements of one job on the worker's thread: read the row, claim it (one UPDATE ... RETURNING the attempt and
-#: timestamps), look for batch companions, the result. The progress reporter's thread writes the stages
+#: Statements of one job on the worker's thread, from its message (``execute_job``): read the row (once: the
+#: handler gets the row that chose it), claim it (one UPDATE ... RETURNING the attempt and timestamps), look for
+#: batch companions, the result. The progress reporter's thread writes the stages
 #: `sampling` and (with the last step) `encoding`, the heartbeat's thread the worker's status `busy` and `ready`,
 #: and the queue wait comes with the claim (each was a statement on this thread before: 10 in all).
 STATEMENTS_PER_JOB = 4
@@ -42,7 +43,7 @@ def runtime(tiny_model: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_an_image_job_costs_a_fixed_number_of_statements_on_the_workers_thread(runtime) -> None:  # noqa: ANN001
-    from worker.tasks import execute_image_job
+    from worker.tasks import execute_job
 
     upgrade_to_head()
     payload = parse_job("generate", {"prompt": "a red cube", "height": 32, "width": 32, "num_steps": 3})
@@ -52,10 +53,10 @@ def test_an_image_job_costs_a_fixed_number_of_statements_on_the_workers_thread(r
             return crud.create_job(session=s, kind="generate", params=payload.model_dump(mode="json"),
                                    model_version=get_settings().model_version).id
 
-    execute_image_job(submit())  # the first job warms up what is loaded lazily
+    execute_job(submit())  # the first job warms up what is loaded lazily
     job_id = submit()
     with recorded_statements(get_settings().database_url) as log:
-        outcome = execute_image_job(job_id)
+        outcome = execute_job(job_id)
     statements = [" ".join(sql.split())[:90] for sql in log.on(threading.get_ident())]
 
     assert outcome == "succeeded"

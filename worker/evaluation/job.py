@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from echo4o.db import crud, session_scope
+from echo4o.db.models import Job
 from echo4o.files import write_atomic
 from echo4o.jobs import (
     ACTIVE_STATUSES,
@@ -78,12 +79,12 @@ def child_job_id(run_id: str, image: str) -> str:
     return hashlib.sha256(f"{run_id}/{image}".encode()).hexdigest()[:32]
 
 
-def execute_benchmark_job(job_id: str, *, redelivered: bool = False) -> str:
+def execute_benchmark_job(job_id: str, *, redelivered: bool = False, row: Job | None = None) -> str:
     """Run one phase of benchmark job ``job_id`` (see the module docstring); returns its status after the phase
     (``running`` while images are pending)."""
     from worker.runtime import get_runtime
 
-    opened = open_job(job_id, cancel=_cancel)
+    opened = open_job(job_id, cancel=_cancel, row=row)
     if opened.outcome is not None:
         return opened.outcome
     job, payload = opened.job, opened.payload

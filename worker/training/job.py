@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from echo4o import versions
 from echo4o.db import crud, session_scope
+from echo4o.db.models import Job
 from echo4o.jobs import FinetuneJob, describe_validation_error
 from echo4o.logging import get_logger
 from echo4o.settings import Settings, get_settings
@@ -202,13 +203,13 @@ def _link_or_copy(src: str, dst: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def execute_finetune_job(job_id: str, *, redelivered: bool = False) -> str:
+def execute_finetune_job(job_id: str, *, redelivered: bool = False, row: Job | None = None) -> str:
     """The handler of kind ``finetune``: claim, train (resuming from the run's last checkpoint), publish and
     register the version; returns the final status. Callable without Celery."""
     from worker.runtime import get_runtime
 
     settings = get_settings()
-    opened = open_job(job_id)
+    opened = open_job(job_id, row=row)
     if opened.outcome is not None:
         return opened.outcome
     payload = opened.payload
