@@ -24,9 +24,11 @@ def image_url(base: str, job_id: str, index: int) -> str:
     return f"{base}/jobs/{job_id}/images/{index}"
 
 
-def public_job(session: Session, job: Job, base: str) -> JobPublic:
+def public_job(session: Session | None, job: Job, base: str, *, webhook: bool = True) -> JobPublic:
     """The row as ``JobPublic``: image URLs once it succeeded, the error once it failed, the 1-based queue
-    position while it is queued."""
+    position while it is queued, its webhook's delivery. ``webhook=False``: the job is known to have asked for no
+    webhook (its submit had no ``webhook_url``), so none is read; then ``session`` is only needed while it is
+    queued."""
     result = None
     if job.result and job.status == "succeeded":
         rest = {k: v for k, v in job.result.items() if k not in ("images", "seed", "timings")}
@@ -40,7 +42,13 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
     error = None
     if job.status == "failed" or job.error_code:
         error = JobError(code=job.error_code, message=job.error_message)
-    position = crud.queue_position(session=session, job_id=job.id) if job.status == "queued" else None
+    position = None
+    if job.status == "queued":
+        if session is None:
+            raise ValueError(f"job {job.id!r} is queued: its queue position needs a session")
+        position = crud.queue_position(session=session, job_id=job.id)
+    if webhook and session is None:
+        raise ValueError(f"job {job.id!r}: its webhook delivery needs a session (webhook=False when it has none)")
     return JobPublic(
         id=job.id,
         kind=job.kind,  # type: ignore[arg-type]
@@ -57,7 +65,7 @@ def public_job(session: Session, job: Job, base: str) -> JobPublic:
         finished_at=job.finished_at,
         worker=job.worker,
         attempts=job.attempts or 0,
-        webhook=webhook_status(session, job.id),
+        webhook=webhook_status(session, job.id) if webhook and session is not None else None,
     )
 
 

@@ -39,13 +39,17 @@ async def wait_for_end(settings: Settings, job_id: str, timeout_s: float, *, hub
 
 
 async def created_or_finished(
-    request: Request, response: Response, settings: Settings, job: Job, timeout_s: float
+    request: Request, response: Response, settings: Settings, job: Job, timeout_s: float, *, webhook: bool = True
 ) -> JobCreated | JobPublic:
-    """202 with the job's links, or, when ``?wait`` was given and the job ended in time, 200 with the job."""
+    """202 with the job's links, or, when ``?wait`` was given and the job ended in time, 200 with the job.
+    ``webhook=False``: the submit asked for no webhook, so the ended job's view reads nothing and is built here,
+    without a thread hop."""
     base = base_url(settings, str(request.base_url))
     if timeout_s > 0:
         ended = await wait_for_end(settings, job.id, timeout_s)
         if ended is not None:
             response.status_code = 200
+            if not webhook:
+                return public_job(None, ended, base, webhook=False)
             return await in_session(settings, lambda s: public_job(s, ended, base))
     return created(job, base)

@@ -192,6 +192,36 @@ def _check_signed(headers: dict[str, str], body: bytes, secret: str) -> None:
     assert headers["content-type"] == "application/json"
 
 
+def _queued_job_ids(database_url: str) -> set[str]:
+    with session_scope(database_url) as s:
+        return {job.id for job in crud.list_jobs(session=s, status="queued", limit=1000)[0]}
+
+
+def test_a_wait_answer_shows_the_webhook_its_submit_asked_for(make_gateway, receiver: Receiver) -> None:
+    """``POST /generate?wait=`` answers with the ended job: its webhook's delivery when the submit asked for one
+    (read for the answer), none when it did not (the answer reads nothing then)."""
+    gw = make_gateway()
+    for url in (receiver.url, None):
+        before = _queued_job_ids(gw.database_url)
+        body = {**JOB, **({"webhook_url": url} if url else {})}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(gw.client.post, "/generate", params={"wait": DEADLINE_S}, json=body, headers=gw.h())
+            deadline = time.monotonic() + DEADLINE_S
+            while not (new := _queued_job_ids(gw.database_url) - before):
+                assert time.monotonic() < deadline and not answer.done(), "the job was not recorded"
+                time.sleep(0.02)
+            (job_id,) = new
+            _end_job(gw.database_url, job_id, "succeeded")
+            r = answer.result(timeout=DEADLINE_S)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["id"] == job_id and job["status"] == "succeeded"
+        if url is None:
+            assert job["webhook"] is None
+        else:
+            assert job["webhook"]["url"] == url and job["webhook"]["state"] in ("waiting", "delivering", "delivered")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_job_end_is_posted_signed_and_recorded(make_gateway, receiver: Receiver, backend: str) -> None:
     gw = make_gateway(postgres=backend == "postgresql")

@@ -65,4 +65,4 @@ async def generate(
                 "events_url": f"{base}/jobs/{job.id}/events"}
         return Response(json.dumps(body, separators=(",", ":")).encode(), status_code=202,  # type: ignore[return-value]
                         media_type="application/json")
-    return await created_or_finished(request, response, settings, job, timeout)
+    return await created_or_finished(request, response, settings, job, timeout, webhook=payload.webhook_url is not None)
