@@ -67,7 +67,8 @@ def _redelivered(task: Any) -> bool:
 
 def execute_job(job_id: str, *, redelivered: bool = False) -> str:
     """Run job ``job_id`` with the handler of its kind (:data:`JOB_HANDLERS`); returns its final status, or
-    ``"missing"`` when it has no row. Callable without Celery."""
+    ``"missing"`` when it has no row. A handler that raises (a bug: handlers end their jobs themselves) fails the
+    job as ``worker_error``, fenced by the run's claim when it made one. Callable without Celery."""
     from worker.runtime import current_runtime
 
     with session_scope(get_settings().database_url) as s:
@@ -80,6 +81,14 @@ def execute_job(job_id: str, *, redelivered: bool = False) -> str:
     handler = JOB_HANDLERS.get(job.kind) or _not_supported(job.kind)
     try:
         return handler(job_id, redelivered=redelivered, row=job)  # the handler does not read the row again
+    except Exception as exc:  # a bug: the job fails with it (no client waits forever), the worker goes on
+        log.exception("job handler crashed", extra={"job_id": job_id, "kind": job.kind})
+        runtime = current_runtime()
+        claim = runtime.claim if runtime is not None else None
+        return fail_job(job_id, "worker_error",
+                        f"the worker hit an unexpected error running this job ({type(exc).__name__}: {exc}); "
+                        "submit it again, and report the worker's log if it recurs",
+                        claim if claim is not None and claim.job_id == job_id else None)
     finally:
         runtime = current_runtime()
         if runtime is not None:

@@ -4,6 +4,8 @@ trainer."""
 
 from __future__ import annotations
 
+import pytest
+
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.jobs import IMAGE_KINDS, JOB_KINDS
 from worker.tasks import JOB_HANDLERS, execute_image_job, execute_job
@@ -32,3 +34,20 @@ def test_a_finetune_job_runs_its_own_handler_and_bad_params_fail_naming_the_fiel
     assert (row.status, row.error_code) == ("failed", "invalid_params")
     assert "dataset: Field required" in row.error_message and "steps: Input should be greater than or equal to 1" \
         in row.error_message
+
+
+def test_a_handler_that_raises_fails_its_job_instead_of_leaving_it_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a handler (here injected) used to escape to Celery, which acked the message: the row stayed queued
+    and a client holding ``?wait`` waited it out."""
+    def crashing(job_id: str, *, redelivered: bool = False, row: object = None) -> str:
+        raise KeyError("boom")
+
+    monkeypatch.setitem(JOB_HANDLERS, "generate", crashing)
+    upgrade_to_head()
+    with session_scope() as s:
+        job_id = crud.create_job(session=s, kind="generate", params={"prompt": "a red cube"}, model_version="m").id
+    assert execute_job(job_id) == "failed"
+    with session_scope() as s:
+        row = crud.get_job(session=s, job_id=job_id)
+    assert (row.status, row.error_code) == ("failed", "worker_error")
+    assert "KeyError: 'boom'" in row.error_message and "submit it again" in row.error_message
