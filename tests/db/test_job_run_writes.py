@@ -74,3 +74,22 @@ def test_a_running_job_is_claimed_again_only_from_a_gone_worker(db_url: str) -> 
         other = _queued(s)
         crud.request_cancel(session=s, job_id=other)
         assert crud.mark_running(session=s, job_id=other, worker="new:1", gpu=None) is None
+
+
+def test_batch_candidates_are_queued_jobs_of_the_kinds_in_delivery_order(db_url: str) -> None:
+    with session_scope(db_url) as s:
+        def job(kind: str = "generate", priority: int = 5) -> str:
+            return crud.create_job(session=s, kind=kind, owner="alice", params={"prompt": kind}, model_version="tiny",
+                                   priority=priority).id
+
+        old, urgent, lead, multiref, cancelled, running, finetune, newest = (
+            job(), job(priority=9), job(), job("multiref"), job(), job(), job("finetune"), job())
+        crud.request_cancel(session=s, job_id=cancelled)
+        crud.mark_running(session=s, job_id=running, worker="w:1", gpu=None)
+        rows = crud.queued_jobs_of_kinds(session=s, kinds=("generate", "multiref"), exclude={lead}, limit=10)
+        assert [r.id for r in rows] == [urgent, old, multiref, newest]
+        assert (rows[2].kind, rows[2].params, rows[2].model_version, rows[2].parent_id) == (
+            "multiref", {"prompt": "multiref"}, "tiny", None)
+        assert [r.id for r in crud.queued_jobs_of_kinds(session=s, kinds=("generate",), exclude={lead, urgent},
+                                                         limit=2)] == [old, newest]
+        assert crud.queued_jobs_of_kinds(session=s, kinds=("finetune",), exclude={finetune}, limit=5) == []
