@@ -50,18 +50,24 @@ class Opened:
     payload: Any = None
 
 
+def read_job(job_id: str) -> Job | None:
+    """The job's row, detached; None (logged: its message is dropped) when it does not exist."""
+    with session_scope(get_settings().database_url) as s:
+        row = crud.get_job(session=s, job_id=job_id)
+        if row is not None:
+            s.expunge(row)
+    if row is None:
+        log.error("job not found; message dropped", extra={"job_id": job_id})
+    return row
+
+
 def open_job(job_id: str, *, cancel: Callable[[str], str] | None = None, row: Job | None = None) -> Opened:
     """The preamble of every handler: the job's row (none: ``missing``), a finished job left as it is (a duplicate
     delivery), a job with a cancel request cancelled (by ``cancel`` when given: a benchmark also cancels its image
     jobs), stored params re-validated (bad: the job fails as ``invalid_params``). ``row``: the row as the caller
     has just read it (:func:`worker.tasks.execute_job`), not read again."""
+    row = row if row is not None else read_job(job_id)
     if row is None:
-        with session_scope(get_settings().database_url) as s:
-            row = crud.get_job(session=s, job_id=job_id)
-            if row is not None:
-                s.expunge(row)
-    if row is None:
-        log.error("job not found; message dropped", extra={"job_id": job_id})
         return Opened("missing")
     if row.is_terminal:
         log.info("job already finished; duplicate delivery skipped", extra={"job_id": job_id, "status": row.status})

@@ -28,7 +28,7 @@ from echo4o.settings import get_settings
 from worker.batching import gather_companions, run_batch
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
-from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job
+from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job, read_job
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -71,12 +71,8 @@ def execute_job(job_id: str, *, redelivered: bool = False) -> str:
     job as ``worker_error``, fenced by the run's claim when it made one. Callable without Celery."""
     from worker.runtime import current_runtime
 
-    with session_scope(get_settings().database_url) as s:
-        job = crud.get_job(session=s, job_id=job_id)
-        if job is not None:
-            s.expunge(job)
+    job = read_job(job_id)
     if job is None:
-        log.error("job not found; message dropped", extra={"job_id": job_id})
         return "missing"
     handler = JOB_HANDLERS.get(job.kind) or _not_supported(job.kind)
     try:
