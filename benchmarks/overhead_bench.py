@@ -8,14 +8,22 @@ model, size, steps and seed), and end to end through a live stack (``echo4o serv
 bookkeeping and PNG encoding, the answer and the download; ``phases_s_median`` splits it, see
 ``benchmarks.harness.PHASES``) and ``sampling_over_direct`` (the worker's sampling
 over the direct call: the same computation in another process, which on a small CPU machine also shares its
-cores with the gateway and Redis). Measured twice:
+cores with the gateway and Redis). ``serving_overhead`` (median over the jobs of their serving path over their
+sampling) is the overhead against the pipeline call as it ran, in the same moment and under the same load:
+under load the direct call and the timed job do not see the same machine (the worker runs background jobs
+during a direct call, while during the timed job they wait), so there it is the figure to read. Measured twice:
 
 * ``idle``: nothing else runs;
-* ``load``: a client process keeps 8 other jobs going: each of 8 loops submits a job (priority 0, below the
-  timed job's 9, so the timed job never queues behind them), follows its event stream until it is queued,
-  cancels it and follows the stream to its end, then starts again. The gateway serves those submits, streams
-  and cancels while the timed job passes through it. (A background job the worker picks up before its cancel
-  lands runs until its next step; ``background_started`` counts them.) ``--loops 0`` skips it.
+* ``load``: a client process keeps 8 other jobs going, as 8 clients would: each of 8 loops submits a small job
+  (priority 0, below the timed job's 9, so the timed job never queues behind a waiting one), follows its event
+  stream, cancels it if it is still queued or running ``--cycle-s`` seconds after its submit (default: the job's
+  own length, ``--target-s``), follows the stream to its end, and submits its next job once ``--cycle-s`` has
+  passed since the last. The gateway serves those submits, streams and cancels while the timed job passes
+  through it; the worker runs the background jobs it finds queued while it is idle (each a few milliseconds of
+  sampling), so a timed job that arrives while one runs waits for it, as it would behind any other client's.
+  ``--cycle-s 0`` runs the loops flat out instead (a saturation test: each cancels its job as soon as it is
+  queued and submits the next at once; on a 2-core machine the load client and the gateway then fill both
+  cores). ``--loops 0`` skips it.
 
 The step count is calibrated so that the direct call takes about ``--target-s`` seconds.
 
@@ -51,9 +59,9 @@ BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_
 
 # --- background load (a process of its own) ----------------------------------------------------------------------
 
-def load_main(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: ANN001 - mp types
-    """``loops`` submit-follow-cancel loops until ``stop``; counts[0] = cycles done, counts[1] = errors."""
-    asyncio.run(_load(url, key, loops, counts, stop))
+def load_main(url: str, key: str, loops: int, cycle_s: float, counts, stop) -> None:  # noqa: ANN001 - mp types
+    """``loops`` submit-follow loops until ``stop``; counts[0] = cycles done, counts[1] = errors."""
+    asyncio.run(_load(url, key, loops, cycle_s, counts, stop))
 
 
 async def _read_events(lines: AsyncIterator[str], until: set[str]) -> str:
@@ -67,22 +75,36 @@ async def _read_events(lines: AsyncIterator[str], until: set[str]) -> str:
     return name
 
 
-async def _load(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: ANN001
+ENDS = {"done", "failed", "cancelled"}
+
+
+async def _load(url: str, key: str, loops: int, cycle_s: float, counts, stop) -> None:  # noqa: ANN001
     limits = httpx.Limits(max_connections=4 * loops, max_keepalive_connections=4 * loops)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
                                  limits=limits) as c:
+        async def cycle() -> None:
+            """One job: submit, follow, cancel it at ``cycle_s`` if it has not ended, follow it to its end."""
+            started = time.monotonic()
+            r = await c.post("/generate", json=BACKGROUND_JOB)
+            r.raise_for_status()
+            job = r.json()
+            async with c.stream("GET", job["events_url"]) as s:
+                lines = s.aiter_lines()
+                if await _read_events(lines, {"queued", "progress", *ENDS}) in ENDS:
+                    return
+                # the rest of the stream is read by a task of its own: a cancelled read would close the stream
+                reader = asyncio.create_task(_read_events(lines, ENDS))
+                hold = cycle_s - (time.monotonic() - started)
+                done, _ = await asyncio.wait({reader}, timeout=hold if hold > 0 else 0)
+                if not done:
+                    await c.delete(f"/jobs/{job['id']}")
+                await reader
+            await asyncio.sleep(max(0.0, cycle_s - (time.monotonic() - started)))
+
         async def loop() -> None:
             while not stop.is_set():
                 try:
-                    r = await c.post("/generate", json=BACKGROUND_JOB)
-                    r.raise_for_status()
-                    job = r.json()
-                    async with c.stream("GET", job["events_url"]) as s:
-                        lines = s.aiter_lines()
-                        name = await _read_events(lines, {"queued", "progress", "done", "failed", "cancelled"})
-                        if name in ("queued", "progress"):
-                            await c.delete(f"/jobs/{job['id']}")
-                            await _read_events(lines, {"done", "failed", "cancelled"})
+                    await cycle()
                     counts[0] += 1
                 except httpx.HTTPError:
                     counts[1] += 1
@@ -92,11 +114,12 @@ async def _load(url: str, key: str, loops: int, counts, stop) -> None:  # noqa: 
 
 
 class Load:
-    def __init__(self, url: str, key: str, loops: int) -> None:
+    def __init__(self, url: str, key: str, loops: int, cycle_s: float) -> None:
         ctx = mp.get_context("spawn")
         self.counts = ctx.Array("q", 2, lock=True)
         self.stop = ctx.Event()
-        self.proc = ctx.Process(target=load_main, args=(url, key, loops, self.counts, self.stop), daemon=True)
+        self.proc = ctx.Process(target=load_main, args=(url, key, loops, cycle_s, self.counts, self.stop),
+                                daemon=True)
         self.proc.start()
 
     def close(self) -> None:
@@ -121,13 +144,15 @@ def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: i
             "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d),
             "serving_path_s_median": statistics.median(t.wall_s - t.sampling_s for t in trips),
             "phases_s_median": {p: statistics.median(t.phases[p] for t in trips) for p in PHASES},
-            "sampling_over_direct": sm / dm}
+            "sampling_over_direct": sm / dm,
+            "serving_overhead": statistics.median((t.wall_s - t.sampling_s) / t.sampling_s for t in trips)}
 
 
 def measure_loaded(direct: Direct, client: httpx.Client, stack: Any, args: argparse.Namespace, steps: int,
                    seed: int) -> dict:
-    """:func:`measure` while ``args.loops`` background loops submit, follow and cancel jobs."""
-    load = Load(stack.url, stack.user_key, args.loops)
+    """:func:`measure` while ``args.loops`` background loops submit and follow jobs (module docstring)."""
+    cycle_s = args.target_s if args.cycle_s is None else args.cycle_s
+    load = Load(stack.url, stack.user_key, args.loops, cycle_s)
     try:
         deadline = time.monotonic() + 120
         while load.counts[0] < args.loops and time.monotonic() < deadline:  # the loops are going
@@ -139,13 +164,15 @@ def measure_loaded(direct: Direct, client: httpx.Client, stack: Any, args: argpa
         loaded["background_errors"] = load.counts[1]
     finally:
         load.close()
-    jobs = client.get("/jobs", params={"status": "cancelled", "limit": 1}).json()["count"]
+    cancelled = client.get("/jobs", params={"status": "cancelled", "limit": 1}).json()["count"]
     started = 0
-    for offset in range(0, jobs, 200):
+    for offset in range(0, cancelled, 200):
         page = client.get("/jobs", params={"status": "cancelled", "limit": 200, "offset": offset})
         started += sum(1 for j in page.json()["data"] if j["started_at"])
-    loaded["background_jobs"] = jobs
-    loaded["background_started"] = started
+    timed = 1 + 2 * args.repeats  # the warm-up job, then the idle and the loaded rounds'
+    succeeded = client.get("/jobs", params={"status": "succeeded", "limit": 1}).json()["count"] - timed
+    loaded.update(background_jobs=cancelled + succeeded, background_cancelled=cancelled,
+                  background_started_then_cancelled=started, background_ran=succeeded, cycle_s=cycle_s)
     return loaded
 
 
@@ -160,6 +187,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path and condition")
     ap.add_argument("--loops", type=int, default=8, help="background submit-and-follow loops under load (0: no "
                     "load phase)")
+    ap.add_argument("--cycle-s", type=float, default=None, help="under load, each loop's job is followed and "
+                    "a new one submitted once per this many seconds (default: --target-s); 0: flat out, each job "
+                    "cancelled as soon as it is queued")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of the direct call and the "
                     "worker (default: torch's). On a small CPU machine 1 leaves a core to the gateway, Redis and the "
                     "client, as a GPU machine leaves its CPU to them")
@@ -208,24 +238,29 @@ def main() -> None:
     figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model),
                        "threads": torch_threads()},
                "idle": idle, "overhead_ratio": idle["overhead_ratio"],
-               "serving_path_s": idle["serving_path_s_median"], "sampling_over_direct": idle["sampling_over_direct"]}
+               "serving_path_s": idle["serving_path_s_median"], "sampling_over_direct": idle["sampling_over_direct"],
+               "serving_overhead": idle["serving_overhead"]}
     if loaded is not None:
-        figures.update(load=loaded, overhead_ratio_under_load=loaded["overhead_ratio"])
+        figures.update(load=loaded, overhead_ratio_under_load=loaded["overhead_ratio"],
+                       serving_overhead_under_load=loaded["serving_overhead"])
     print()
     print(f"{'condition':<24}{'direct s':>10}{'e2e s':>9}{'sampling s':>12}{'ratio':>7}{'ratio (min)':>13}"
-          f"{'serving path ms':>17}{'sampling/direct':>17}")
+          f"{'serving path ms':>17}{'serving/sampling':>18}{'sampling/direct':>17}")
     for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
         if f is not None:
             print(f"{name:<24}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>9.3f}"
                   f"{f['worker_sampling_s_median']:>12.3f}{f['overhead_ratio']:>7.3f}{f['overhead_ratio_min']:>13.3f}"
-                  f"{f['serving_path_s_median'] * 1000:>17.0f}{f['sampling_over_direct']:>17.3f}")
+                  f"{f['serving_path_s_median'] * 1000:>17.0f}{f['serving_overhead'] * 100:>17.1f}%"
+                  f"{f['sampling_over_direct']:>17.3f}")
     for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
         if f is not None:
             print(f"serving path, {name}, median ms: "
                   + ", ".join(f"{phase} {f['phases_s_median'][phase] * 1000:.1f}" for phase in PHASES))
     if loaded is not None:
-        print(f"background: {loaded['background_cycles_per_s']:.1f} submit-follow-cancel cycles/s, "
-              f"{loaded['background_jobs']} jobs, {loaded['background_started']} started before their cancel, "
+        print(f"background: {args.loops} loops, a job per {loaded['cycle_s']:g} s each; "
+              f"{loaded['background_cycles_per_s']:.1f} cycles/s, {loaded['background_jobs']} jobs: "
+              f"{loaded['background_ran']} ran, {loaded['background_cancelled']} cancelled "
+              f"({loaded['background_started_then_cancelled']} of them after they started); "
               f"{loaded['background_errors']} errors")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
