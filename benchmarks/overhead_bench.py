@@ -172,15 +172,17 @@ def measure_loaded(direct: Direct, client: httpx.Client, stack: Any, args: argpa
     timed = 1 + 2 * args.repeats  # the warm-up job, then the idle and the loaded rounds'
     succeeded = client.get("/jobs", params={"status": "succeeded", "limit": 1}).json()["count"] - timed
     loaded.update(background_jobs=cancelled + succeeded, background_cancelled=cancelled,
-                  background_started_then_cancelled=started, background_ran=succeeded, cycle_s=cycle_s)
+                  background_started_then_cancelled=started, background_ran=succeeded, cycle_s=cycle_s,
+                  loops=args.loops)
     return loaded
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_overhead_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the overhead measurement (shared with ``serving_bench.py``)."""
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
     ap.add_argument("--broker-url", default=None, help="Redis to use (flushed before and after); default: a "
                     "redis-server of the run's own on a free port")
+    ap.add_argument("--database-url", default=None, help="job records of the stack (default: SQLite)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
     ap.add_argument("--target-s", type=float, default=1.0, help="seconds of the direct call to calibrate to")
@@ -194,8 +196,10 @@ def main() -> None:
                     "worker (default: torch's). On a small CPU machine 1 leaves a core to the gateway, Redis and the "
                     "client, as a GPU machine leaves its CPU to them")
     add_stack_env_argument(ap)
-    ap.add_argument("--json", type=Path, help="write the figures here")
-    args = ap.parse_args()
+
+
+def overhead_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Idle and loaded rounds on a live stack (``args.broker_url``: a Redis it may flush); the figures."""
     if args.threads:
         import torch
 
@@ -203,23 +207,21 @@ def main() -> None:
 
     import redis
 
-    from benchmarks.harness import private_redis, stack_env, torch_threads
+    from benchmarks.harness import stack_env, torch_threads
     from tests.support.stack import live_stack
 
-    tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
     model = args.model
     if model is None:
         from worker.engine.tiny import write_tiny_model
 
         model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
     seed = 1234
-    cleanup = contextlib.ExitStack()
-    broker = args.broker_url or cleanup.enter_context(private_redis())
-    r = redis.Redis.from_url(broker)
+    r = redis.Redis.from_url(args.broker_url)
     r.flushdb()
     try:
         # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
-        with live_stack(model=model, data_dir=tmp / "data", broker_url=broker,
+        with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
+                        database_url=args.database_url,
                         env={"ECHO4O_LOG_LEVEL": "WARNING", "ECHO4O_MAX_QUEUED_JOBS_PER_KEY": "100000",
                              "OMP_NUM_THREADS": str(torch_threads()), **stack_env(args.stack_env)}) as stack:
             direct = Direct(model, args.size, seed)
@@ -233,7 +235,6 @@ def main() -> None:
                 loaded = measure_loaded(direct, client, stack, args, steps, seed) if args.loops else None
     finally:
         r.flushdb()
-        cleanup.close()
 
     figures = {"job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model),
                        "threads": torch_threads()},
@@ -243,25 +244,47 @@ def main() -> None:
     if loaded is not None:
         figures.update(load=loaded, overhead_ratio_under_load=loaded["overhead_ratio"],
                        serving_overhead_under_load=loaded["serving_overhead"])
+    return figures
+
+
+def print_overhead_figures(figures: dict[str, Any]) -> None:
+    conditions = [("idle", figures["idle"])]
+    loaded = figures.get("load")
+    if loaded is not None:
+        conditions.append((f"{loaded['loops']} jobs followed", loaded))
     print()
     print(f"{'condition':<24}{'direct s':>10}{'e2e s':>9}{'sampling s':>12}{'ratio':>7}{'ratio (min)':>13}"
           f"{'serving path ms':>17}{'serving/sampling':>18}{'sampling/direct':>17}")
-    for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
-        if f is not None:
-            print(f"{name:<24}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>9.3f}"
-                  f"{f['worker_sampling_s_median']:>12.3f}{f['overhead_ratio']:>7.3f}{f['overhead_ratio_min']:>13.3f}"
-                  f"{f['serving_path_s_median'] * 1000:>17.0f}{f['serving_overhead'] * 100:>17.1f}%"
-                  f"{f['sampling_over_direct']:>17.3f}")
-    for name, f in (("idle", idle), (f"{args.loops} jobs followed", loaded)):
-        if f is not None:
-            print(f"serving path, {name}, median ms: "
-                  + ", ".join(f"{phase} {f['phases_s_median'][phase] * 1000:.1f}" for phase in PHASES))
+    for name, f in conditions:
+        print(f"{name:<24}{f['direct_s_median']:>10.3f}{f['end_to_end_s_median']:>9.3f}"
+              f"{f['worker_sampling_s_median']:>12.3f}{f['overhead_ratio']:>7.3f}{f['overhead_ratio_min']:>13.3f}"
+              f"{f['serving_path_s_median'] * 1000:>17.0f}{f['serving_overhead'] * 100:>17.1f}%"
+              f"{f['sampling_over_direct']:>17.3f}")
+    for name, f in conditions:
+        print(f"serving path, {name}, median ms: "
+              + ", ".join(f"{phase} {f['phases_s_median'][phase] * 1000:.1f}" for phase in PHASES))
     if loaded is not None:
-        print(f"background: {args.loops} loops, a job per {loaded['cycle_s']:g} s each; "
+        print(f"background: {loaded['loops']} loops, a job per {loaded['cycle_s']:g} s each; "
               f"{loaded['background_cycles_per_s']:.1f} cycles/s, {loaded['background_jobs']} jobs: "
               f"{loaded['background_ran']} ran, {loaded['background_cancelled']} cancelled "
               f"({loaded['background_started_then_cancelled']} of them after they started); "
               f"{loaded['background_errors']} errors")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_overhead_arguments(ap)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+
+    from benchmarks.harness import private_redis
+
+    tmp = Path(tempfile.mkdtemp(prefix="echo4o-overhead-bench-"))
+    with contextlib.ExitStack() as cleanup:
+        if args.broker_url is None:
+            args.broker_url = cleanup.enter_context(private_redis())
+        figures = overhead_figures(args, tmp)
+    print_overhead_figures(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
         print(f"\nwrote {args.json}")

@@ -1,10 +1,12 @@
 """Serving overhead and submission throughput of the gateway + Celery + Redis stack.
 
-1. Direct: ``Echo4oPipeline`` called in this process (same model, size, steps and seed as the jobs).
-2. End to end: the same job through a live stack (``echo4o serve`` on uvicorn, Redis broker, one
-   ``echo4o worker`` subprocess): ``POST /generate?wait=`` until the finished job comes back, then the PNG
-   downloaded. Direct and end-to-end runs alternate. ``overhead_ratio`` = median end-to-end / median direct.
-3. Submissions: ``POST /generate`` driven by wrk (a Lua script sends the JSON body and the key) for
+1. Overhead (``benchmarks/overhead_bench.py``, which this runs): a direct ``Echo4oPipeline`` call in this process
+   alternated with the same job through a live stack (``echo4o serve`` on uvicorn, Redis broker, one
+   ``echo4o worker`` subprocess: ``POST /generate?wait=`` until the finished job comes back, then the PNG
+   downloaded), idle and while 8 other jobs are being submitted and followed (``--loops``). ``overhead_ratio`` =
+   median end-to-end / median direct; ``serving_overhead`` = median serving path over the job's own sampling;
+   ``overhead_ratio_under_load`` and ``serving_overhead_under_load`` the same under load.
+2. Submissions: ``POST /generate`` driven by wrk (a Lua script sends the JSON body and the key) for
    ``--duration`` seconds at concurrency 8 and 64, against a gateway started with no worker (jobs stay
    queued), job records on SQLite, then on a fresh PostgreSQL database; and the same body against a no-op
    FastAPI route (benchmarks/noop_app.py), the framework's ceiling on this machine. ``submits_per_s`` (c=64,
@@ -12,7 +14,7 @@
    only. Without wrk, Python client processes drive the load (a message says so).
 
 The job size is picked so that sampling takes about ``--target-s`` seconds (1 s by default) on this machine:
-a calibration run times one step at ``--size`` and sets the step count.
+a calibration run times the direct call at ``--size`` and sets the step count (``--steps`` fixes it).
 
     .venv/bin/python benchmarks/serving_bench.py                 # tiny model, made in a temp dir
     .venv/bin/python benchmarks/serving_bench.py --model DIR --json figures.json
@@ -44,7 +46,12 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import PROMPT, Direct, end_to_end, private_redis, torch_threads  # noqa: E402
+from benchmarks.harness import PROMPT, private_redis  # noqa: E402
+from benchmarks.overhead_bench import (  # noqa: E402
+    add_overhead_arguments,
+    overhead_figures,
+    print_overhead_figures,
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -341,18 +348,11 @@ def print_submission_figures(figures: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="model folder (default: a tiny model made in a temp dir)")
-    ap.add_argument("--broker-url", default=None, help="Redis to use (flushed before and after); default: a "
-                    "redis-server of the run's own on a free port")
-    ap.add_argument("--database-url", default=None, help="job records of the end-to-end part (default: SQLite)")
+    add_overhead_arguments(ap)  # the end-to-end part's options (overhead_bench.py)
     ap.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
                     help="PostgreSQL server for submits_per_s_postgres (a fresh database is made and dropped); "
                          "'' to skip")
     ap.add_argument("--only", choices=("all", "e2e", "submissions"), default="all")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
-    ap.add_argument("--steps", type=int, default=None, help="fix num_steps instead of calibrating")
-    ap.add_argument("--target-s", type=float, default=1.0, help="sampling seconds per job to calibrate to")
-    ap.add_argument("--repeats", type=int, default=9, help="timed jobs per path")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of wrk load per submission level")
     ap.add_argument("--gateway-processes", type=int, default=1,
                     help="ECHO4O_GATEWAY_PROCESSES of the gateway under submission load")
@@ -365,7 +365,8 @@ def main() -> None:
         if args.broker_url is None:
             args.broker_url = cleanup.enter_context(private_redis())
         if args.only in ("all", "e2e"):
-            figures.update(end_to_end_figures(args, tmp))
+            figures.update(overhead_figures(args, tmp))
+            print_overhead_figures(figures)
         if args.only in ("all", "submissions"):
             figures.update(submission_figures(args, tmp))
             print_submission_figures(figures)
@@ -373,64 +374,6 @@ def main() -> None:
         args.json.write_text(json.dumps(figures, indent=2))
         print(f"\nwrote {args.json}")
 
-
-def end_to_end_figures(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """overhead_ratio and its parts: direct pipeline calls alternating with the same job end to end."""
-    import redis
-
-    from tests.support.stack import live_stack
-
-    model = args.model
-    if model is None:
-        from worker.engine.tiny import write_tiny_model
-
-        model = write_tiny_model(tmp / "echo4o-tiny", seed=0)
-    seed = 1234
-
-    r = redis.Redis.from_url(args.broker_url)
-    r.flushdb()
-    direct_wall, e2e_wall, e2e_sampling = [], [], []
-    try:
-        # the worker gets the torch threads the direct call has (the tests' stacks pin one per process)
-        with live_stack(model=model, data_dir=tmp / "data", broker_url=args.broker_url,
-                        database_url=args.database_url,
-                        env={"ECHO4O_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(torch_threads())}) as stack:
-            direct = Direct(model, args.size, seed)
-            steps = args.steps or direct.calibrate(args.target_s)
-            print(f"job: {args.size}x{args.size}, num_steps={steps}, model {model}", flush=True)
-            with stack.client(timeout=600) as client:
-                end_to_end(client, args.size, steps, seed)  # warm path
-                # interleaved, so that load from elsewhere on the machine hits both paths alike
-                for _ in range(args.repeats):
-                    direct_wall.append(direct.run(steps))
-                    trip = end_to_end(client, args.size, steps, seed)
-                    e2e_wall.append(trip.wall_s)
-                    e2e_sampling.append(trip.sampling_s)
-    finally:
-        r.flushdb()
-
-    direct_med = statistics.median(direct_wall)
-    e2e_med = statistics.median(e2e_wall)
-    figures = {
-        "job": {"height": args.size, "width": args.size, "num_steps": steps, "model": str(model)},
-        "direct_s_median": direct_med,
-        "end_to_end_s_median": e2e_med,
-        "end_to_end_sampling_s_median": statistics.median(e2e_sampling),
-        "overhead_s_median": e2e_med - direct_med,
-        "overhead_ratio": e2e_med / direct_med,
-        # the fastest of each path: less sensitive to other load on a shared machine
-        "overhead_ratio_min": min(e2e_wall) / min(direct_wall),
-        "direct_s": direct_wall,
-        "end_to_end_s": e2e_wall,
-    }
-    print()
-    print(f"{'path':<34}{'median s':>10}{'min s':>10}{'max s':>10}")
-    print(f"{'direct pipeline call':<34}{direct_med:>10.3f}{min(direct_wall):>10.3f}{max(direct_wall):>10.3f}")
-    print(f"{'gateway + Celery + Redis (e2e)':<34}{e2e_med:>10.3f}{min(e2e_wall):>10.3f}{max(e2e_wall):>10.3f}")
-    print(f"{'  of which worker sampling':<34}{statistics.median(e2e_sampling):>10.3f}")
-    print(f"overhead_ratio (e2e / direct, medians): {figures['overhead_ratio']:.3f}  "
-          f"(+{figures['overhead_s_median'] * 1000:.0f} ms); fastest / fastest: {figures['overhead_ratio_min']:.3f}")
-    return figures
 
 if __name__ == "__main__":
     main()
