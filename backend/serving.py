@@ -10,6 +10,10 @@
 * :class:`EndStreamsCleanly`: on shutdown sse-starlette stops each event stream by cancelling it, and returns
   without ending the HTTP body, which uvicorn answers by dropping the connection; this sends the last, empty
   chunk instead, so a connected client sees its stream end normally (and may reconnect elsewhere).
+
+And, in a serving process only (``heap=True``; never in a test's process), :class:`FreezeHeapWhenStarted`: once
+the app's startup is complete, the objects alive then are frozen out of garbage collection (:mod:`echo4o.heap`),
+so that no full collection pauses a request for 80-140 ms.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import ApiError
+from echo4o.heap import freeze_long_lived
 from echo4o.settings import Settings
 
 
@@ -120,13 +125,35 @@ class EndStreamsCleanly:
                 pass
 
 
-def for_serving(app: ASGIApp, settings: Settings) -> ASGIApp:
+class FreezeHeapWhenStarted:
+    """Freezes the process's long-lived objects (:func:`echo4o.heap.freeze_long_lived`) once the app reports its
+    startup complete (the lifespan's ``lifespan.startup.complete``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def freezing_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                freeze_long_lived("gateway")
+
+        await self.app(scope, receive, freezing_send)
+
+
+def for_serving(app: ASGIApp, settings: Settings, *, heap: bool = False) -> ASGIApp:
     """``app`` as ``echo4o serve`` runs it: bodies under a deadline, a 413 in the error shape, streams ended
-    cleanly."""
+    cleanly; with ``heap``, the process's long-lived objects frozen once it has started (a serving process's
+    own setting: a test's process keeps its collector as it is)."""
     from backend.app import max_body_bytes
 
     app = TooLargeAsError(app, max_body_bytes=max_body_bytes(settings))
-    return EndStreamsCleanly(BodyDeadline(app, timeout_s=settings.body_timeout_s))
+    app = EndStreamsCleanly(BodyDeadline(app, timeout_s=settings.body_timeout_s))
+    return FreezeHeapWhenStarted(app) if heap else app
 
 
 def serving_app() -> ASGIApp:
@@ -138,4 +165,4 @@ def serving_app() -> ASGIApp:
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)  # a process started afresh: its logs as the parent's
-    return for_serving(create_app(settings), settings)
+    return for_serving(create_app(settings), settings, heap=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from echo4o.heap import release_frozen
 from echo4o.logging import get_logger
 
 log = get_logger(__name__)
@@ -132,6 +133,7 @@ class ResidentModels:
 
 
 def _free_memory() -> None:
+    release_frozen()  # a dropped pipeline is frozen (worker.runtime freezes what it loads): let its cycles go
     gc.collect()
     try:
         import torch

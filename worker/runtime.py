@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 from echo4o.db import crud, session_scope, upgrade_to_head
 from echo4o.db.models import Job
+from echo4o.heap import freeze_long_lived, refreeze
 from echo4o.logging import get_logger
 from echo4o.settings import Settings, get_settings
 
@@ -131,8 +132,11 @@ class WorkerRuntime:
 
         with session_scope(self.settings.database_url) as s:
             path = versions.resolve_path(s, self.settings, ref)
+        resident = set(self.models.resident)
         self.pipeline = self.models.get(ref, path)
         self.active_version = ref
+        if set(self.models.resident) != resident:  # a version loaded (and maybe others dropped): freeze it too
+            refreeze("worker")
         return self.pipeline
 
     def warm_up(self) -> None:
@@ -387,6 +391,7 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
         app = get_app()
 
         def _ready(**_: Any) -> None:
+            freeze_long_lived("worker")  # the model, the warm-up's allocations, Celery: no full collection walks them
             runtime.set_status("ready")
             log.info(
                 "worker ready",

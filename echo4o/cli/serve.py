@@ -87,7 +87,7 @@ def serve(
     os.environ["ECHO4O_DATA_DIR"] = str(settings.data_dir)
     processes = settings.gateway_processes
     config = (uvicorn.Config("backend.serving:serving_app", factory=True, workers=processes, **options)
-              if processes > 1 else uvicorn.Config(for_serving(create_app(settings), settings), **options))
+              if processes > 1 else uvicorn.Config(for_serving(create_app(settings), settings, heap=True), **options))
     server = uvicorn.Server(config)
     run, stop = server.run, lambda: setattr(server, "should_exit", True)
     metrics_dir = None

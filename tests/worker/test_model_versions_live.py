@@ -64,3 +64,12 @@ def test_promote_switches_new_jobs_old_version_still_runs_rollback(stack: Stack,
     assert {j["worker"] for j in (first, promoted, named_old, again, after)} == {worker.worker_id}  # no restart
     log = worker.logs()
     assert log.count("loading model version") == 1  # tiny/v2, once: both versions stay resident (2 allowed)
+    # echo4o/heap.py: what the worker held when ready (the base version), then tiny/v2 once loaded, is frozen out
+    # of the collector's full passes, as is the gateway's app once started
+    frozen = [_objects(line) for line in log.splitlines() if "long-lived objects frozen" in line]
+    assert len(frozen) == 2 and frozen[1] > frozen[0] > 10_000, frozen
+    assert "long-lived objects frozen" in stack.gateway_log.read_text(), stack.logs()
+
+
+def _objects(line: str) -> int:
+    return int(line.split("objects=")[1].split()[0])

@@ -79,3 +79,28 @@ def test_bad_limits_are_refused() -> None:
         ResidentModels(Loader(), max_models=0)
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         ResidentModels(Loader(), max_models=1, max_bytes=-1)
+
+
+def test_an_evicted_version_is_freed_in_a_worker_that_froze_its_heap(models: dict[str, str]) -> None:
+    """A serving worker freezes what it loaded (echo4o/heap.py). A pipeline in a reference cycle (here it refers
+    to itself, as a hook holding its module would) is freed only by the collector; eviction must let it go."""
+    import gc
+    import weakref
+
+    from echo4o.heap import freeze_long_lived
+
+    def load(path: str) -> Echo4oPipeline:
+        pipeline = Echo4oPipeline.from_pretrained(path, device="cpu", dtype="float32")
+        pipeline.itself = pipeline  # type: ignore[attr-defined] - the cycle
+        return pipeline
+
+    assert gc.get_freeze_count() == 0, "something in this test process froze its objects"
+    cache = ResidentModels(load, max_models=1)
+    try:
+        v1 = weakref.ref(cache.get("tiny/v1", models["tiny/v1"]))
+        freeze_long_lived("worker")
+        cache.get("tiny/v2", models["tiny/v2"])  # evicts v1
+        assert cache.resident == ["tiny/v2"]
+        assert v1() is None, "the evicted version is still alive: frozen objects were not released"
+    finally:
+        gc.unfreeze()

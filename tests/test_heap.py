@@ -1,0 +1,94 @@
+"""echo4o/heap.py: the long-lived objects of a serving process frozen out of the collector's full passes, and the
+gateway's ASGI wrapper that freezes once the app has started (the live processes: test_heap_live.py)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from backend.serving import FreezeHeapWhenStarted
+from echo4o.heap import freeze_long_lived, refreeze, release_frozen
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """The test's process is left as it was: nothing frozen."""
+    assert gc.get_freeze_count() == 0, "something in this test process froze its objects"
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_freeze_takes_the_live_objects_and_refreeze_those_made_since(unfrozen: None,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="echo4o.heap")
+    frozen = freeze_long_lived("test")
+    [record] = [r for r in caplog.records if r.getMessage() == "long-lived objects frozen out of garbage collection"]
+    assert record.role == "test" and record.objects == frozen
+    assert frozen == gc.get_freeze_count() > 1000  # the interpreter's own objects at least
+    made_since = [[i] for i in range(5000)]  # lists: tracked by the collector
+    refreeze("test")
+    assert gc.get_freeze_count() >= frozen + len(made_since)
+    release_frozen()
+    assert gc.get_freeze_count() == 0
+
+
+def test_refreeze_leaves_a_process_that_never_froze_as_it_is(unfrozen: None) -> None:
+    refreeze("test")
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_frozen_cycle_is_collected_once_released(unfrozen: None) -> None:
+    import weakref
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle: only the collector frees it
+    gone = weakref.ref(a)
+    freeze_long_lived("test")
+    del a, b
+    gc.collect()
+    assert gone() is not None  # frozen: no collection walks it
+    release_frozen()
+    gc.collect()
+    assert gone() is None
+
+
+async def _lifespan(app, *, fail: bool = False) -> list[str]:  # noqa: ANN001 - an ASGI app
+    sent: list[str] = []
+    incoming = iter([{"type": "lifespan.startup"}])
+
+    async def receive() -> dict:
+        return next(incoming)
+
+    async def send(message: dict) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan"}, receive, send)
+    return sent
+
+
+def _app(*, fail: bool):  # noqa: ANN202
+    async def app(scope, receive, send) -> None:  # noqa: ANN001
+        await receive()
+        await send({"type": "lifespan.startup.failed" if fail else "lifespan.startup.complete"})
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_the_gateway_wrapper_freezes_once_startup_is_complete(unfrozen: None) -> None:
+    assert await _lifespan(FreezeHeapWhenStarted(_app(fail=False))) == ["lifespan.startup.complete"]
+    assert gc.get_freeze_count() > 1000
+
+
+@pytest.mark.anyio
+async def test_the_gateway_wrapper_freezes_nothing_when_startup_fails(unfrozen: None) -> None:
+    assert await _lifespan(FreezeHeapWhenStarted(_app(fail=True))) == ["lifespan.startup.failed"]
+    assert gc.get_freeze_count() == 0
