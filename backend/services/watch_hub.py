@@ -90,8 +90,8 @@ class _Entry:
     """A watched job: its watcher count, last snapshot and whether it must be read again; and, for a crowd, the
     newest snapshot released to it (one timer for the whole crowd, not one per watcher)."""
 
-    __slots__ = ("job_id", "watchers", "progress_watchers", "snapshot", "key", "changed", "dirty", "last_read",
-                 "released", "released_at", "release_timer", "release_event")
+    __slots__ = ("job_id", "watchers", "progress_watchers", "snapshot", "key", "changed", "dirty", "for_position",
+                 "last_read", "released", "released_at", "release_timer", "release_event")
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
@@ -102,6 +102,8 @@ class _Entry:
         self.key: tuple | None = None
         self.changed = asyncio.Event()
         self.dirty = True
+        #: Marked only because another job's change may have moved its queue position: read after the others.
+        self.for_position = False
         self.last_read = float("-inf")
         #: The version a crowd may take, and when (loop time) it was released.
         self.released = 0
@@ -266,10 +268,13 @@ class WatchHub:
                 if not self._entries and not self.persistent:
                     await self.stop()
 
-    def _poke(self, entry: _Entry) -> None:
-        """Have ``entry`` read at the reader's next round (a first watcher, or a notification)."""
+    def _poke(self, entry: _Entry, *, for_position: bool = False) -> None:
+        """Have ``entry`` read at the reader's next round (a first watcher, or a notification); ``for_position``:
+        only its queue position may have moved (another job started or ended), so it is read after the entries
+        whose own row changed."""
         if entry.snapshot is not None and entry.snapshot.ended:
             return
+        entry.for_position = for_position if not entry.dirty else entry.for_position and for_position
         entry.dirty = True
         if self._wake is not None:
             self._wake.set()
@@ -284,13 +289,15 @@ class WatchHub:
             self._poke(entry)
         if status is not None:  # a job started, ended or was requeued: queue positions may have moved
             for other in self._entries.values():
-                if other.snapshot is not None and other.snapshot.job is not None \
+                if other is not entry and other.snapshot is not None and other.snapshot.job is not None \
                         and other.snapshot.job.status == "queued":
-                    self._poke(other)
+                    self._poke(other, for_position=True)
 
     # --- tasks --------------------------------------------------------------------------------------------
     async def _reader(self) -> None:
-        """Read the rows of the entries marked dirty, in one statement per round, until cancelled."""
+        """Read the rows of the entries marked dirty, in one statement per round, until cancelled. The entries
+        whose own row changed are read first, and those marked only for their queue position after them: the
+        answer to a job that ended does not wait for the queue positions of the jobs queued behind it."""
         assert self._wake is not None
         while True:
             await self._wake.wait()
@@ -298,38 +305,50 @@ class WatchHub:
             due = [e for e in self._entries.values() if e.dirty]
             if not due:
                 continue
+            first = [e for e in due if not e.for_position]
+            rounds = [first, [e for e in due if e.for_position]] if 0 < len(first) < len(due) else [due]
             for e in due:
-                e.dirty = False
-            try:
-                rows = await anyio.to_thread.run_sync(self._read_rows, [e.job_id for e in due])
-            except Exception as exc:  # noqa: BLE001 - a failed read is retried by the next poll
-                log.warning("watch hub: cannot read job rows", extra={"error": str(exc), "jobs": len(due)})
-                await asyncio.sleep(self.poll_s)
-                for e in due:
-                    e.dirty = True
-                self._wake.set()
-                continue
-            self.row_reads += len(due)
-            if self.on_rows_read is not None:
-                self.on_rows_read(len(due))
-            now = time.monotonic()
+                e.dirty = e.for_position = False
+            for i, batch in enumerate(rounds):
+                if not await self._read(batch):
+                    for e in (e for later in rounds[i + 1:] for e in later):
+                        e.dirty = True
+                    break
+
+    async def _read(self, due: list[_Entry]) -> bool:
+        """Read the rows of ``due`` in one statement and publish the changed ones; False when the read failed
+        (they are marked for the next round, after a pause)."""
+        assert self._wake is not None
+        try:
+            rows = await anyio.to_thread.run_sync(self._read_rows, [e.job_id for e in due])
+        except Exception as exc:  # noqa: BLE001 - a failed read is retried by the next poll
+            log.warning("watch hub: cannot read job rows", extra={"error": str(exc), "jobs": len(due)})
+            await asyncio.sleep(self.poll_s)
             for e in due:
-                e.last_read = now
-                job, position = rows.get(e.job_id, (None, None))
-                key = _key(job, position)
-                if key != e.key:
-                    e.key = key
-                    version = e.snapshot.version + 1 if e.snapshot is not None else 1
-                    e.publish(Snapshot(version, job, position), crowd_watchers=self.crowd_watchers,
-                              crowd_interval_s=self.crowd_interval_s)
+                e.dirty = True
+            self._wake.set()
+            return False
+        self.row_reads += len(due)
+        if self.on_rows_read is not None:
+            self.on_rows_read(len(due))
+        now = time.monotonic()
+        for e in due:
+            e.last_read = now
+            job, position = rows.get(e.job_id, (None, None))
+            key = _key(job, position)
+            if key != e.key:
+                e.key = key
+                version = e.snapshot.version + 1 if e.snapshot is not None else 1
+                e.publish(Snapshot(version, job, position), crowd_watchers=self.crowd_watchers,
+                          crowd_interval_s=self.crowd_interval_s)
+        return True
 
     def _read_rows(self, job_ids: list[str]) -> dict[str, tuple[Job, int | None]]:
         """``{id: (job, queue position)}`` of the rows that exist (runs in a worker thread)."""
         session = get_sessionmaker(self.database_url)()
         try:
             jobs = session.scalars(sa.select(Job).where(Job.id.in_(job_ids))).all()
-            return {j.id: (j, crud.queue_position(session=session, job_id=j.id) if j.status == "queued" else None)
-                    for j in jobs}
+            return {j.id: (j, crud.queue_position_of(session=session, job=j)) for j in jobs}
         finally:
             session.close()
 

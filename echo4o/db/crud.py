@@ -104,7 +104,12 @@ def queue_position(*, session: Session, job_id: str) -> int | None:
     Order: higher priority first, then older first, the order the broker delivers them in.
     """
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != "queued":
+    return queue_position_of(session=session, job=job) if job is not None else None
+
+
+def queue_position_of(*, session: Session, job: Job) -> int | None:
+    """:func:`queue_position` of a row just read (one COUNT, no second read of it)."""
+    if job.status != "queued":
         return None
     same_queue = [k for k, q in QUEUE_OF_KIND.items() if q == QUEUE_OF_KIND.get(job.kind, "gpu")]
     ahead = sa.or_(

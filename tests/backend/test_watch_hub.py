@@ -12,6 +12,7 @@ once for all watchers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -329,3 +330,44 @@ def test_a_crowd_takes_a_snapshot_at_most_every_interval_and_still_gets_every_st
         times = [t for t, _ in chunks]
         gaps = [b - a for a, b in zip(times[:-1], times[1:-1], strict=False)]
         assert all(gap >= interval * 0.95 for gap in gaps), gaps
+
+
+async def _ended_before_positions(settings: Settings, redis_url: str, ended_id: str, queued_ids: list[str]) -> list:
+    order: list = []
+    hub = WatchHub(settings, safety_poll_s=3600, persistent=True, on_rows_read=lambda n: order.append(("read", n)))
+    await hub.start()
+    publisher = notify.Publisher(redis_url)
+    try:
+        assert hub.live
+        async with contextlib.AsyncExitStack() as watches:
+            waiting = await watches.enter_async_context(hub.watch(ended_id, progress=False))
+            assert (await anext(waiting)).job.status == "running"
+            for job_id in queued_ids:  # event streams of jobs queued behind it
+                stream = await watches.enter_async_context(hub.watch(job_id))
+                assert (await anext(stream)).job.status == "queued"
+            order.clear()
+            with session_scope(settings.database_url) as s:
+                assert crud.mark_succeeded(session=s, job_id=ended_id, result={"images": []})
+            assert publisher.publish(ended_id, "succeeded")
+            async with asyncio.timeout(DEADLINE_S):
+                assert [snap async for snap in waiting][-1].job.status == "succeeded"
+                order.append("ended job answered")
+                while sum(n for step in order if step != "ended job answered" for n in step[1:]) \
+                        < 1 + len(queued_ids):
+                    await asyncio.sleep(0.01)
+    finally:
+        publisher.close()
+        await hub.stop()
+    return order
+
+
+def test_an_ended_job_is_answered_before_the_queue_positions_behind_it_are_read(redis_url: str) -> None:
+    """A job's end also re-reads the watched queued jobs (their positions may move): those reads come after the
+    ended job's, so its ``?wait`` answer and ``done`` event do not wait for them."""
+    settings = Settings(broker_url=redis_url)
+    ended_id = _running_job(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        queued = [crud.create_job(session=s, kind="generate", params={"prompt": f"p{i}"}, model_version="v1").id
+                  for i in range(5)]
+    order = _run(_ended_before_positions, settings, redis_url, ended_id, queued)
+    assert order == [("read", 1), "ended job answered", ("read", 5)], order
