@@ -20,10 +20,16 @@ from echo4o.logging import get_logger
 
 log = get_logger(__name__)
 
+#: Whether this process froze its long-lived objects (a serving process): :func:`refreeze` freezes again in one
+#: that did, also after :func:`release_frozen` left nothing frozen.
+_freezes = False
+
 
 def freeze_long_lived(role: str) -> int:
     """Collect once, then freeze every object alive now (``role``: the process's, for the log); returns how many
     objects are frozen in all. Never raises: it is a speed-up, not something a process may die of."""
+    global _freezes
+    _freezes = True
     t0 = time.perf_counter()
     try:
         gc.collect()
@@ -38,13 +44,13 @@ def freeze_long_lived(role: str) -> int:
 
 
 def refreeze(role: str) -> None:
-    """In a process that froze its long-lived objects, freeze those made since (a model version it loaded);
-    nothing in one that did not (a test's process)."""
-    if gc.get_freeze_count():
+    """In a process that froze its long-lived objects, freeze those made since (a model version it loaded), also
+    when a release (a dropped version) left nothing frozen; nothing in one that never froze (a test's process)."""
+    if _freezes:
         freeze_long_lived(role)
 
 
 def release_frozen() -> None:
     """Make frozen objects collectable again (before a collection that must free some of them, like a dropped
-    model); the next :func:`freeze_long_lived` freezes what is still alive."""
+    model); the next :func:`freeze_long_lived` or :func:`refreeze` freezes what is still alive."""
     gc.unfreeze()

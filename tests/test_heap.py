@@ -10,13 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from backend.serving import FreezeHeapWhenStarted
+from echo4o import heap
 from echo4o.heap import freeze_long_lived, refreeze, release_frozen
 
 
 @pytest.fixture
-def unfrozen() -> Iterator[None]:
-    """The test's process is left as it was: nothing frozen."""
+def unfrozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The test's process is left as it was: nothing frozen, and not a process that freezes."""
     assert gc.get_freeze_count() == 0, "something in this test process froze its objects"
+    monkeypatch.setattr(heap, "_freezes", False)
     try:
         yield
     finally:
@@ -40,6 +42,16 @@ def test_freeze_takes_the_live_objects_and_refreeze_those_made_since(unfrozen: N
 def test_refreeze_leaves_a_process_that_never_froze_as_it_is(unfrozen: None) -> None:
     refreeze("test")
     assert gc.get_freeze_count() == 0
+
+
+def test_refreeze_freezes_again_after_a_release_left_nothing_frozen(unfrozen: None) -> None:
+    """A worker that drops a model version releases everything frozen (worker/models_cache.py); the version it
+    loads next is frozen again, with the rest of what is alive."""
+    freeze_long_lived("test")
+    release_frozen()
+    assert gc.get_freeze_count() == 0
+    refreeze("test")
+    assert gc.get_freeze_count() > 1000
 
 
 def test_a_frozen_cycle_is_collected_once_released(unfrozen: None) -> None:

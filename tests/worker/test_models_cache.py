@@ -81,13 +81,17 @@ def test_bad_limits_are_refused() -> None:
         ResidentModels(Loader(), max_models=1, max_bytes=-1)
 
 
-def test_an_evicted_version_is_freed_in_a_worker_that_froze_its_heap(models: dict[str, str]) -> None:
+def test_an_evicted_version_is_freed_in_a_worker_that_froze_its_heap(models: dict[str, str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A serving worker freezes what it loaded (echo4o/heap.py). A pipeline in a reference cycle (here it refers
     to itself, as a hook holding its module would) is freed only by the collector; eviction must let it go."""
     import gc
     import weakref
 
+    from echo4o import heap
     from echo4o.heap import freeze_long_lived
+
+    monkeypatch.setattr(heap, "_freezes", False)  # this test's process stays one that does not freeze
 
     def load(path: str) -> Echo4oPipeline:
         pipeline = Echo4oPipeline.from_pretrained(path, device="cpu", dtype="float32")
