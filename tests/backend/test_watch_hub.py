@@ -23,6 +23,7 @@ import anyio
 import httpx
 import pytest
 
+from backend.services import watch_hub
 from backend.services.events import job_events
 from backend.services.watch_hub import SAFETY_POLL_S, WatchHub
 from echo4o import notify
@@ -317,19 +318,31 @@ async def _crowd(settings: Settings, job_id: str, watchers: int, interval_s: flo
             return await asyncio.gather(*tasks)
 
 
-def test_a_crowd_takes_a_snapshot_at_most_every_interval_and_still_gets_every_step() -> None:
+def test_a_crowd_takes_a_snapshot_at_most_every_interval_and_still_gets_every_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     settings = get_settings()
     job_id = _running_job(settings.database_url)
     interval = 0.3
+    releases: list[tuple[float, bool]] = []  # (loop time, ended) of each release to the crowd, as the hub made it
+    release = watch_hub._Entry.release
+
+    def recorded(entry: watch_hub._Entry) -> None:
+        release(entry)
+        releases.append((entry.released_at, entry.snapshot is not None and entry.snapshot.ended))
+
+    monkeypatch.setattr(watch_hub._Entry, "release", recorded)
     streams = _run(_crowd, settings, job_id, 10, interval)
     for chunks in streams:
         events = [event for _, chunk in chunks for event in chunk]
         assert [data["step"] for name, data in events if name == "progress"] == [1, 2, 3, 4, 5, 6], events
         assert events[-1][0] == "done"
-        # one write per snapshot taken, and no two snapshots within the interval but for the end
-        times = [t for t, _ in chunks]
-        gaps = [b - a for a, b in zip(times[:-1], times[1:-1], strict=False)]
-        assert all(gap >= interval * 0.95 for gap in gaps), gaps
+        assert len(chunks) <= len(releases) + 1, (chunks, releases)  # one write per snapshot taken
+    # no two releases within the interval but for the end (the hub's own times: a watcher's wake-up on a busy
+    # loop can come late, which shortens the gap it sees to the next)
+    assert releases[-1][1] and not any(ended for _, ended in releases[:-1]), releases
+    times = [t for t, _ in releases[:-1]]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps and all(gap >= interval - 1e-6 for gap in gaps), gaps
 
 
 async def _ended_before_positions(settings: Settings, redis_url: str, ended_id: str, queued_ids: list[str]) -> list:
