@@ -29,10 +29,10 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 CMD ["echo4o", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS gpu
-# CUDA wheel index of the pinned torch release: cu128 (CUDA 12.8, driver >= 570). Keep cu128: xformers 0.0.35
-# (gpu extra) is built for CUDA 12.8 and loads beside torch 2.13.0+cu128 (stable ABI); a cu130 or CPU torch
-# leaves it unloaded and a worker asked for ECHO4O_ATTENTION=xformers refuses to start. The gpu extra also
-# brings bitsandbytes (ECHO4O_MEMORY_MODE int8 / nf4).
+# CUDA wheel index of the pinned torch release: cu128 (CUDA 12.8, driver >= 570). xformers 0.0.35 (gpu extra)
+# attends with torch's own CUDA kernels; its compiled library (2:4 sparsity; not used by the engine) is built
+# for CUDA 12.8 and loads beside torch 2.13.0+cu128 too. The worker probes the attention on the card at start.
+# The gpu extra also brings bitsandbytes (ECHO4O_MEMORY_MODE int8 / nf4).
 ARG TORCH_CUDA=cu128
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 COPY pyproject.toml README.md ./

@@ -49,8 +49,8 @@ def collect() -> dict:
         ok, why = _try_backend(attention, name, device, dtype)
         entry = {"ok": ok, "reason": why}
         if name == "xformers":
-            lib_ok, lib = attention.xformers_library()
-            entry["library"] = lib if lib_ok else "not loaded"
+            lib_ok, lib = attention.xformers_library()  # sparsity and merge operators only: not needed to run
+            entry["library"] = {"loaded": lib_ok, "detail": lib}
             if ok:
                 entry["operator"] = attention.xformers_operator(device, dtype)
         backends[name] = entry
@@ -98,6 +98,9 @@ def render(info: dict) -> str:
         status = "OK" if entry["ok"] else f"not running: {entry['reason']}"
         extra = f" (operator {entry['operator']})" if entry.get("operator") else ""
         lines.append(f"  {name}: {status}{extra}")
+        if "library" in entry:
+            lib = entry["library"]
+            lines.append(f"    compiled library: {'loaded, ' if lib['loaded'] else 'not loaded: '}{lib['detail']}")
     lines.append("memory modes:")
     for name, entry in info["memory_modes"].items():
         detail = f" ({entry['detail']})" if entry["detail"] else ""

@@ -1,6 +1,6 @@
 """`echo4o doctor` as users run it (a subprocess), on this CPU machine: sdpa runs, xformers does not and says
-why (its compiled library does not load beside a CPU build of torch), flash_attn needs CUDA; memory modes and
-RAM are listed; the exit code is 0."""
+why (no CPU kernel; its compiled library, reported apart, wants torch 2.10.0+cu128), flash_attn needs CUDA;
+memory modes and RAM are listed; the exit code is 0."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def test_doctor_reports_what_runs_here():
     assert "attention (tested on cpu, float32):" in lines
     assert "  sdpa: OK" in lines
     xformers = next(line for line in lines if line.startswith("  xformers: "))
-    assert xformers.startswith("  xformers: not running: ")
-    assert "compiled kernels do not load beside torch" in xformers and "cutlassF-pt" in xformers
-    assert "install the pairing from the gpu extra" in xformers
+    assert xformers == "  xformers: not running: xformers has no kernel for device 'cpu' (it needs CUDA)"
+    library = lines[lines.index(xformers) + 1]
+    assert library.startswith("    compiled library: not loaded: ")
+    assert "built for torch 2.10.0+cu128 with CUDA 12.8" in library and "attention does not use it" in library
     assert next(line for line in lines if line.startswith("  flash_attn: ")).startswith("  flash_attn: not running: ")
     for mode in ("full", "int8", "nf4", "offload", "int8+offload", "nf4+offload"):
         assert any(line.startswith(f"  {mode}: OK") for line in lines), mode
@@ -52,7 +53,8 @@ def test_doctor_json_has_the_same_facts():
     assert info["torch"] == torch.__version__ and info["cuda_available"] is False and info["devices"] == []
     backends = info["attention"]["backends"]
     assert backends["sdpa"] == {"ok": True, "reason": ""}
-    assert backends["xformers"]["ok"] is False and backends["xformers"]["library"] == "not loaded"
-    assert "cutlassF-pt" in backends["xformers"]["reason"]
+    assert backends["xformers"]["ok"] is False and backends["xformers"]["library"]["loaded"] is False
+    assert "needs CUDA" in backends["xformers"]["reason"]
+    assert "2.10.0+cu128" in backends["xformers"]["library"]["detail"]
     assert all(entry["ok"] for entry in info["memory_modes"].values())
     assert 0 < info["ram"]["available_bytes"] <= info["ram"]["total_bytes"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worker.engine import attention
-from worker.engine.attention import block_mask, packed_attention, resolve_backend, select_backend
+from worker.engine.attention import backend_availability, block_mask, packed_attention, resolve_backend, select_backend
 
 
 def naive_packed(q, k, v, lens_q, lens_k, causal):
@@ -197,42 +197,67 @@ def test_gpu_sdpa_matches_reference(causal):
         assert (out.cpu().double() - ref).abs().max().item() < 1e-3
 
 
-# --- xformers must really run: its compiled library, not PyTorch's kernels behind its API ----------
+# --- xformers must really run: a packed attention through its dispatcher, on the card -----------------------
 
 
-def test_xformers_without_its_compiled_library_is_refused_naming_the_pairing():
-    """This machine has xformers 0.0.35 (gpu extra) beside a CPU build of torch: its library does not load, so
-    it would only dispatch to PyTorch's kernels. It must say so, name the build it wants and the fix."""
-    ok, why = attention.xformers_library()
-    assert not ok
-    assert "compiled kernels do not load" in why and "cutlassF-pt" in why
-    assert "2.10.0+cu128" in why and "CUDA 12.8" in why
-    assert "install the pairing from the gpu extra" in why and "xformers==0.0.35" in why
+def test_xformers_is_refused_on_the_cpu_naming_cuda_and_the_fix():
+    """This machine has xformers 0.0.35 (gpu extra) beside a CPU build of torch: none of its attention operators
+    has a CPU kernel. Asked for explicitly, it is refused naming why and the fix."""
+    ok, why = backend_availability("xformers", torch.device("cpu"))
+    assert not ok and "needs CUDA" in why
     with pytest.raises(ValueError) as err:
         resolve_backend("xformers", torch.device("cpu"))
-    assert "install the pairing from the gpu extra" in str(err.value) and "--attention sdpa" in str(err.value)
+    message = str(err.value)
+    assert "needs CUDA" in message and "--attention sdpa" in message
+    assert "install xformers beside a CUDA build of torch" in message and "xformers==0.0.35" in message
+
+
+def test_xformers_compiled_library_is_reported_with_the_build_it_wants():
+    """Its compiled library (2:4 sparsity, attention merging) was built for torch 2.10.0 + CUDA 12.8 and does not
+    load beside this CPU torch; the report names that build and that xformers' attention does not use it."""
+    ok, why = attention.xformers_library()
+    assert not ok
+    assert "compiled library does not load beside torch" in why and "2.10.0+cu128" in why and "CUDA 12.8" in why
+    assert "libcudart.so.12" in why and "attention does not use it" in why
+
+
+def test_xformers_probe_needs_no_compiled_library(monkeypatch):
+    """On a CUDA machine the probe imports xformers' operators and runs one packed attention through them;
+    whether the compiled library loaded is not asked (it holds no attention operator). No CUDA here: the probe
+    runs with the CUDA check passed and its attention call recorded instead of run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "xformers_library", lambda: pytest.fail("the probe asked for the library"))
+    calls = []
+    monkeypatch.setattr(attention, "_probe_call", lambda name, device, dtype: calls.append((name, device, dtype)))
+    attention._probe.cache_clear()
+    try:
+        assert attention._probe("xformers", 0, torch.bfloat16) == (True, "")
+    finally:
+        attention._probe.cache_clear()
+    assert calls == [("xformers", torch.device("cuda", 0), torch.bfloat16)]
 
 
 def test_auto_on_cuda_logs_why_it_fell_back(monkeypatch, caplog):
-    """The selection on a CUDA machine whose xformers library does not load (the real reason from this
-    machine's xformers; no CUDA here, so the probe is replaced by that answer)."""
-    real = attention.xformers_library()
-    answers = {"xformers": real, "flash_attn": (False, "flash_attn is not importable (ModuleNotFoundError)"),
-               "sdpa": (True, "")}
+    """The selection on a CUDA machine where xformers' probe failed (a card its operators do not support) and
+    flash_attn is not installed; no CUDA here, so the probes are replaced by their answers."""
+    no_operator = ("xformers has no working kernel here (NotImplementedError: No operator found for "
+                   "`memory_efficient_attention_forward`)")
+    answers = {"xformers": (False, no_operator),
+               "flash_attn": (False, "flash_attn is not importable (ModuleNotFoundError)"), "sdpa": (True, "")}
     monkeypatch.setattr(attention, "backend_availability", lambda name, device, dtype=None: answers[name])
     with caplog.at_level("WARNING", logger="worker.engine.attention"):
         assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "fell back past xformers, flash_attn to sdpa" in warnings[0].getMessage()
-    assert warnings[0].why["xformers"] == real[1] and "cutlassF-pt" in warnings[0].why["xformers"]
-    with pytest.raises(ValueError, match="cutlassF-pt"):
+    assert warnings[0].why == {"xformers": no_operator, "flash_attn": answers["flash_attn"][1]}
+    with pytest.raises(ValueError, match="No operator found"):
         resolve_backend("xformers", torch.device("cuda"))
 
 
 @pytest.mark.gpu
-def test_gpu_xformers_dispatches_to_its_own_kernel():
-    """With the pairing installed, xformers' own library is loaded and the probe runs; the operator it picks is
-    reported (fa3 on Hopper; on older cards its fa2/cutlass operators are PyTorch's, named ``-pt``)."""
-    ok, why = attention.xformers_library()
+def test_gpu_xformers_runs_and_names_the_operator_it_dispatches_to():
+    """On a card the probe runs a packed attention through xformers, and its dispatcher names the operator it
+    picked (cutlassF-pt or fa2F@...-pt: PyTorch's kernels; fa2F@2.x: flash_attn; fa3F: flash_attn_3)."""
+    ok, why = backend_availability("xformers", torch.device("cuda"), torch.bfloat16)
     assert ok, why
     assert attention.xformers_operator("cuda"), "xformers' dispatcher picked no operator"

@@ -41,15 +41,19 @@ AUTO_ORDER_CUDA = ("xformers", "flash_attn", "sdpa")
 # with a block-diagonal mask (which spends compute and memory on the cells it masks out).
 _SDPA_BLOCK_MASK_MAX_CELLS = 64 * 1024 * 1024
 
-# The pairing whose xformers kernels load (README, "GPU install"): xformers 0.0.35 ships one compiled library
-# built for torch 2.10.0 with CUDA 12.8 against torch's stable ABI, so it loads beside later CUDA 12.8 builds of
-# torch (2.13.0 from the PyTorch cu128 index) but not beside a CUDA 13 build (torch >= 2.12 from PyPI) or a
-# CPU build. Where its library does not load, xformers' memory_efficient_attention still answers, through
-# PyTorch's own kernels (``cutlassF-pt``): that is not xformers running, and is refused here.
+# xformers 0.0.35's wheel has no attention kernel of its own for NVIDIA cards: its memory_efficient_attention
+# dispatches to PyTorch's kernels (``cutlassF-pt``: PyTorch's build of the CUTLASS kernel xformers wrote, and
+# ``fa2F@...-pt``: PyTorch's FlashAttention-2), to the flash_attn package when one is installed (``fa2F@2.x``),
+# or to the flash_attn_3 package on Hopper (``fa3F``). Its one compiled library holds 2:4-sparsity and
+# attention-merge operators, which the engine does not use; it is built for torch 2.10.0 with CUDA 12.8 and
+# loads beside a later torch where libcudart.so.12 is found (a cu128 build of torch, or the
+# nvidia-cuda-runtime-cu12 wheel beside a CUDA 13 one), and whether it loads changes no attention operator.
+# So xformers counts as running when a packed attention through its dispatcher runs on the card (the probe),
+# and the operator it picked is logged and printed by ``echo4o doctor``.
 XFORMERS_PAIRING = ("torch==2.13.0 from https://download.pytorch.org/whl/cu128 with xformers==0.0.35 "
-                    "(or torch==2.10.0 from PyPI with xformers==0.0.35)")
+                    "(the gpu extra)")
 _INSTALL_HINT = {
-    "xformers": f"install the pairing from the gpu extra: {XFORMERS_PAIRING}; see README, GPU install",
+    "xformers": f"install xformers beside a CUDA build of torch: {XFORMERS_PAIRING}; see README, GPU install",
     "flash_attn": "pip install flash-attn --no-build-isolation (needs CUDA, an Ampere or newer GPU)",
 }
 
@@ -89,6 +93,8 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
             "requested": requested,
             "attention": chosen,
             "device": str(device),
+            # xformers' dispatcher picks the kernel itself (cutlassF-pt, fa2F, fa3F...): name it
+            "operator": xformers_operator(device, dtype or torch.bfloat16) or None if chosen == "xformers" else None,
             "unavailable": {k: why for k, (ok, why) in availability.items() if not ok} or None,
         },
     )
@@ -120,11 +126,7 @@ def backend_availability(name: str, device: torch.device, dtype: torch.dtype | N
     if name == "sdpa":
         return True, ""
     if device.type != "cuda":
-        why = f"{name} has no kernel for device {device.type!r} (it needs CUDA)"
-        if name == "xformers":
-            ok, lib = xformers_library()
-            why += "" if ok else f"; besides, {lib}"
-        return False, why
+        return False, f"{name} has no kernel for device {device.type!r} (it needs CUDA)"
     if name == "flash_attn" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return False, f"flash_attn has no {dtype} kernel (it needs float16 or bfloat16)"
     index = device.index if device.index is not None else (torch.cuda.current_device() if
@@ -139,9 +141,7 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
         return False, "CUDA is not available in this process"
     try:
         if name == "xformers":
-            ok, why = xformers_library()
-            if not ok:
-                return False, why
+            import xformers.ops  # noqa: F401 - its attention operators; its compiled library is not needed
         elif name == "flash_attn":
             from flash_attn import flash_attn_varlen_func  # noqa: F401
         else:  # pragma: no cover - guarded by callers
@@ -152,24 +152,27 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
     if name == "flash_attn" and probe_dtype not in (torch.float16, torch.bfloat16):
         probe_dtype = torch.bfloat16
     try:
-        dev = torch.device("cuda", device_index)
-        q = torch.zeros(3, 2, 64, device=dev, dtype=probe_dtype)
-        kv = torch.zeros(4, 1, 64, device=dev, dtype=probe_dtype)
-        cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=dev)
-        cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)
-        out = packed_attention(q, kv, kv, cu_q, cu_k, 2, 2, True, name)
-        torch.cuda.synchronize(dev)
-        if out.shape != q.shape:
-            return False, f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
+        wrong = _probe_call(name, torch.device("cuda", device_index), probe_dtype)
     except Exception as exc:  # noqa: BLE001 - no kernel for this GPU/dtype/build
         return False, f"{name} has no working kernel here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    return True, ""
+    return (False, wrong) if wrong else (True, "")
+
+
+def _probe_call(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """One tiny packed attention of ``name`` on ``device``; ``""`` when it returned the right shape."""
+    q = torch.zeros(3, 2, 64, device=device, dtype=dtype)
+    kv = torch.zeros(4, 1, 64, device=device, dtype=dtype)
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
+    out = packed_attention(q, kv, kv, cu_q, cu_k, 2, 2, True, name)
+    torch.cuda.synchronize(device)
+    return "" if out.shape == q.shape else f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
 
 
 def xformers_library() -> tuple[bool, str]:
-    """``(True, version)`` when xformers imports with its compiled library loaded, else ``(False, reason)``
-    naming the torch build it needs. Without its library xformers would dispatch to PyTorch's own kernels
-    (``cutlassF-pt``), so it does not count as running."""
+    """Whether xformers' compiled library loaded: ``(True, version)``, else ``(False, reason)`` naming the torch
+    build it was made for. For ``echo4o doctor``: in xformers 0.0.35 the library holds no attention operator
+    (see the note above ``XFORMERS_PAIRING``), so the engine does not need it."""
     try:
         import xformers
         import xformers.ops  # noqa: F401
@@ -180,10 +183,10 @@ def xformers_library() -> tuple[bool, str]:
         return True, str(getattr(xformers, "__version__", "?"))
     built = _xformers_build()
     return False, (
-        f"xformers {getattr(xformers, '__version__', '?')}'s compiled kernels do not load beside torch "
-        f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}); the wheel was built for torch "
-        f"{built.get('torch', '?')} with CUDA {built.get('cuda', '?')}, so its attention would only run "
-        f"PyTorch's own kernels (cutlassF-pt). Fix: {_INSTALL_HINT['xformers']}"
+        f"xformers {getattr(xformers, '__version__', '?')}'s compiled library does not load beside torch "
+        f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}); it was built for torch "
+        f"{built.get('torch', '?')} with CUDA {built.get('cuda', '?')} and needs libcudart.so.12. It holds "
+        f"2:4-sparsity and attention-merge operators only: xformers' attention does not use it"
     )
 
 
