@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Test processes run side by side (pytest-xdist); each test file stays in one of them, with its module fixtures.
 TEST_WORKERS ?= 2
+# Where the pinned torch comes from. Empty: pip's own index (PyPI on Linux: a CUDA build of several GB; the
+# development machines' pip config: the CPU build). e.g. https://download.pytorch.org/whl/cpu or .../whl/cu128
+TORCH_INDEX_URL ?=
+TORCH_VERSION := $(shell sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
 .PHONY: install serve test lint
 
@@ -13,6 +17,7 @@ $(BIN)/python:
 
 # Re-installs when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install -q 'torch==$(TORCH_VERSION)' --index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -e '.[test,dev,gpu]'
 	touch $@
 
