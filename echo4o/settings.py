@@ -129,7 +129,7 @@ class Settings(BaseSettings):
 
     # --- gateway -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     public_url: str = Field("", description="Base URL used in links returned to clients; empty: from the request.")
     auth: Literal["keys", "off"] = Field(
         "keys", description="keys: every request needs an API key. off: open, allowed on loopback binds only."
@@ -153,9 +153,9 @@ class Settings(BaseSettings):
     webhook_retry_max_s: float = Field(3600.0, gt=0, le=86400, description="Longest wait between two attempts.")
 
     # --- limits --------------------------------------------------------------------------------
-    max_prompt_chars: int = Field(4000, ge=1, le=100_000)
-    max_references: int = Field(6, ge=1, le=16)
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000, description="Longest prompt or instruction accepted.")
+    max_references: int = Field(6, ge=1, le=16, description="Most reference images one /multiref job may send.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest uploaded image file, in bytes.")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="Refused before decoding (bomb guard).")
     rate_limit_per_minute: int = Field(60, ge=1, description="Jobs one key may submit per minute.")
     max_queued_jobs_per_key: int = Field(16, ge=1, description="Queued + running jobs one key may have.")
@@ -173,7 +173,7 @@ class Settings(BaseSettings):
         None, description="API key the UI uses for sessions that enter none (an admin key shows the admin tab)."
     )
     ui_host: str = Field("127.0.0.1", description="Address the demo UI binds.")
-    ui_port: int = Field(7860, ge=1, le=65535)
+    ui_port: int = Field(7860, ge=1, le=65535, description="Port the demo UI listens on.")
     ui_concurrency: int = Field(16, ge=1, le=1024, description="Jobs the UI follows at once (Gradio concurrency).")
     ui_max_queue: int = Field(64, ge=1, description="Requests waiting in the UI's Gradio queue before refusing.")
 
@@ -190,8 +190,10 @@ class Settings(BaseSettings):
     )
 
     # --- logging -------------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log records written (any case accepted).")
+    log_format: Literal["json", "text"] = Field(
+        "text", description="text: one readable line a record; json: one JSON object a record, with its fields.")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

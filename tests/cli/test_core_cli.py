@@ -83,3 +83,21 @@ def test_no_library_noise_on_stderr() -> None:
         out = run(*args)
         assert "can't load C++/CUDA extensions" not in out.stderr, args
         assert "WARNING[XFORMERS]" not in out.stderr, args
+
+
+def test_config_reference_is_the_table_in_docs_configuration_md() -> None:
+    """Every setting has a row (variable, default, meaning), and docs/configuration.md holds the same table."""
+    from echo4o.settings import Settings
+
+    out = run("config", "--reference")
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.strip()
+    rows = table.splitlines()[2:]
+    assert [row.split(" | ")[0].strip("| `") for row in rows] == [
+        f"ECHO4O_{name.upper()}" for name in Settings.model_fields]
+    assert all(row.split(" | ")[2].strip(" |") for row in rows), "a setting without a meaning"
+    assert "| `ECHO4O_PORT` | `8000` | Port the gateway listens on. (1-65535) |" in rows
+    assert "| `ECHO4O_AUTH` | `keys` |" in table and "(one of `keys`, `off`)" in table
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    documented = doc.split("<!-- echo4o config --reference -->\n", 1)[1].split("\n<!-- end of", 1)[0]
+    assert documented == table, "docs/configuration.md is out of date: paste `echo4o config --reference` into it"
