@@ -24,6 +24,7 @@ uses (a contract with ``worker/engine/models``):
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -141,7 +142,7 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
         return False, "CUDA is not available in this process"
     try:
         if name == "xformers":
-            import xformers.ops  # noqa: F401 - its attention operators; its compiled library is not needed
+            _xformers_ops()  # its attention operators; its compiled library is not needed
         elif name == "flash_attn":
             from flash_attn import flash_attn_varlen_func  # noqa: F401
         else:  # pragma: no cover - guarded by callers
@@ -169,20 +170,51 @@ def _probe_call(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "" if out.shape == q.shape else f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
 
 
+class _LibraryBanner(logging.Filter):
+    """Drops xformers' import-time warning that its compiled library did not load and that "memory-efficient
+    attention ... won't be available": not so in 0.0.35 (see the note above ``XFORMERS_PAIRING``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "can't load C++/CUDA extensions" not in record.getMessage()
+
+
+@functools.cache
+def _xformers_ops():  # noqa: ANN202 - the module xformers.ops
+    """``xformers.ops``, imported once, with its misleading library warning replaced by an accurate info line."""
+    banner = _LibraryBanner()
+    xformers_log = logging.getLogger("xformers")  # the logger of xformers._cpp_lib
+    xformers_log.addFilter(banner)
+    try:
+        import xformers
+        import xformers.ops
+    finally:
+        xformers_log.removeFilter(banner)
+    if not getattr(xformers, "_has_cpp_library", False):
+        log.info("xformers: its compiled library is not loaded; its attention does not use it",
+                 extra={"why": _library_missing(xformers)})
+    return xformers.ops
+
+
 def xformers_library() -> tuple[bool, str]:
     """Whether xformers' compiled library loaded: ``(True, version)``, else ``(False, reason)`` naming the torch
     build it was made for. For ``echo4o doctor``: in xformers 0.0.35 the library holds no attention operator
     (see the note above ``XFORMERS_PAIRING``), so the engine does not need it."""
     try:
-        import xformers
-        import xformers.ops  # noqa: F401
+        _xformers_ops()
     except Exception as exc:  # noqa: BLE001 - any import failure means "not installed properly"
         return False, (f"xformers is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                        f"{_INSTALL_HINT['xformers']}")
+    import xformers
+
     if getattr(xformers, "_has_cpp_library", False):
         return True, str(getattr(xformers, "__version__", "?"))
+    return False, _library_missing(xformers)
+
+
+def _library_missing(xformers) -> str:  # noqa: ANN001 - the xformers module
+    """Why xformers' compiled library is not loaded, and what that means."""
     built = _xformers_build()
-    return False, (
+    return (
         f"xformers {getattr(xformers, '__version__', '?')}'s compiled library does not load beside torch "
         f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}); it was built for torch "
         f"{built.get('torch', '?')} with CUDA {built.get('cuda', '?')} and needs libcudart.so.12. It holds "
@@ -211,6 +243,7 @@ def xformers_operator(device: torch.device | str = "cuda", dtype: torch.dtype = 
     (e.g. ``fa3F@...`` on Hopper, ``cutlassF-pt`` when it falls back to PyTorch's kernels); ``""`` when
     it cannot say. For ``echo4o doctor`` and the GPU check."""
     try:
+        _xformers_ops()
         from xformers.ops.fmha import Inputs
         from xformers.ops.fmha.dispatch import _dispatch_fw
 
@@ -358,7 +391,7 @@ def _cached_block_mask(bounds_q: tuple[int, ...], bounds_k: tuple[int, ...], cau
 
 @functools.lru_cache(maxsize=64)
 def _xformers_bias(lens_q: tuple[int, ...], lens_k: tuple[int, ...], causal: bool, device: torch.device):
-    from xformers.ops.fmha import attn_bias
+    attn_bias = _xformers_ops().fmha.attn_bias
 
     cls = attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else attn_bias.BlockDiagonalMask
     return cls.from_seqlens(q_seqlen=list(lens_q), kv_seqlen=list(lens_k), device=device)
@@ -374,7 +407,7 @@ def xformers_bias(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal
 
 
 def _xformers(q, k, v, cu_q, cu_k, causal: bool) -> torch.Tensor:
-    import xformers.ops as xops
+    xops = _xformers_ops()
 
     bias = xformers_bias(cu_q, cu_k, causal, q.device)
     total_q, hq, d = q.shape
