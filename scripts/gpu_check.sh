@@ -48,7 +48,8 @@ LOG=$OUT_DIR/gpu_check.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 START=$(date +%s)
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-BENCH=(benchmarks/engine_bench.py --model full --device "$DEVICE" --dtype bfloat16 --size "$SIZE")
+BENCH=(benchmarks/engine_bench.py --model full --device "$DEVICE" --dtype bfloat16 --size "$SIZE"
+       ${GPU_CHECK_LAYERS:+--layers "$GPU_CHECK_LAYERS"})
 
 # name | time box (s) | what it runs
 plan() {

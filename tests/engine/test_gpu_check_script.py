@@ -48,3 +48,12 @@ def test_what_the_script_calls_still_exists():
 
     default_modes = re.search(r'MODES=\$\{GPU_CHECK_MODES:-([^}]*)\}', text).group(1).split()
     assert set(default_modes) <= set(MODES) - {"full"}
+
+
+def test_layers_setting_reaches_every_full_model_step(tmp_path):
+    """GPU_CHECK_LAYERS (a smoke run off a big GPU) builds that many decoder layers in the benchmark steps too,
+    not only in the memory-mode ones."""
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path), "GPU_CHECK_LAYERS": "2"}
+    out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60).stdout
+    bench_lines = [line for line in out.splitlines() if line.startswith("bench_")]
+    assert len(bench_lines) == 3 and all("--model full" in line and "--layers 2" in line for line in bench_lines)

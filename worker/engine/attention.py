@@ -24,7 +24,6 @@ uses (a contract with ``worker/engine/models``):
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
@@ -170,25 +169,13 @@ def _probe_call(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "" if out.shape == q.shape else f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
 
 
-class _LibraryBanner(logging.Filter):
-    """Drops xformers' import-time warning that its compiled library did not load and that "memory-efficient
-    attention ... won't be available": not so in 0.0.35 (see the note above ``XFORMERS_PAIRING``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "can't load C++/CUDA extensions" not in record.getMessage()
-
-
 @functools.cache
 def _xformers_ops():  # noqa: ANN202 - the module xformers.ops
-    """``xformers.ops``, imported once, with its misleading library warning replaced by an accurate info line."""
-    banner = _LibraryBanner()
-    xformers_log = logging.getLogger("xformers")  # the logger of xformers._cpp_lib
-    xformers_log.addFilter(banner)
-    try:
-        import xformers
-        import xformers.ops
-    finally:
-        xformers_log.removeFilter(banner)
+    """``xformers.ops``, imported once; where its compiled library did not load, an info line says so and what it
+    means (this package's ``__init__`` drops xformers' own, misleading warning)."""
+    import xformers
+    import xformers.ops
+
     if not getattr(xformers, "_has_cpp_library", False):
         log.info("xformers: its compiled library is not loaded; its attention does not use it",
                  extra={"why": _library_missing(xformers)})
