@@ -227,8 +227,8 @@ def _xformers_build() -> dict[str, str]:
 
 def xformers_operator(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16) -> str:
     """Name of the operator xformers' dispatcher picks for the engine's packed attention on ``device``
-    (e.g. ``fa3F@...`` on Hopper, ``cutlassF-pt`` when it falls back to PyTorch's kernels); ``""`` when
-    it cannot say. For ``echo4o doctor`` and the GPU check."""
+    (``cutlassF-pt`` or ``fa2F@...-pt``: PyTorch's kernels; ``fa2F@2.x``: flash_attn's; ``fa3F@...``:
+    flash_attn_3's); ``""`` when it cannot say. For the log of the chosen backend and ``echo4o doctor``."""
     try:
         _xformers_ops()
         from xformers.ops.fmha import Inputs
