@@ -51,6 +51,9 @@ def get_logger(name: str) -> logging.Logger:
 
 
 #: Logger name and message fragment of library warnings that tell the user nothing they can act on.
+#: xformers (0.0.35) warns at import, beside a torch its compiled library was not built for, that memory-efficient
+#: attention "won't be available": its attention does not use that library (worker/engine/attention.py, the note
+#: above XFORMERS_PAIRING), and the engine logs what is true instead.
 _XFORMERS_NO_EXTENSIONS = ("xformers", "can't load C++/CUDA extensions")
 #: bitsandbytes (0.50) on a CPU with AVX512-BF16 tries, at import, to fetch an optional CPU 4-bit kernel from the
 #: Hugging Face Hub through the `kernels` package, and warns "Failed to load" when it cannot: its own CPU kernel
@@ -69,23 +72,11 @@ class _Drop(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
-class _DropWithoutCuda(_Drop):
-    """Drops a record containing ``fragment`` when this process has no CUDA device: xformers' kernels need
-    CUDA, so on a CPU machine its "can't load C++/CUDA extensions" warning describes nothing the user could use
-    (the engine runs sdpa there). With CUDA present the warning is kept: it explains why ``auto`` attention
-    does not pick xformers."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if super().filter(record):
-            return True
-        torch = sys.modules.get("torch")  # xformers imports torch before it warns
-        return bool(torch is not None and torch.cuda.is_available())
-
-
 def quiet_library_noise() -> None:
     """Install the filters for library warnings that mean nothing to the user; call it before the library is
-    imported (the ``echo4o`` command does, first thing). Idempotent; other messages of those loggers pass."""
-    for (name, fragment), kind in ((_XFORMERS_NO_EXTENSIONS, _DropWithoutCuda), (_BNB_CPU_KERNEL, _Drop)):
+    imported (the ``echo4o`` command does, first thing, and so does importing ``worker.engine``). Idempotent;
+    other messages of those loggers pass."""
+    for name, fragment in (_XFORMERS_NO_EXTENSIONS, _BNB_CPU_KERNEL):
         logger = logging.getLogger(name)
-        if not any(type(f) is kind for f in logger.filters):
-            logger.addFilter(kind(fragment))
+        if not any(isinstance(f, _Drop) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_Drop(fragment))

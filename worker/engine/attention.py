@@ -116,7 +116,8 @@ def select_backend(requested: str, device_type: str, availability: dict[str, tup
     if not ok:
         raise ValueError(
             f"attention backend {requested!r} cannot run here: {why}. "
-            f"Use --attention sdpa (or auto), or {_INSTALL_HINT[requested]}."
+            f"Use sdpa or auto instead (ECHO4O_ATTENTION=sdpa, or --attention sdpa on the command line), or "
+            f"{_INSTALL_HINT[requested]}."
         )
     return requested
 
