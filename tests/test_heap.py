@@ -25,18 +25,29 @@ def unfrozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         gc.unfreeze()
 
 
+def _collected(objects: list) -> list[bool]:
+    """For each of ``objects``, whether it is in one of the collector's generations (a frozen one is in none)."""
+    ids = {id(o) for o in gc.get_objects()}
+    return [id(o) in ids for o in objects]
+
+
 def test_freeze_takes_the_live_objects_and_refreeze_those_made_since(unfrozen: None,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="echo4o.heap")
+    alive = [[i] for i in range(100)]  # lists: tracked by the collector
+    assert all(_collected(alive))
     frozen = freeze_long_lived("test")
     [record] = [r for r in caplog.records if r.getMessage() == "long-lived objects frozen out of garbage collection"]
     assert record.role == "test" and record.objects == frozen
-    assert frozen == gc.get_freeze_count() > 1000  # the interpreter's own objects at least
-    made_since = [[i] for i in range(5000)]  # lists: tracked by the collector
+    # frozen objects that die leave the count (another test's thread may free some meanwhile), none join it
+    assert frozen >= gc.get_freeze_count() > 1000  # the interpreter's own objects at least
+    assert not any(_collected(alive))
+    made_since = [[i] for i in range(5000)]
+    assert all(_collected(made_since))
     refreeze("test")
-    assert gc.get_freeze_count() >= frozen + len(made_since)
+    assert not any(_collected(made_since))
     release_frozen()
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and all(_collected(alive + made_since))
 
 
 def test_refreeze_leaves_a_process_that_never_froze_as_it_is(unfrozen: None) -> None:
