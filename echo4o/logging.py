@@ -36,10 +36,24 @@ def _text(v: object) -> str:
     return json.dumps(s) if (" " in s or not s) else s
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not the stream it was when logging was set up
+    (a command run in-process by a test, whose captured stderr is closed afterwards, left handlers writing to a
+    closed file: "--- Logging error --- I/O operation on closed file")."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - a text stream
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger once per process (idempotent)."""
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(_Formatter(fmt))
     root.handlers[:] = [handler]
     root.setLevel(level)
