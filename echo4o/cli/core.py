@@ -62,18 +62,11 @@ def reference_table() -> str:
 
 def _accepted(field: FieldInfo) -> str:
     """The values a field takes, where its type or bounds say more than its description: ``(one of ...)``,
-    ``(1-65535)``, ``(>= 0)``."""
+    ``(1-65535)``, ``(>= 0)``, ``(> 0, <= 60)``."""
     if get_origin(field.annotation) is Literal:
         return "(one of " + ", ".join(f"`{v}`" for v in get_args(field.annotation)) + ")"
-    low = high = None
-    for rule in field.metadata:
-        low = getattr(rule, "ge", None) if getattr(rule, "ge", None) is not None else low
-        low = f"> {rule.gt}" if getattr(rule, "gt", None) is not None else low
-        high = getattr(rule, "le", None) if getattr(rule, "le", None) is not None else high
-    if low is None and high is None:
-        return ""
-    if isinstance(low, str):  # a strict lower bound
-        return f"({low}{f', <= {high}' if high is not None else ''})"
-    if low is not None and high is not None:
-        return f"({low}-{high})"
-    return f"(>= {low})" if low is not None else f"(<= {high})"
+    bounds = {op: getattr(rule, attr) for rule in field.metadata
+              for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if getattr(rule, attr, None) is not None}
+    if ">=" in bounds and "<=" in bounds:
+        return f"({bounds['>=']}-{bounds['<=']})"
+    return f"({', '.join(f'{op} {value}' for op, value in bounds.items())})" if bounds else ""

@@ -63,24 +63,14 @@ def collect() -> dict:
 
 def _try_backend(attention, name: str, device, dtype) -> tuple[bool, str]:
     """Availability as the engine decides it, then one tiny packed attention call: OK only if it ran."""
-    import torch
-
     ok, why = attention.backend_availability(name, device, dtype)
     if not ok:
         return False, why
     try:
-        q = torch.randn(3, 2, 64, device=device, dtype=dtype)
-        kv = torch.randn(4, 1, 64, device=device, dtype=dtype)
-        cu_q = torch.tensor([0, 1, 3], dtype=torch.int32)
-        cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
-        out = attention.packed_attention(q, kv, kv, cu_q, cu_k, 2, 2, True, name)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if tuple(out.shape) != tuple(q.shape) or not bool(torch.isfinite(out).all()):
-            return False, f"{name} returned a wrong result (shape {tuple(out.shape)})"
+        wrong = attention.probe_call(name, device, dtype)
     except Exception as exc:  # noqa: BLE001 - report, never crash
         return False, f"{name} failed its test call ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    return True, ""
+    return (False, wrong) if wrong else (True, "")
 
 
 def render(info: dict) -> str:

@@ -228,7 +228,7 @@ def test_xformers_probe_needs_no_compiled_library(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention, "xformers_library", lambda: pytest.fail("the probe asked for the library"))
     calls = []
-    monkeypatch.setattr(attention, "_probe_call", lambda name, device, dtype: calls.append((name, device, dtype)))
+    monkeypatch.setattr(attention, "probe_call", lambda name, device, dtype: calls.append((name, device, dtype)))
     attention._probe.cache_clear()
     try:
         assert attention._probe("xformers", 0, torch.bfloat16) == (True, "")

@@ -153,21 +153,25 @@ def _probe(name: str, device_index: int, dtype: torch.dtype | None) -> tuple[boo
     if name == "flash_attn" and probe_dtype not in (torch.float16, torch.bfloat16):
         probe_dtype = torch.bfloat16
     try:
-        wrong = _probe_call(name, torch.device("cuda", device_index), probe_dtype)
+        wrong = probe_call(name, torch.device("cuda", device_index), probe_dtype)
     except Exception as exc:  # noqa: BLE001 - no kernel for this GPU/dtype/build
         return False, f"{name} has no working kernel here ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return (False, wrong) if wrong else (True, "")
 
 
-def _probe_call(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """One tiny packed attention of ``name`` on ``device``; ``""`` when it returned the right shape."""
-    q = torch.zeros(3, 2, 64, device=device, dtype=dtype)
-    kv = torch.zeros(4, 1, 64, device=device, dtype=dtype)
+def probe_call(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """One tiny packed attention of ``name`` on ``device`` (random inputs, the result waited for); ``""`` when it
+    returned the right shape with finite values, else what was wrong. Raises what the kernel raises."""
+    q = torch.randn(3, 2, 64, device=device, dtype=dtype)
+    kv = torch.randn(4, 1, 64, device=device, dtype=dtype)
     cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
     out = packed_attention(q, kv, kv, cu_q, cu_k, 2, 2, True, name)
-    torch.cuda.synchronize(device)
-    return "" if out.shape == q.shape else f"{name} returned shape {tuple(out.shape)} for {tuple(q.shape)}"
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if out.shape != q.shape or not bool(torch.isfinite(out).all()):
+        return f"{name} returned a wrong result (shape {tuple(out.shape)} for {tuple(q.shape)})"
+    return ""
 
 
 @functools.cache
