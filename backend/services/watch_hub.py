@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-import sqlalchemy as sa
 
 from echo4o import notify
 from echo4o.db import crud, get_sessionmaker
@@ -347,8 +346,7 @@ class WatchHub:
         """``{id: (job, queue position)}`` of the rows that exist (runs in a worker thread)."""
         session = get_sessionmaker(self.database_url)()
         try:
-            jobs = session.scalars(sa.select(Job).where(Job.id.in_(job_ids))).all()
-            return {j.id: (j, crud.queue_position_of(session=session, job=j)) for j in jobs}
+            return crud.jobs_with_positions(session=session, job_ids=job_ids)
         finally:
             session.close()
 

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from echo4o import notify
 from echo4o.db.models import ANONYMOUS, GONE_WORKER_STATUSES, ApiKey, Job, Worker, new_id, utcnow
@@ -121,6 +121,34 @@ def queue_position_of(*, session: Session, job: Job) -> int | None:
         .select_from(Job)
         .where(Job.status == "queued", Job.kind.in_(same_queue), Job.id != job.id, ahead)
     ) or 0
+
+
+def jobs_with_positions(*, session: Session, job_ids: list[str]) -> dict[str, tuple[Job, int | None]]:
+    """``{id: (job, queue position)}`` of the rows of ``job_ids`` that exist, in one statement: each queued row's
+    :func:`queue_position` is a subquery of it (the watch hub reads every watched queued job again when the queue
+    moves; one COUNT statement per job made that cost grow with the watched jobs)."""
+    ahead = aliased(Job)
+
+    def queue_of(kind: Any) -> Any:
+        return sa.case(QUEUE_OF_KIND, value=kind, else_="gpu")
+
+    position = (
+        sa.select(sa.func.count())
+        .select_from(ahead)
+        .where(
+            ahead.status == "queued",
+            queue_of(ahead.kind) == queue_of(Job.kind),
+            ahead.id != Job.id,
+            sa.or_(ahead.priority > Job.priority,
+                   sa.and_(ahead.priority == Job.priority, ahead.created_at < Job.created_at)),
+        )
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        sa.select(Job, sa.case((Job.status == "queued", position), else_=None)).where(Job.id.in_(job_ids))
+    ).all()
+    return {job.id: (job, pos) for job, pos in rows}
 
 
 def count_jobs_by_status(*, session: Session) -> dict[str, int]:
