@@ -107,12 +107,6 @@ class Settings(BaseSettings):
         description="On SIGTERM a worker lets its running job finish for this long, then requeues it (another "
         "worker runs it) and exits. Below the 30 s most supervisors (Kubernetes, `echo4o serve`) wait before SIGKILL.",
     )
-    worker_nice: int = Field(
-        0, ge=0, le=19, description="A worker lowers its CPU priority by this much (nice) before it loads the "
-        "model: on a host where the gateway shares the CPU cores with a worker's sampling threads (a CPU-only "
-        "machine), the gateway's answers and downloads then get a core at once instead of a time slice. "
-        "0: unchanged.",
-    )
     preview_every: int = Field(0, ge=0, le=100, description="Workers store a small preview every N steps; 0: none.")
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of the PNGs workers write: 0 stores the pixels unfiltered and "

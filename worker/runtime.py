@@ -19,14 +19,12 @@ put back to ``queued`` and sent again (another worker runs it), the row says ``s
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -380,7 +378,6 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
     if bad or not queues:
         raise ValueError(f"--queues must be a comma-separated subset of {','.join(QUEUES)}, got {queues}")
 
-    lower_cpu_priority(settings.worker_nice)  # before the model's threads exist: they inherit it
     runtime = WorkerRuntime(settings=settings, queues=queues)
     runtime.register()
     set_runtime(runtime)
@@ -433,23 +430,6 @@ def run_worker(*, queues: list[str], loglevel: str = "INFO") -> int:
         raise
     finally:
         runtime.stop()
-
-
-def lower_cpu_priority(increment: int) -> int:
-    """Raise the nice value of every thread of this process by ``increment`` (``worker_nice``); threads started
-    later inherit it from the thread that starts them. Returns the main thread's nice value afterwards. On Linux a
-    nice value belongs to a thread, so ``os.nice`` alone would leave the threads already running (a library's pool
-    started at import) at the old priority."""
-    if increment <= 0:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    tasks = Path(f"/proc/{os.getpid()}/task")
-    tids = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
-    log.info("worker CPU priority lowered", extra={"nice": nice, "threads": len(tids)})
-    return nice
 
 
 def _broker(app: Any) -> str:
