@@ -127,6 +127,14 @@ def jobs_with_positions(*, session: Session, job_ids: list[str]) -> dict[str, tu
     """``{id: (job, queue position)}`` of the rows of ``job_ids`` that exist, in one statement: each queued row's
     :func:`queue_position` is a subquery of it (the watch hub reads every watched queued job again when the queue
     moves; one COUNT statement per job made that cost grow with the watched jobs)."""
+    rows = session.execute(_jobs_with_positions_statement(), {"job_ids": list(job_ids)}).all()
+    return {job.id: (job, pos) for job, pos in rows}
+
+
+@functools.cache
+def _jobs_with_positions_statement() -> sa.Select:
+    """:func:`jobs_with_positions`'s SELECT, built once (building it and its cache key was most of a call) with
+    the ids as an expanding bind parameter ``job_ids``."""
     ahead = aliased(Job)
 
     def queue_of(kind: Any) -> Any:
@@ -145,10 +153,8 @@ def jobs_with_positions(*, session: Session, job_ids: list[str]) -> dict[str, tu
         .correlate(Job)
         .scalar_subquery()
     )
-    rows = session.execute(
-        sa.select(Job, sa.case((Job.status == "queued", position), else_=None)).where(Job.id.in_(job_ids))
-    ).all()
-    return {job.id: (job, pos) for job, pos in rows}
+    return sa.select(Job, sa.case((Job.status == "queued", position), else_=None)).where(
+        Job.id.in_(sa.bindparam("job_ids", expanding=True)))
 
 
 def count_jobs_by_status(*, session: Session) -> dict[str, int]:
