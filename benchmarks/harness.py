@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -117,3 +118,26 @@ def end_to_end(client: httpx.Client, size: int, steps: int, seed: int, priority:
               "worker": worker_s - timings["sampling_s"] - timings["encoding_s"], "encoding": timings["encoding_s"],
               "answer": answered - started - worker_s, "download": t_end - t_answered}
     return Trip(t_end - t0, timings["sampling_s"], phases)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` and its live child processes have used so far (Linux /proc): the
+    gateway's own, or its supervisor's and its processes' with ``ECHO4O_GATEWAY_PROCESSES`` above 1."""
+    total = 0.0
+    for one in (pid, *_children(pid)):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (a scan of /proc: not every kernel has /proc/PID/task/TID/children)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out

@@ -23,7 +23,9 @@ during a direct call, while during the timed job they wait), so there it is the 
   sampling), so a timed job that arrives while one runs waits for it, as it would behind any other client's.
   ``--cycle-s 0`` runs the loops flat out instead (a saturation test: each cancels its job as soon as it is
   queued and submits the next at once; on a 2-core machine the load client and the gateway then fill both
-  cores). ``--loops 0`` skips it.
+  cores). ``--loops 0`` skips it. The gateway process's CPU over the loaded round is reported beside it
+  (``gateway_cpu_pct`` of a core, ``gateway_cpu_ms_per_cycle`` per background job): the cost of the load itself,
+  which the machine's other work changes much less than the timings.
 
 The step count is calibrated so that the direct call takes about ``--target-s`` seconds.
 
@@ -52,7 +54,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import PHASES, Direct, add_stack_env_argument, end_to_end  # noqa: E402
+from benchmarks.harness import PHASES, Direct, add_stack_env_argument, end_to_end, process_cpu_s  # noqa: E402
 
 BACKGROUND_JOB = {"prompt": "a small red cube", "height": 32, "width": 32, "num_steps": 2, "priority": 0}
 
@@ -157,10 +159,16 @@ def measure_loaded(direct: Direct, client: httpx.Client, stack: Any, args: argpa
         deadline = time.monotonic() + 120
         while load.counts[0] < args.loops and time.monotonic() < deadline:  # the loops are going
             time.sleep(0.2)
-        cycles0 = load.counts[0]
+        cycles0, cpu0 = load.counts[0], process_cpu_s(stack.gateway.pid)
         t0 = time.monotonic()
         loaded = measure(direct, client, args.size, steps, seed, args.repeats)
-        loaded["background_cycles_per_s"] = (load.counts[0] - cycles0) / (time.monotonic() - t0)
+        cycles, wall = load.counts[0] - cycles0, time.monotonic() - t0
+        gateway_cpu_s = process_cpu_s(stack.gateway.pid) - cpu0
+        loaded["background_cycles_per_s"] = cycles / wall
+        # what the gateway spends per background job (its submit, stream, cancel and the hub's reads): the
+        # figure that the machine's other load changes least
+        loaded["gateway_cpu_pct"] = 100 * gateway_cpu_s / wall
+        loaded["gateway_cpu_ms_per_cycle"] = 1000 * gateway_cpu_s / max(1, cycles)
         loaded["background_errors"] = load.counts[1]
     finally:
         load.close()
@@ -268,7 +276,8 @@ def print_overhead_figures(figures: dict[str, Any]) -> None:
               f"{loaded['background_cycles_per_s']:.1f} cycles/s, {loaded['background_jobs']} jobs: "
               f"{loaded['background_ran']} ran, {loaded['background_cancelled']} cancelled "
               f"({loaded['background_started_then_cancelled']} of them after they started); "
-              f"{loaded['background_errors']} errors")
+              f"{loaded['background_errors']} errors; gateway CPU {loaded['gateway_cpu_pct']:.0f} % of a core, "
+              f"{loaded['gateway_cpu_ms_per_cycle']:.1f} ms per cycle")
 
 
 def main() -> None:

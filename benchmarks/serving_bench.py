@@ -46,7 +46,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support.stack: the live stack helper
 
-from benchmarks.harness import PROMPT, private_redis  # noqa: E402
+from benchmarks.harness import PROMPT, private_redis, process_cpu_s  # noqa: E402
 from benchmarks.overhead_bench import (  # noqa: E402
     add_overhead_arguments,
     overhead_figures,
@@ -167,29 +167,6 @@ def run_client_processes(url: str, key: str | None, concurrency: int, duration_s
             "submits_per_s": (len(lat) - errors) / wall, "p50_ms": percentile(lat, 0.5) * 1000,
             "p99_ms": percentile(lat, 0.99) * 1000, "mean_ms": statistics.fmean(lat) * 1000 if lat else 0.0,
             "client": "python"}
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) ``pid`` and its live child processes have used so far (Linux /proc): the
-    gateway's own, or its supervisor's and its processes' with ``ECHO4O_GATEWAY_PROCESSES`` above 1."""
-    total = 0.0
-    for one in (pid, *_children(pid)):
-        try:
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # ended meanwhile
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (a scan of /proc: not every kernel has /proc/PID/task/TID/children)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-    return out
 
 
 def run_wrk_counting_cpu(pid: int, url: str, key: str | None, concurrency: int, duration_s: float,
