@@ -10,7 +10,9 @@ failure handling: the functions of the solo run (``worker.tasks``) write them, a
 leaves the others running. Each result carries ``batch: {id, size}``.
 
 Waiting: a lead that finds no compatible queued job starts at once. One that finds some but fewer than the batch
-can take polls for more for at most ``batch_wait_ms`` (claiming each as it comes), then starts.
+can take polls for more for at most ``batch_wait_ms`` (claiming each as it comes), then starts. It starts at once
+too when a queued job that cannot join outranks it (a higher priority): that job runs next, and never waits for a
+batch it is not part of.
 
 A companion's own message, when it reaches any worker later, finds the job running on a live worker or finished
 and is dropped (``crud.mark_running`` never takes a job that runs on a live worker); if this worker dies, the
@@ -78,8 +80,8 @@ def gather_companions(job: Any, payload: Any, version: str, claim: Claim, runtim
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
     try:
         while True:
-            _claim_compatible(key, version, runtime, seen, places, companions)
-            if not companions or len(companions) >= places or time.monotonic() >= deadline:
+            outranked = _claim_compatible(key, version, runtime, seen, places, companions, job.priority)
+            if outranked or not companions or len(companions) >= places or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_S)
     finally:
@@ -88,30 +90,43 @@ def gather_companions(job: Any, payload: Any, version: str, claim: Claim, runtim
 
 
 def _claim_compatible(key: tuple, version: str, runtime: Any, seen: set[str], places: int,
-                      companions: list[Member]) -> None:
+                      companions: list[Member], lead_priority: int) -> bool:
+    """Claim the compatible queued jobs not ``seen`` yet into ``companions``; True when one that cannot join has
+    a priority above ``lead_priority`` (the batch must not keep it waiting)."""
     db = get_settings().database_url
     with session_scope(db) as s:
         rows = crud.queued_jobs_of_kinds(session=s, kinds=IMAGE_KINDS, exclude=seen,
                                          limit=CANDIDATES_PER_PLACE * places)
-        candidates = [(r.id, r.kind, r.params, r.model_version, r.parent_id) for r in rows]
-    for job_id, kind, params, row_version, parent_id in candidates:
+        candidates = [(r.id, r.kind, r.params, r.model_version, r.parent_id, r.priority) for r in rows]
+    outranked = False
+    for job_id, kind, params, row_version, parent_id, priority in candidates:
         if len(companions) >= places:
-            return
+            break
         seen.add(job_id)  # looked at once: an incompatible job is not parsed again
-        payload, problem = payload_problem(kind, params)
-        if problem is not None or (payload.model_version or row_version or runtime.model_version) != version:
+        fits = _fits(kind, params, row_version, key, version, runtime)
+        if fits is None:
+            outranked = outranked or priority > lead_priority
             continue
-        try:
-            kwargs, their_key = _key(payload)
-        except ValueError:
-            continue
-        if their_key != key:
-            continue
+        payload, kwargs = fits
         t_received = time.perf_counter()
         claim = claim_job(job_id, runtime)
         if not isinstance(claim, Claim):
             continue  # taken by another worker meanwhile, or cancelled
         companions.append(Member(claim, payload, kwargs, parent_id, t_received))
+    return outranked
+
+
+def _fits(kind: str, params: Any, row_version: str | None, key: tuple, version: str,
+          runtime: Any) -> tuple[Any, dict[str, Any]] | None:
+    """A queued job's payload and pipeline arguments when it can join a batch of ``key`` on model ``version``."""
+    payload, problem = payload_problem(kind, params)
+    if problem is not None or (payload.model_version or row_version or runtime.model_version) != version:
+        return None
+    try:
+        kwargs, their_key = _key(payload)
+    except ValueError:
+        return None
+    return (payload, kwargs) if their_key == key else None
 
 
 def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: list[Member], runtime: Any,

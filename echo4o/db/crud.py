@@ -581,7 +581,7 @@ def list_ready_workers(*, session: Session, max_age_s: float = 30.0, queue: str 
 
 #: :func:`queued_jobs_of_kinds`' SELECT, prebuilt (as the writes of a job's run above: every job runs it).
 _QUEUED_OF_KINDS = (
-    sa.select(Job.id, Job.kind, Job.params, Job.model_version, Job.parent_id)
+    sa.select(Job.id, Job.kind, Job.params, Job.model_version, Job.parent_id, Job.priority)
     .where(Job.status == "queued", Job.kind.in_(sa.bindparam("kinds", expanding=True)),
            Job.cancel_requested.is_(False), Job.id.not_in(sa.bindparam("exclude", expanding=True)))
     .order_by(Job.priority.desc(), Job.created_at)
@@ -592,6 +592,6 @@ _QUEUED_OF_KINDS = (
 def queued_jobs_of_kinds(*, session: Session, kinds: tuple[str, ...], exclude: set[str], limit: int) -> list[Any]:
     """Queued jobs of ``kinds`` without a cancel request, not in ``exclude``, in delivery order (higher priority
     first, then older first), at most ``limit`` (worker/batching.py: the candidates of a batch). Rows of their
-    ``id``, ``kind``, ``params``, ``model_version`` and ``parent_id``."""
+    ``id``, ``kind``, ``params``, ``model_version``, ``parent_id`` and ``priority``."""
     params = {"kinds": list(kinds), "exclude": sorted(exclude), "limit": limit}
     return list(session.connection().execute(_QUEUED_OF_KINDS, params).all())
