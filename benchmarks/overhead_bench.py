@@ -146,6 +146,8 @@ def measure(direct: Direct, client: httpx.Client, size: int, steps: int, seed: i
             "overhead_ratio": em / dm, "overhead_ratio_min": min(e) / min(d),
             "serving_path_s_median": statistics.median(t.wall_s - t.sampling_s for t in trips),
             "phases_s_median": {p: statistics.median(t.phases[p] for t in trips) for p in PHASES},
+            "phases_s_max": {p: max(t.phases[p] for t in trips) for p in PHASES},
+            "serving_path_s_max": max(t.wall_s - t.sampling_s for t in trips),
             "sampling_over_direct": sm / dm,
             "serving_overhead": statistics.median((t.wall_s - t.sampling_s) / t.sampling_s for t in trips)}
 
@@ -271,6 +273,8 @@ def print_overhead_figures(figures: dict[str, Any]) -> None:
     for name, f in conditions:
         print(f"serving path, {name}, median ms: "
               + ", ".join(f"{phase} {f['phases_s_median'][phase] * 1000:.1f}" for phase in PHASES))
+        print(f"serving path, {name}, slowest job {f['serving_path_s_max'] * 1000:.0f} ms; slowest phases, ms: "
+              + ", ".join(f"{phase} {f['phases_s_max'][phase] * 1000:.1f}" for phase in PHASES))
     if loaded is not None:
         print(f"background: {loaded['loops']} loops, a job per {loaded['cycle_s']:g} s each; "
               f"{loaded['background_cycles_per_s']:.1f} cycles/s, {loaded['background_jobs']} jobs: "

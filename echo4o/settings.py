@@ -125,7 +125,8 @@ class Settings(BaseSettings):
                                 "one model version and shape (size, steps, shift) together, one packed forward per "
                                 "step; 1: off (each job alone).")
     batch_wait_ms: int = Field(50, ge=0, le=10_000, description="How long a job that found compatible queued jobs "
-                               "waits for more to arrive before its batch starts (a job with none starts at once).")
+                               "waits for more to arrive before its batch starts (a job with none starts at once, "
+                               "and so does one behind which a higher-priority job of another shape is queued).")
 
     # --- gateway -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
