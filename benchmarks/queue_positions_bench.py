@@ -4,8 +4,8 @@ When a job starts, ends or is requeued, every watched queued job's position may 
 watch hub (``backend/services/watch_hub.py``) reads them all again. Two ways of reading them, alternated on the
 same records (``--jobs`` queued jobs on the gpu queue, a few on the train queue):
 
-* ``per_job``: one SELECT of the rows, then one COUNT per queued job (``crud.queue_position_of``; the hub's
-  read until 2026-12-03);
+* ``per_job``: one SELECT of the rows, then one COUNT per queued job (the hub's read until 2026-12-03, kept
+  here as the baseline);
 * ``one_statement``: the rows with each position as a subquery of the same SELECT (``crud.jobs_with_positions``).
 
 Prints the median milliseconds of one read of all N, and the ratio. Records on SQLite in a temp dir, or on
@@ -31,11 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from echo4o.db import crud, get_engine, get_sessionmaker, upgrade_to_head  # noqa: E402
 from echo4o.db.models import Job  # noqa: E402
+from echo4o.jobs import QUEUE_OF_KIND  # noqa: E402
 
 
 def per_job(session: sa.orm.Session, ids: list[str]) -> dict[str, tuple[Job, int | None]]:
     jobs = session.scalars(sa.select(Job).where(Job.id.in_(ids))).all()
-    return {j.id: (j, crud.queue_position_of(session=session, job=j)) for j in jobs}
+    return {j.id: (j, _count_ahead(session, j)) for j in jobs}
+
+
+def _count_ahead(session: sa.orm.Session, job: Job) -> int | None:
+    """The baseline's position of one job: a COUNT of its own (as ``crud.queue_position`` did before)."""
+    if job.status != "queued":
+        return None
+    same_queue = [k for k, q in QUEUE_OF_KIND.items() if q == QUEUE_OF_KIND.get(job.kind, "gpu")]
+    ahead = sa.or_(Job.priority > job.priority, sa.and_(Job.priority == job.priority, Job.created_at < job.created_at))
+    return session.scalar(sa.select(sa.func.count()).select_from(Job)
+                          .where(Job.status == "queued", Job.kind.in_(same_queue), Job.id != job.id, ahead)) or 0
 
 
 def one_statement(session: sa.orm.Session, ids: list[str]) -> dict[str, tuple[Job, int | None]]:
@@ -74,8 +85,10 @@ def main() -> None:
             ids += [crud.create_job(session=session, kind="finetune", owner="bench", params={},
                                     model_version="tiny").id for _ in range(3)]
             session.close()
-            positions = [{i: pos for i, (_, pos) in read(get_sessionmaker(url)(), ids).items()}
-                         for read in (per_job, one_statement)]
+            positions = []
+            for read in (per_job, one_statement):
+                with get_sessionmaker(url)() as check:
+                    positions.append({i: pos for i, (_, pos) in read(check, ids).items()})
             if positions[0] != positions[1]:
                 raise SystemExit(f"the two ways disagree on the queue positions: {positions}")
             old, new = [], []

@@ -103,30 +103,13 @@ def queue_position(*, session: Session, job_id: str) -> int | None:
 
     Order: higher priority first, then older first, the order the broker delivers them in.
     """
-    job = session.get(Job, job_id, populate_existing=True)
-    return queue_position_of(session=session, job=job) if job is not None else None
-
-
-def queue_position_of(*, session: Session, job: Job) -> int | None:
-    """:func:`queue_position` of a row just read (one COUNT, no second read of it)."""
-    if job.status != "queued":
-        return None
-    same_queue = [k for k, q in QUEUE_OF_KIND.items() if q == QUEUE_OF_KIND.get(job.kind, "gpu")]
-    ahead = sa.or_(
-        Job.priority > job.priority,
-        sa.and_(Job.priority == job.priority, Job.created_at < job.created_at),
-    )
-    return session.scalar(
-        sa.select(sa.func.count())
-        .select_from(Job)
-        .where(Job.status == "queued", Job.kind.in_(same_queue), Job.id != job.id, ahead)
-    ) or 0
+    return jobs_with_positions(session=session, job_ids=[job_id]).get(job_id, (None, None))[1]
 
 
 def jobs_with_positions(*, session: Session, job_ids: list[str]) -> dict[str, tuple[Job, int | None]]:
-    """``{id: (job, queue position)}`` of the rows of ``job_ids`` that exist, in one statement: each queued row's
-    :func:`queue_position` is a subquery of it (the watch hub reads every watched queued job again when the queue
-    moves; one COUNT statement per job made that cost grow with the watched jobs)."""
+    """``{id: (job, queue position)}`` of the rows of ``job_ids`` that exist (read afresh), in one statement: each
+    queued row's :func:`queue_position` is a subquery of it (the watch hub reads every watched queued job again
+    when the queue moves; one COUNT statement per job made that cost grow with the watched jobs)."""
     rows = session.execute(_jobs_with_positions_statement(), {"job_ids": list(job_ids)}).all()
     return {job.id: (job, pos) for job, pos in rows}
 
@@ -153,8 +136,11 @@ def _jobs_with_positions_statement() -> sa.Select:
         .correlate(Job)
         .scalar_subquery()
     )
-    return sa.select(Job, sa.case((Job.status == "queued", position), else_=None)).where(
-        Job.id.in_(sa.bindparam("job_ids", expanding=True)))
+    return (
+        sa.select(Job, sa.case((Job.status == "queued", position), else_=None))
+        .where(Job.id.in_(sa.bindparam("job_ids", expanding=True)))
+        .execution_options(populate_existing=True)  # a row already in the session is refreshed, as get() did
+    )
 
 
 def count_jobs_by_status(*, session: Session) -> dict[str, int]:

@@ -94,7 +94,7 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
             "attention": chosen,
             "device": str(device),
             # xformers' dispatcher picks the kernel itself (cutlassF-pt, fa2F, fa3F...): name it
-            "operator": xformers_operator(device, dtype or torch.bfloat16) or None if chosen == "xformers" else None,
+            "operator": (xformers_operator(device, dtype or torch.bfloat16) or None) if chosen == "xformers" else None,
             "unavailable": {k: why for k, (ok, why) in availability.items() if not ok} or None,
         },
     )
