@@ -127,6 +127,14 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(50, ge=0, le=10_000, description="How long a job that found compatible queued jobs "
                                "waits for more to arrive before its batch starts (a job with none starts at once, "
                                "and so does one behind which a higher-priority job of another shape is queued).")
+    # priority preemption (worker/preemption.py; docs/contracts.md, "Priority preemption")
+    preemption: bool = Field(True, description="A queued image job of a higher priority than every job a worker is "
+                             "sampling (same model version) pauses that sampling between two steps and runs first; "
+                             "the paused jobs then go on where they were, with the same result. Their memory stays "
+                             "held meanwhile: turn this off where a second job does not fit beside a running batch.")
+    preempt_after_s: float = Field(0.25, ge=0, le=600, description="How long a busy worker must have seen such a job "
+                                   "queued before it preempts for it: an idle worker takes a job within milliseconds, "
+                                   "so one still queued this long has no other worker to run it.")
 
     # --- gateway -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway binds.")

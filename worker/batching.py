@@ -33,7 +33,7 @@ from echo4o.db import crud, session_scope
 from echo4o.jobs import IMAGE_KINDS
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
-from worker.outcomes import Claim, claim_job, payload_problem
+from worker.outcomes import Claim, claim_job, job_version, payload_problem
 from worker.progress import ProgressReporter
 
 log = get_logger(__name__)
@@ -53,6 +53,7 @@ class Member:
     kwargs: dict[str, Any] | None
     parent_id: str | None
     t_received: float
+    priority: int
 
 
 def _key(payload: Any) -> tuple[dict[str, Any], tuple]:
@@ -112,7 +113,7 @@ def _claim_compatible(key: tuple, version: str, runtime: Any, seen: set[str], pl
         claim = claim_job(job_id, runtime)
         if not isinstance(claim, Claim):
             continue  # taken by another worker meanwhile, or cancelled
-        companions.append(Member(claim, payload, kwargs, parent_id, t_received))
+        companions.append(Member(claim, payload, kwargs, parent_id, t_received, priority))
     return outranked
 
 
@@ -120,7 +121,7 @@ def _fits(kind: str, params: Any, row_version: str | None, key: tuple, version: 
           runtime: Any) -> tuple[Any, dict[str, Any]] | None:
     """A queued job's payload and pipeline arguments when it can join a batch of ``key`` on model ``version``."""
     payload, problem = payload_problem(kind, params)
-    if problem is not None or (payload.model_version or row_version or runtime.model_version) != version:
+    if problem is not None or job_version(payload, row_version, runtime) != version:
         return None
     try:
         kwargs, their_key = _key(payload)
@@ -129,16 +130,20 @@ def _fits(kind: str, params: Any, row_version: str | None, key: tuple, version: 
     return (payload, kwargs) if their_key == key else None
 
 
-def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: list[Member], runtime: Any,
-              t_received: float) -> str:
-    """Sample the lead job (``claim``, ``payload``) and its ``companions`` in one
-    :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch`; each job ends as it would alone (written by the
-    solo run's functions), its result with ``batch: {id, size}``. Returns the lead's status."""
+def run_batch(job: Any, claim: Claim, payload: Any, companions: list[Member], runtime: Any, t_received: float,
+              version: str, *, preemptible: bool = True) -> str:
+    """Sample the lead job (row ``job``, ``claim``, ``payload``) and its ``companions`` in one
+    :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch` on model ``version``; each job ends as it would
+    alone (written by the solo run's functions), its result with ``batch: {id, size}``. ``preemptible``: a queued
+    job above every member's priority may pause the batch (worker/preemption.py). Returns the lead's status."""
     from worker import tasks
     from worker.evaluation.job import image_job_succeeded
+    from worker.preemption import Preemption
 
     settings = get_settings()
-    members = [Member(claim, payload, None, parent_id, t_received), *companions]
+    members = [Member(claim, payload, None, job.parent_id, t_received, job.priority), *companions]
+    preemption = (Preemption.of_run(runtime, version, max(m.priority for m in members), claim)
+                  if preemptible else None)
     batch = {"id": uuid.uuid4().hex[:12], "size": len(members)}
     deadline = time.monotonic() + settings.job_timeout_s
     statuses: dict[str, str] = {}
@@ -156,10 +161,13 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
                 continue
             log.info("job started", extra={"job_id": job_id, "attempt": m.claim.attempt, "batch_id": batch["id"],
                                            "batch_size": batch["size"], "queue_wait_s": round(m.claim.queue_wait_s, 3)})
-            reporter = stack.enter_context(ProgressReporter(settings.database_url, job_id, claim=m.claim))
+            look = preemption.look if preemption is not None and not live else None  # one member looks
+            reporter = stack.enter_context(ProgressReporter(settings.database_url, job_id, claim=m.claim, look=look))
             tasks.start_sampling(reporter)  # a job cancelled meanwhile leaves the batch at its first step
             last: dict[str, Any] = {"step": 0, "total": None}
-            requests.append({**kwargs, "callback": tasks.step_callback(job_id, reporter, deadline, last),
+            if preemption is not None:
+                preemption.follow(reporter, last)
+            requests.append({**kwargs, "callback": tasks.step_callback(job_id, reporter, deadline, last, preemption),
                              "preview_every": settings.preview_every})
             live.append((m, reporter, last))
         t0 = time.perf_counter()
@@ -169,7 +177,7 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
                 outs = runtime.pipeline.generate_batch(requests)
             except Exception as exc:  # noqa: BLE001 - the batch as a whole failed: each of its jobs fails with it
                 outs = [exc] * len(requests)
-        sampling_s = time.perf_counter() - t0
+        sampling_s = time.perf_counter() - t0 - tasks.paused_s(preemption)
         for (_, reporter, last), out in zip(live, outs, strict=True):
             if not isinstance(out, BaseException):  # written with the last step as the reporter closes
                 reporter.report(last["step"], last["total"], stage="encoding")
@@ -180,7 +188,7 @@ def run_batch(claim: Claim, payload: Any, parent_id: str | None, companions: lis
             status = tasks.sampling_failed(m.claim, out, last["step"])
         else:
             status = tasks.store_result(m.claim, m.payload, out, runtime, sampling_s,
-                                        m.t_received, {"batch": batch})
+                                        m.t_received, {"batch": batch, **tasks.pauses(preemption)})
         if status == "succeeded" and m.parent_id is not None:
             image_job_succeeded(m.parent_id)
         statuses[m.claim.job_id] = status

@@ -138,6 +138,11 @@ def payload_problem(kind: str, params: dict[str, Any]) -> tuple[Any, str | None]
         return None, str(exc)
 
 
+def job_version(payload: Any, row_version: str | None, runtime: Any) -> str:
+    """The model version a job runs on: its payload's, else its row's, else the worker's default."""
+    return payload.model_version or row_version or runtime.model_version
+
+
 def free_device_memory() -> None:
     """Give the CUDA cache back after a run that failed or ended (objects that refer to each other are collected
     first); nothing on the CPU."""

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from echo4o.db import crud, session_scope
 from echo4o.logging import get_logger
@@ -47,6 +50,7 @@ class ProgressReporter:
         min_interval_s: float | None = None,
         poll_s: float = CANCEL_POLL_S,
         claim: Any = None,
+        look: Callable[[Session], None] | None = None,
     ) -> None:
         self.database_url = database_url
         self.job_id = job_id
@@ -55,6 +59,9 @@ class ProgressReporter:
         self.fence = claim.fence() if claim is not None else {}
         self.min_interval_s = get_settings().progress_interval_s if min_interval_s is None else min_interval_s
         self.poll_s = poll_s
+        #: Called on this thread, in the session of each progress write and cancel poll (a run's
+        #: :meth:`worker.preemption.Preemption.look`): its exceptions are logged, never the job's.
+        self.look = look
         self.cancelled = threading.Event()
         #: Progress writes that reached the database (failed ones are not counted).
         self.writes = 0
@@ -125,12 +132,22 @@ class ProgressReporter:
             with session_scope(self.database_url) as s:
                 cancel = crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, preview=preview,
                                               stage=stage, detail=detail, **self.fence)
-            self.writes += 1
+                self.writes += 1
+                self._look(s)
         except Exception as exc:  # noqa: BLE001 - a missed progress write is retried by the next one
             log.warning("progress write failed", extra={"job_id": self.job_id, "step": step, "error": str(exc)})
             return
         if cancel:
             self.cancelled.set()
+
+    def _look(self, session: Session) -> None:
+        if self.look is None:
+            return
+        try:
+            self.look(session)
+        except Exception as exc:  # noqa: BLE001 - the next write or poll looks again
+            session.rollback()
+            log.warning("look at the queue failed", extra={"job_id": self.job_id, "error": str(exc)})
 
     def _poll_cancel(self) -> None:
         try:
@@ -139,6 +156,7 @@ class ProgressReporter:
                 cancel = job is not None and job.cancel_requested
                 if self.fence and not crud.holds_job(session=s, job_id=self.job_id, **self.fence):
                     cancel = True
+                self._look(s)
         except Exception as exc:  # noqa: BLE001 - the next poll retries
             log.warning("cancel check failed", extra={"job_id": self.job_id, "error": str(exc)})
             return

@@ -164,6 +164,11 @@ class WorkerRuntime:
         """Seconds without a heartbeat after which a worker is dead (:data:`DEAD_AFTER_BEATS` beats)."""
         return DEAD_AFTER_BEATS * self.settings.worker_heartbeat_s
 
+    @property
+    def shutting_down(self) -> bool:
+        """SIGTERM arrived: the running job may finish, no other starts (worker/preemption.py asks)."""
+        return self._shutdown_timer is not None
+
     def begin_shutdown(self) -> None:
         """SIGTERM arrived (Celery's warm shutdown: the running job may finish, no new one starts): past
         ``worker_shutdown_grace_s`` the job still running is requeued and the process exits (:meth:`_overdue`)."""

@@ -28,7 +28,8 @@ from echo4o.settings import get_settings
 from worker.batching import gather_companions, run_batch
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
-from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, open_job, read_job
+from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, job_version, open_job, read_job
+from worker.preemption import Preemption
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
 
@@ -118,7 +119,7 @@ def execute_image_job(job_id: str, *, redelivered: bool = False, row: Job | None
     claim = claim_job(job_id, runtime)
     if not isinstance(claim, Claim):
         return claim  # finished, cancelled, or running on a live worker
-    version = payload.model_version or job.model_version or runtime.model_version
+    version = job_version(payload, job.model_version, runtime)
     try:  # between jobs: load the job's version unless it is resident (worker/models_cache.py)
         runtime.use(version)
     except Exception as exc:  # noqa: BLE001 - unregistered, missing or unloadable: this job fails, not the worker
@@ -133,15 +134,24 @@ def execute_image_job(job_id: str, *, redelivered: bool = False, row: Job | None
     )
     runtime.set_status("busy", now=False)  # written by the heartbeat's thread, off the job's path
     try:
-        companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
-        if companions:
-            return run_batch(claim, payload, job.parent_id, companions, runtime, t_received)
-        status = _run(claim, payload, runtime, t_received)
-        if status == "succeeded" and job.parent_id is not None:
-            image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
-        return status
+        return run_claimed(job, payload, claim, version, runtime, t_received)
     finally:
         runtime.set_status("ready", now=False)
+
+
+def run_claimed(job: Job, payload: Any, claim: Claim, version: str, runtime: Any, t_received: float, *,
+                preemptible: bool = True) -> str:
+    """Sample claimed image job ``job`` on resident model ``version``, with the queued jobs of its shape
+    (worker/batching.py), and store the results; returns its final status. ``preemptible``: a queued job of a
+    higher priority may pause it (worker/preemption.py); not so for a run that is itself preempting one."""
+    companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
+    if companions:
+        return run_batch(job, claim, payload, companions, runtime, t_received, version, preemptible=preemptible)
+    preemption = Preemption.of_run(runtime, version, job.priority, claim) if preemptible else None
+    status = _run(claim, payload, runtime, t_received, preemption)
+    if status == "succeeded" and job.parent_id is not None:
+        image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
+    return status
 
 
 #: The handler of each job kind: image kinds run the pipeline, benchmark and finetune runs their own handlers
@@ -153,7 +163,7 @@ JOB_HANDLERS["benchmark"] = execute_benchmark_job  # phased: never holds a worke
 JOB_HANDLERS["finetune"] = execute_finetune_job  # worker/training/job.py: train, publish, register
 
 
-def _run(claim: Claim, payload: Any, runtime: Any, t_received: float) -> str:
+def _run(claim: Claim, payload: Any, runtime: Any, t_received: float, preemption: Preemption | None) -> str:
     settings = get_settings()
     job_id = claim.job_id
     deadline = time.monotonic() + settings.job_timeout_s
@@ -161,18 +171,31 @@ def _run(claim: Claim, payload: Any, runtime: Any, t_received: float) -> str:
     last: dict[str, Any] = {"step": 0, "total": None}
     try:
         kwargs = payload.to_pipeline_kwargs()  # multiref opens its references under settings.data_dir
-        with ProgressReporter(settings.database_url, job_id, claim=claim) as reporter:  # writes the last step on exit
+        with ProgressReporter(settings.database_url, job_id, claim=claim,
+                              look=preemption.look if preemption else None) as reporter:  # writes the last step on exit
+            if preemption is not None:
+                preemption.follow(reporter, last)
             start_sampling(reporter)
             t0 = time.perf_counter()
-            on_step = step_callback(job_id, reporter, deadline, last)
+            on_step = step_callback(job_id, reporter, deadline, last, preemption)
             out = runtime.pipeline(**kwargs, callback=on_step, preview_every=settings.preview_every)
-            sampling_s = time.perf_counter() - t0
+            sampling_s = time.perf_counter() - t0 - paused_s(preemption)
             reporter.report(last["step"], last["total"], stage="encoding")  # one write with the last step, at exit
         if reporter.cancelled.is_set():  # the cancel arrived with the last step's write
             raise JobCancelled(job_id)
     except Exception as exc:  # noqa: BLE001 - one job's crash must not take the worker down
         return sampling_failed(claim, exc, last["step"])
-    return store_result(claim, payload, out, runtime, sampling_s, t_received)
+    return store_result(claim, payload, out, runtime, sampling_s, t_received, pauses(preemption))
+
+
+def paused_s(preemption: Preemption | None) -> float:
+    """Seconds a run spent paused for preempting jobs (0 without preemption)."""
+    return preemption.paused_s if preemption is not None else 0.0
+
+
+def pauses(preemption: Preemption | None) -> dict[str, Any]:
+    """What a paused run's results say of its pauses: ``{"paused": [{job_id, s}, ...]}``, or nothing."""
+    return {"paused": preemption.pauses} if preemption is not None and preemption.pauses else {}
 
 
 def start_sampling(reporter: ProgressReporter) -> None:
@@ -246,11 +269,14 @@ def _stopped(claim: Claim, step: int) -> str:
 
 
 def step_callback(
-    job_id: str, reporter: ProgressReporter, deadline: float, last: dict[str, Any]
+    job_id: str, reporter: ProgressReporter, deadline: float, last: dict[str, Any],
+    preemption: Preemption | None = None,
 ) -> Callable[..., None]:
-    """The pipeline's step callback. It runs between two sampling steps, so it makes no database call: it
-    records the step in ``last``, hands it (with a PNG of the preview, if any) to ``reporter``, whose thread
-    writes it, and stops the job when the reporter saw a cancel request or ``deadline`` has passed."""
+    """The pipeline's step callback. It runs between two sampling steps, so it makes no database call of its
+    own: it records the step in ``last``, hands it (with a PNG of the preview, if any) to ``reporter``, whose
+    thread writes it, and stops the job when the reporter saw a cancel request or ``deadline`` (moved by the
+    time spent paused) has passed. When ``preemption`` found a queued job of a higher priority, it runs that job
+    first (worker/preemption.py) and then returns to the sampling."""
 
     def on_step(step: int, total: int, preview: Any = None) -> None:
         last.update(step=step, total=total)
@@ -260,9 +286,11 @@ def step_callback(
 
             png = preview_png(preview)
         reporter.report(step, total, png)
+        if preemption is not None and preemption.wanted.is_set():
+            preemption.run_waiting()
         if reporter.cancelled.is_set():
             raise JobCancelled(job_id)
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline + paused_s(preemption):
             raise JobTimedOut(job_id)
 
     return on_step

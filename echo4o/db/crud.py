@@ -569,15 +569,18 @@ def list_ready_workers(*, session: Session, max_age_s: float = 30.0, queue: str 
 _QUEUED_OF_KINDS = (
     sa.select(Job.id, Job.kind, Job.params, Job.model_version, Job.parent_id, Job.priority)
     .where(Job.status == "queued", Job.kind.in_(sa.bindparam("kinds", expanding=True)),
-           Job.cancel_requested.is_(False), Job.id.not_in(sa.bindparam("exclude", expanding=True)))
+           Job.cancel_requested.is_(False), Job.id.not_in(sa.bindparam("exclude", expanding=True)),
+           Job.priority > sa.bindparam("above"))
     .order_by(Job.priority.desc(), Job.created_at)
     .limit(sa.bindparam("limit"))
 )
 
 
-def queued_jobs_of_kinds(*, session: Session, kinds: tuple[str, ...], exclude: set[str], limit: int) -> list[Any]:
-    """Queued jobs of ``kinds`` without a cancel request, not in ``exclude``, in delivery order (higher priority
-    first, then older first), at most ``limit`` (worker/batching.py: the candidates of a batch). Rows of their
-    ``id``, ``kind``, ``params``, ``model_version``, ``parent_id`` and ``priority``."""
-    params = {"kinds": list(kinds), "exclude": sorted(exclude), "limit": limit}
+def queued_jobs_of_kinds(*, session: Session, kinds: tuple[str, ...], exclude: set[str], limit: int,
+                         above: int = -1) -> list[Any]:
+    """Queued jobs of ``kinds`` without a cancel request, not in ``exclude``, of a priority above ``above``, in
+    delivery order (higher priority first, then older first), at most ``limit`` (worker/batching.py: the candidates
+    of a batch; worker/preemption.py: the jobs that may pause a run). Rows of their ``id``, ``kind``, ``params``,
+    ``model_version``, ``parent_id`` and ``priority``."""
+    params = {"kinds": list(kinds), "exclude": sorted(exclude), "limit": limit, "above": above}
     return list(session.connection().execute(_QUEUED_OF_KINDS, params).all())
