@@ -2,7 +2,8 @@
 
 The job whose message this worker took (the *lead*) looks in the database for other ``queued`` image jobs (a
 bounded query, in delivery order) of the same model version and the same
-:func:`~worker.engine.pipeline.batch_key` (height, width, steps, timestep shift), and claims up to
+:func:`~worker.engine.pipeline.batch_key` (height, width, steps, timestep shift), of the lead's priority or above
+(a batch never slows a job down for jobs it outranks: they wait for their own batch), and claims up to
 ``batch_max_size - 1`` of them with the claim a solo run makes (:func:`worker.outcomes.claim_job`, fenced by
 attempt). Then one :meth:`~worker.engine.pipeline.Echo4oPipeline.generate_batch` samples them all, one packed
 forward per step. Each job keeps its own prompt, seed, guidance, progress reporter, cancel, timeout, result and
@@ -92,12 +93,12 @@ def gather_companions(job: Any, payload: Any, version: str, claim: Claim, runtim
 
 def _claim_compatible(key: tuple, version: str, runtime: Any, seen: set[str], places: int,
                       companions: list[Member], lead_priority: int) -> bool:
-    """Claim the compatible queued jobs not ``seen`` yet into ``companions``; True when one that cannot join has
-    a priority above ``lead_priority`` (the batch must not keep it waiting)."""
+    """Claim the compatible queued jobs not ``seen`` yet, of ``lead_priority`` or above, into ``companions``; True
+    when one that cannot join has a priority above ``lead_priority`` (the batch must not keep it waiting)."""
     db = get_settings().database_url
     with session_scope(db) as s:
         rows = crud.queued_jobs_of_kinds(session=s, kinds=IMAGE_KINDS, exclude=seen,
-                                         limit=CANDIDATES_PER_PLACE * places)
+                                         limit=CANDIDATES_PER_PLACE * places, above=lead_priority - 1)
         candidates = [(r.id, r.kind, r.params, r.model_version, r.parent_id, r.priority) for r in rows]
     outranked = False
     for job_id, kind, params, row_version, parent_id, priority in candidates:

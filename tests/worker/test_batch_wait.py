@@ -1,6 +1,6 @@
 """A batch that waits for company (``batch_wait_ms``) stops waiting when a queued job that cannot join outranks
 it: that job runs next and never waits for a batch it is not part of. The batch still waits for a lower-priority
-off-shape job, and takes a higher-priority job of its own shape as a companion.
+off-shape job, and takes a higher-priority job of its own shape as a companion, but not a lower-priority one.
 
 On real job records (SQLite) with the worker's own claim; each look at the queue is counted, so whether the lead
 waited is seen without a clock: a second look means it waited for more."""
@@ -100,3 +100,14 @@ def test_a_higher_priority_job_of_the_same_shape_joins_and_the_wait_goes_on(runt
     with pytest.raises(Waited):
         gather(runtime, lead)
     assert (status(companion), status(urgent)) == ("running", "running")
+
+
+def test_a_lower_priority_job_of_the_same_shape_does_not_join(runtime, looks: list[int]) -> None:  # noqa: ANN001
+    lead, companion = queued(5, SHAPE), queued(5, SHAPE, "a sphere")
+    background = queued(1, SHAPE, "a benchmark image")  # a batch never slows its lead for jobs the lead outranks
+    with pytest.raises(Waited):
+        gather(runtime, lead)
+    assert (status(companion), status(background)) == ("running", "queued")
+    looks.clear()
+    assert gather(runtime, background) == []  # on its own turn, alone: nothing of its priority or above is queued
+    assert status(background) == "running"
