@@ -59,7 +59,8 @@ class JobCreated(BaseModel):
 
 
 class Progress(BaseModel):
-    """How far a job is: ``step`` of ``total`` in ``stage`` (``sampling``: denoising steps of an image job); all
+    """How far a job is: ``step`` of ``total`` in ``stage`` (``sampling``: denoising steps of an image job;
+    ``paused``: its sampling waits while a job of a higher priority runs, ``detail.preempted_by`` names it); all
     null until a worker reports. ``detail`` is what a long job reports beside its step, e.g. a training run's
     loss, lr, samples_per_s and eta_s."""
 

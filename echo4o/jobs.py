@@ -367,6 +367,9 @@ BenchmarkSuite = Literal["geneval_pp", "imagine", "geneval", "custom"]
 BENCHMARK_SUITES: tuple[str, ...] = get_args(BenchmarkSuite)
 MAX_BENCHMARK_IMAGES_PER_PROMPT = 16
 MAX_BENCHMARK_LIMIT = 1000
+#: The progress stage of a running image job whose sampling waits while a job of a higher priority runs
+#: (worker/preemption.py); its progress detail is ``{"preempted_by": <job id>}``.
+PAUSED_STAGE = "paused"
 #: Queue priority of a run's image jobs: below users' default, so interactive jobs go first.
 BENCHMARK_IMAGE_PRIORITY = 1
 #: Queue priority of a run's own re-enqueued phases: the lowest, so its pending images run before it looks again.

@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from echo4o.db import crud
-from echo4o.jobs import IMAGE_KINDS
+from echo4o.jobs import IMAGE_KINDS, PAUSED_STAGE
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
 from worker.outcomes import Claim, claim_job, fail_job, job_version, open_job, payload_problem
@@ -112,7 +112,7 @@ class Preemption:
             if job_id is None:
                 return
             t0 = self.clock()
-            self._show("paused", {"preempted_by": job_id})
+            self._show(PAUSED_STAGE, {"preempted_by": job_id})
             try:
                 status = run_preempting(job_id, self.runtime, self.version, paused=self.claim.job_id)
             finally:

@@ -14,6 +14,7 @@ from sse_starlette.event import ensure_bytes
 from backend.services.blocking import in_session
 from backend.services.views import public_job
 from backend.services.watch_hub import Snapshot, WatchHub, hub_for
+from echo4o.jobs import PAUSED_STAGE
 from echo4o.settings import Settings
 
 SEP = "\r\n"  # sse-starlette's line separator
@@ -55,6 +56,18 @@ class StepCounter:
             return range(0)
         new, self.step = range(self.step + 1, step + 1), step
         return new
+
+
+def _paused_event(snap: Snapshot) -> dict[str, str]:
+    """The ``paused`` event of a job whose sampling waits for a preempting job (worker/preemption.py); no id: a
+    client that reconnects learns of a pause still going on from the job's row."""
+    event = snap.cache.get("paused")
+    if event is None:
+        job = snap.job
+        assert job is not None
+        data = {"step": job.progress_step or 0, "total": job.progress_total, **(job.progress_detail or {})}
+        event = snap.cache["paused"] = {"event": "paused", "data": json.dumps(data)}
+    return event
 
 
 def event_id(step: int, total: int | None, stage: str | None) -> str:
@@ -128,9 +141,10 @@ async def job_events(
 
     ``queued`` when the queue position changes; ``progress`` once for every step, with its stage (when several
     steps ended between two snapshots, each is reported, the preview and the job's progress detail going with the
-    newest; a new stage counts from 1 again); then ``done`` (the job), ``failed`` or ``cancelled``, and the stream
-    ends. Each ``progress`` event has an id; a client that reconnects with it as ``last_event_id``
-    (``Last-Event-ID``) gets the steps after it, none again.
+    newest; a new stage counts from 1 again); ``paused`` (step, total, ``preempted_by``) when the job's sampling
+    waits for a job of a higher priority (its steps then go on, in order); then ``done`` (the job), ``failed`` or
+    ``cancelled``, and the stream ends. Each ``progress`` event has an id; a client that reconnects with it as
+    ``last_event_id`` (``Last-Event-ID``) gets the steps after it, none again.
 
     The events are dicts (``event``, ``id``, ``data``), or with ``as_bytes`` their SSE encoding, shared by every
     watcher of the same snapshot (what the route sends: no per-watcher encoding), the events of one snapshot
@@ -140,6 +154,7 @@ async def job_events(
     last_position: int | None = -1
     counter = StepCounter.resume(last_event_id)
     last_preview: bytes | None = None
+    last_pause: Any = None
     async with hub.watch(job_id) as watch:
         async for snap in watch:
             events: list[dict[str, str]] = []
@@ -154,6 +169,10 @@ async def job_events(
                     if with_preview:
                         last_preview = job.preview
                     events.append(_progress_event(snap, s, with_preview))
+                pause = job.progress_detail if job.status == "running" and job.progress_stage == PAUSED_STAGE else None
+                if pause is not None and pause != last_pause:
+                    events.append(_paused_event(snap))
+                last_pause = pause
             end = await _end_event(settings, snap, base)
             if end is not None:
                 events.append(end)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from backend.services.events import StepCounter, job_events
 from backend.services.views import public_job
 from echo4o.db import crud, session_scope, upgrade_to_head
+from echo4o.jobs import PAUSED_STAGE
 from echo4o.settings import get_settings
 from worker.progress import ProgressReporter
 
@@ -131,3 +132,47 @@ def test_step_counter_repeats_nothing_when_a_phase_goes_on_and_restarts_when_it_
     d = StepCounter()
     assert list(d.advance("running", "generate", 2, 2)) == [1, 2]
     assert list(d.advance("running", "judge", 5, 6)) == [1, 2, 3, 4, 5]  # another total: a new count
+
+
+async def _follow_paused_job(settings, url: str, job_id: str) -> list[dict]:
+    """Sampling reaches 2/5, pauses there for a preempting job, goes on to 5/5, then the job succeeds."""
+    events: list[dict] = []
+    stream = job_events(settings, job_id, "http://test")
+
+    async def until(name: str, step: int | None = None) -> None:
+        while True:
+            event = await anext(stream)
+            events.append(event)
+            if event["event"] == name and (step is None or json.loads(event["data"])["step"] == step):
+                return
+
+    def write(step: int, stage: str, detail: dict | None = None) -> None:
+        with session_scope(url) as s:
+            crud.update_progress(session=s, job_id=job_id, step=step, total=5, stage=stage, detail=detail)
+
+    write(2, "sampling")
+    await until("progress", 2)
+    write(2, PAUSED_STAGE, {"preempted_by": "urgent-job"})
+    await until("paused")
+    write(5, "sampling")
+    await until("progress", 5)
+    with session_scope(url) as s:
+        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
+    events.extend([event async for event in stream])
+    return events
+
+
+def test_a_pause_is_one_event_and_the_steps_go_on_in_order():
+    settings = get_settings()
+    url = settings.database_url
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        job_id = job.id
+    events = _run(_follow_paused_job, settings, url, job_id)
+    names = [e["event"] for e in events]
+    assert names == ["progress", "progress", "paused", "progress", "progress", "progress", "done"]
+    assert json.loads(events[2]["data"]) == {"step": 2, "total": 5, "preempted_by": "urgent-job"}
+    assert "id" not in events[2]
+    assert [json.loads(e["data"])["stage"] for e in events if e["event"] == "progress"] == ["sampling"] * 5
