@@ -117,7 +117,7 @@ class Preemption:
                 status = run_preempting(job_id, self.runtime, self.version, paused=self.claim.job_id)
             finally:
                 self.runtime.claim = self.claim  # the run's own again (the shutdown requeues what it holds)
-                self._show("sampling", None)
+                self._show("sampling", {})  # the pause's detail replaced: the row says sampling, nothing more
             spent = self.clock() - t0
             self.paused_s += spent
             self.pauses.append({"job_id": job_id, "s": round(spent, 4)})
@@ -125,7 +125,7 @@ class Preemption:
                      extra={"job_id": self.claim.job_id, "preempted_by": job_id, "status": status,
                             "paused_s": round(spent, 4)})
 
-    def _show(self, stage: str, detail: dict[str, Any] | None) -> None:
+    def _show(self, stage: str, detail: dict[str, Any]) -> None:
         for reporter, last in self._followed:
             reporter.report(last["step"], last["total"], stage=stage, detail=detail)
 

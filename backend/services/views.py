@@ -56,7 +56,7 @@ def public_job(session: Session | None, job: Job, base: str, *, webhook: bool = 
         params=job.params,
         model_version=job.model_version,
         progress=Progress(stage=job.progress_stage, step=job.progress_step, total=job.progress_total,
-                          detail=job.progress_detail),
+                          detail=job.progress_detail or None),  # {}: a detail cleared (a pause that ended)
         queue_position=None if position is None else position + 1,
         result=result,
         error=error,

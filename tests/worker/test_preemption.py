@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from echo4o.jobs import MAX_NUM_IMAGES, MAX_STEPS
 from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_progress
 from tests.worker.jobs_support import (
     QUICK,
-    UNTIL_CANCELLED,
     cancel,
     environment,
     job_row,
@@ -31,6 +31,8 @@ from tests.worker.jobs_support import (
 
 #: A lower-priority job long enough to be seen mid-run and paused: seconds of tiny-model sampling.
 LONG = {"height": 256, "width": 256, "num_steps": 100, "num_images": 2}
+#: A job that outlasts anything a test does while it runs (tens of seconds here); the test cancels it.
+UNTIL_CANCELLED = {"height": 512, "width": 512, "num_steps": MAX_STEPS, "num_images": MAX_NUM_IMAGES}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,8 @@ def test_a_higher_priority_job_runs_inside_a_running_one(stack, module_worker: W
                           _pixels(Path(stack["ECHO4O_DATA_DIR"]), alone))
 
     step = row.progress_step
-    wait_for_progress(background, min_step=step + 1, worker=module_worker)  # it goes on sampling
+    resumed = wait_for_progress(background, min_step=step + 1, worker=module_worker)  # it goes on sampling
+    assert resumed.progress_stage == "sampling" and not resumed.progress_detail  # the pause's detail is gone
     cancel(background)
     ended = wait_for_job(background, worker=module_worker)
     assert ended.status == "cancelled"
