@@ -16,14 +16,19 @@ from echo4o.settings import get_settings
 from worker.progress import ProgressReporter
 
 
+def _running_job(url: str, kind: str, params: dict) -> str:
+    """A job of ``kind`` claimed by a worker (``running``); its id."""
+    upgrade_to_head(url)
+    with session_scope(url) as s:
+        job = crud.create_job(session=s, kind=kind, params=params, model_version="v1")
+        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
+        return job.id
+
+
 def test_detail_and_stage_reach_the_view_and_the_event_stream():
     settings = get_settings()
     url = settings.database_url
-    upgrade_to_head(url)
-    with session_scope(url) as s:
-        job = crud.create_job(session=s, kind="finetune", params={}, model_version="v1")
-        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
-        job_id = job.id
+    job_id = _running_job(url, "finetune", {})
 
     with ProgressReporter(url, job_id) as reporter:
         reporter.report(3, 10, stage="train", detail={"loss": 0.5, "lr": 2e-5})
@@ -73,11 +78,7 @@ async def _follow(settings, url: str, job_id: str) -> list[dict]:
 def test_a_new_stage_counts_from_one_and_success_replays_nothing():
     settings = get_settings()
     url = settings.database_url
-    upgrade_to_head(url)
-    with session_scope(url) as s:
-        job = crud.create_job(session=s, kind="benchmark", params={}, model_version="v1")
-        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
-        job_id = job.id
+    job_id = _running_job(url, "benchmark", {})
     events = _run(_follow, settings, url, job_id)
     progress = [json.loads(e["data"]) for e in events if e["event"] == "progress"]
     assert [(p["stage"], p["step"], p["total"]) for p in progress] == [
@@ -108,11 +109,7 @@ async def _follow_image_job(settings, url: str, job_id: str) -> list[dict]:
 def test_a_stage_that_goes_on_counting_repeats_no_step():
     settings = get_settings()
     url = settings.database_url
-    upgrade_to_head(url)
-    with session_scope(url) as s:
-        job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
-        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
-        job_id = job.id
+    job_id = _running_job(url, "generate", {"prompt": "p"})
     events = _run(_follow_image_job, settings, url, job_id)
     steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
     assert steps == [1, 2, 3, 4] and events[-1]["event"] == "done"
@@ -165,11 +162,7 @@ async def _follow_paused_job(settings, url: str, job_id: str) -> list[dict]:
 def test_a_pause_is_one_event_and_the_steps_go_on_in_order():
     settings = get_settings()
     url = settings.database_url
-    upgrade_to_head(url)
-    with session_scope(url) as s:
-        job = crud.create_job(session=s, kind="generate", params={"prompt": "p"}, model_version="v1")
-        assert crud.mark_running(session=s, job_id=job.id, worker="test:1", gpu=None)
-        job_id = job.id
+    job_id = _running_job(url, "generate", {"prompt": "p"})
     events = _run(_follow_paused_job, settings, url, job_id)
     names = [e["event"] for e in events]
     assert names == ["progress", "progress", "paused", "progress", "progress", "progress", "done"]

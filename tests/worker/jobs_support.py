@@ -108,6 +108,30 @@ def private_redis_url(offset: int) -> str:
     return url
 
 
+def start_ready_worker(env: Mapping[str, str], log_name: str = "worker.log") -> WorkerProcess:
+    """An ``echo4o worker`` with exactly ``env`` as its settings, started and ready; killed if it never gets ready.
+    Its log is ``<ECHO4O_DATA_DIR>/<log_name>``."""
+    with environment(env):
+        worker = WorkerProcess(model=env["ECHO4O_MODEL"], log_path=Path(env["ECHO4O_DATA_DIR"]) / log_name).start()
+        try:
+            worker.wait_ready()
+        except BaseException:
+            if worker.alive():
+                worker.kill()
+            raise
+    return worker
+
+
+def settled_stack(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str],
+                  worker: WorkerProcess) -> Iterator[Mapping[str, str]]:
+    """The body of a test's ``stack`` fixture: ``env`` as this process's settings, with ``worker`` idle and no job
+    queued or running before and after the test."""
+    use_env(monkeypatch, env)
+    settle_jobs(worker)
+    yield env
+    settle_jobs(worker)
+
+
 def settle_jobs(worker: WorkerProcess) -> None:
     """Cancel every queued or running job of the current database and wait until each has ended, so a test
     sharing ``worker`` with others starts (and leaves) it idle, with nothing waiting."""

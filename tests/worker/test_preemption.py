@@ -20,12 +20,11 @@ from tests.support.worker_proc import WorkerProcess, wait_for_job, wait_for_prog
 from tests.worker.jobs_support import (
     QUICK,
     cancel,
-    environment,
     job_row,
     private_redis_url,
-    settle_jobs,
+    settled_stack,
+    start_ready_worker,
     submit,
-    use_env,
     worker_env,
 )
 
@@ -45,15 +44,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
 
 @pytest.fixture(scope="module")
 def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    with environment(stack_env):
-        worker = WorkerProcess(model=stack_env["ECHO4O_MODEL"],
-                               log_path=Path(stack_env["ECHO4O_DATA_DIR"]) / "worker.log")
-        worker.start()
-        try:
-            worker.wait_ready()
-        except BaseException:
-            worker.kill() if worker.alive() else None
-            raise
+    worker = start_ready_worker(stack_env)
     yield worker
     worker.stop()
 
@@ -61,10 +52,7 @@ def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
 @pytest.fixture
 def stack(stack_env: dict[str, str], module_worker: WorkerProcess,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    use_env(monkeypatch, stack_env)
-    settle_jobs(module_worker)
-    yield stack_env
-    settle_jobs(module_worker)
+    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def _pixels(data_dir: Path, job) -> list[np.ndarray]:  # noqa: ANN001

@@ -18,12 +18,11 @@ from tests.worker.jobs_support import (
     KILLABLE,
     UNTIL_CANCELLED,
     cancel,
-    environment,
     job_row,
     private_redis_url,
-    settle_jobs,
+    settled_stack,
+    start_ready_worker,
     submit,
-    use_env,
     worker_env,
 )
 
@@ -37,21 +36,9 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
                       ECHO4O_BATCH_MAX_SIZE="4", ECHO4O_BATCH_WAIT_MS="50")
 
 
-def _start(stack_env: dict[str, str], name: str) -> WorkerProcess:
-    worker = WorkerProcess(model=stack_env["ECHO4O_MODEL"], log_path=Path(stack_env["ECHO4O_DATA_DIR"]) / name)
-    worker.start()
-    try:
-        worker.wait_ready()
-    except BaseException:
-        worker.kill() if worker.alive() else None
-        raise
-    return worker
-
-
 @pytest.fixture(scope="module")
 def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    with environment(stack_env):
-        worker = _start(stack_env, "worker.log")
+    worker = start_ready_worker(stack_env)
     yield worker
     worker.stop()
 
@@ -59,10 +46,7 @@ def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
 @pytest.fixture
 def stack(stack_env: dict[str, str], module_worker: WorkerProcess,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    use_env(monkeypatch, stack_env)
-    settle_jobs(module_worker)
-    yield stack_env
-    settle_jobs(module_worker)
+    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def _requests(data_dir: Path) -> list[tuple[str, dict]]:
@@ -145,8 +129,7 @@ def test_a_job_cancelled_mid_batch_ends_cancelled_and_the_others_succeed(stack, 
 
 
 def test_two_workers_never_run_the_same_job(stack, stack_env: dict[str, str], module_worker: WorkerProcess) -> None:
-    with environment(stack_env):
-        second = _start(stack_env, "worker2.log")
+    second = start_ready_worker(stack_env, "worker2.log")
     try:
         ids = [submit(prompt=f"job {n}", seed=n, **SHAPE) for n in range(8)]
         jobs = [wait_for_job(job_id, worker=module_worker) for job_id in ids]

@@ -19,13 +19,12 @@ from tests.worker.jobs_support import (
     QUICK,
     UNTIL_CANCELLED,
     cancel,
-    environment,
     job_row,
     private_redis_url,
-    settle_jobs,
+    settled_stack,
+    start_ready_worker,
     submit,
     submit_raw,
-    use_env,
     worker_env,
 )
 
@@ -43,15 +42,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
 
 @pytest.fixture(scope="module")
 def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    with environment(stack_env):
-        worker = WorkerProcess(
-            model=stack_env["ECHO4O_MODEL"], log_path=Path(stack_env["ECHO4O_DATA_DIR"]) / "worker.log"
-        ).start()
-        try:
-            worker.wait_ready()
-        except BaseException:
-            worker.kill() if worker.alive() else None
-            raise
+    worker = start_ready_worker(stack_env)
     yield worker
     worker.stop()
 
@@ -61,10 +52,7 @@ def stack(
     stack_env: dict[str, str], module_worker: WorkerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
     """The module's settings, with its worker idle and no job queued or running before and after the test."""
-    use_env(monkeypatch, stack_env)
-    settle_jobs(module_worker)
-    yield stack_env
-    settle_jobs(module_worker)
+    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def test_generate_succeeds_with_png_params_progress_and_timings(stack, module_worker: WorkerProcess) -> None:
