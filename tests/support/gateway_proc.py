@@ -11,6 +11,9 @@ key made beforehand. Ready once ``/healthz`` answers (no worker runs, so ``/read
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,9 +54,11 @@ class GatewayProcess:
             return crud.list_jobs(session=s, owner=None, limit=1, offset=0)[1]
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGKILL the gateway and every process it started: its process group (a multi-process gateway's
+        processes outlive a supervisor killed alone, orphaned, still holding memory)."""
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def start_gateway(data_dir: Path, broker_url: str, **env: str) -> GatewayProcess:
