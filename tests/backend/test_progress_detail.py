@@ -47,32 +47,42 @@ def _run(fn, *args):
         return pool.submit(lambda: asyncio.run(fn(*args))).result()
 
 
+class _Follower:
+    """One job's event stream read while the test moves the job: its events are kept in order."""
+
+    def __init__(self, settings, url: str, job_id: str) -> None:
+        self.url, self.job_id = url, job_id
+        self.stream = job_events(settings, job_id, "http://test")
+        self.events: list[dict] = []
+
+    def write(self, step: int, total: int, stage: str, detail: dict | None = None) -> None:
+        with session_scope(self.url) as s:
+            crud.update_progress(session=s, job_id=self.job_id, step=step, total=total, stage=stage, detail=detail)
+
+    async def until(self, name: str, step: int | None = None) -> None:
+        """Read events until one named ``name`` (of ``step``, when given) has come."""
+        while True:
+            event = await anext(self.stream)
+            self.events.append(event)
+            if event["event"] == name and (step is None or json.loads(event["data"])["step"] == step):
+                return
+
+    async def succeed(self) -> list[dict]:
+        """End the job as succeeded, read the stream to its end; every event it sent."""
+        with session_scope(self.url) as s:
+            assert crud.mark_succeeded(session=s, job_id=self.job_id, result={"images": []})
+        self.events.extend([event async for event in self.stream])
+        return self.events
+
+
 async def _follow(settings, url: str, job_id: str) -> list[dict]:
     """Read the stream while the job moves: 3 steps of "generate", then 2 of "judge", then it succeeds."""
-    events: list[dict] = []
-    stream = job_events(settings, job_id, "http://test")
-
-    async def next_progress() -> dict:
-        while True:
-            event = await anext(stream)
-            events.append(event)
-            if event["event"] == "progress":
-                return json.loads(event["data"])
-
-    def write(step: int, total: int, stage: str, detail: dict) -> None:
-        with session_scope(url) as s:
-            crud.update_progress(session=s, job_id=job_id, step=step, total=total, stage=stage, detail=detail)
-
-    write(3, 3, "generate", {"generated": 3})
-    while (await next_progress())["step"] < 3:
-        pass
-    write(2, 4, "judge", {"judged": 2})
-    while (await next_progress())["step"] < 2:
-        pass
-    with session_scope(url) as s:
-        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
-    events.extend([event async for event in stream])
-    return events
+    f = _Follower(settings, url, job_id)
+    f.write(3, 3, "generate", {"generated": 3})
+    await f.until("progress", 3)
+    f.write(2, 4, "judge", {"judged": 2})
+    await f.until("progress", 2)
+    return await f.succeed()
 
 
 def test_a_new_stage_counts_from_one_and_success_replays_nothing():
@@ -90,20 +100,11 @@ def test_a_new_stage_counts_from_one_and_success_replays_nothing():
 
 async def _follow_image_job(settings, url: str, job_id: str) -> list[dict]:
     """Sampling reaches 4/4, then the job moves to its encoding stage at the same step, then succeeds."""
-    events: list[dict] = []
-    stream = job_events(settings, job_id, "http://test")
-    with session_scope(url) as s:
-        crud.update_progress(session=s, job_id=job_id, step=4, total=4, stage="sampling")
-    while True:
-        event = await anext(stream)
-        events.append(event)
-        if event["event"] == "progress" and json.loads(event["data"])["step"] == 4:
-            break
-    with session_scope(url) as s:
-        crud.update_progress(session=s, job_id=job_id, step=4, total=4, stage="encoding")
-        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
-    events.extend([event async for event in stream])
-    return events
+    f = _Follower(settings, url, job_id)
+    f.write(4, 4, "sampling")
+    await f.until("progress", 4)
+    f.write(4, 4, "encoding")
+    return await f.succeed()
 
 
 def test_a_stage_that_goes_on_counting_repeats_no_step():
@@ -133,30 +134,14 @@ def test_step_counter_repeats_nothing_when_a_phase_goes_on_and_restarts_when_it_
 
 async def _follow_paused_job(settings, url: str, job_id: str) -> list[dict]:
     """Sampling reaches 2/5, pauses there for a preempting job, goes on to 5/5, then the job succeeds."""
-    events: list[dict] = []
-    stream = job_events(settings, job_id, "http://test")
-
-    async def until(name: str, step: int | None = None) -> None:
-        while True:
-            event = await anext(stream)
-            events.append(event)
-            if event["event"] == name and (step is None or json.loads(event["data"])["step"] == step):
-                return
-
-    def write(step: int, stage: str, detail: dict | None = None) -> None:
-        with session_scope(url) as s:
-            crud.update_progress(session=s, job_id=job_id, step=step, total=5, stage=stage, detail=detail)
-
-    write(2, "sampling")
-    await until("progress", 2)
-    write(2, PAUSED_STAGE, {"preempted_by": "urgent-job"})
-    await until("paused")
-    write(5, "sampling")
-    await until("progress", 5)
-    with session_scope(url) as s:
-        assert crud.mark_succeeded(session=s, job_id=job_id, result={"images": []})
-    events.extend([event async for event in stream])
-    return events
+    f = _Follower(settings, url, job_id)
+    f.write(2, 5, "sampling")
+    await f.until("progress", 2)
+    f.write(2, 5, PAUSED_STAGE, {"preempted_by": "urgent-job"})
+    await f.until("paused")
+    f.write(5, 5, "sampling")
+    await f.until("progress", 5)
+    return await f.succeed()
 
 
 def test_a_pause_is_one_event_and_the_steps_go_on_in_order():
