@@ -122,16 +122,6 @@ def start_ready_worker(env: Mapping[str, str], log_name: str = "worker.log") -> 
     return worker
 
 
-def settled_stack(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str],
-                  worker: WorkerProcess) -> Iterator[Mapping[str, str]]:
-    """The body of a test's ``stack`` fixture: ``env`` as this process's settings, with ``worker`` idle and no job
-    queued or running before and after the test."""
-    use_env(monkeypatch, env)
-    settle_jobs(worker)
-    yield env
-    settle_jobs(worker)
-
-
 def settle_jobs(worker: WorkerProcess) -> None:
     """Cancel every queued or running job of the current database and wait until each has ended, so a test
     sharing ``worker`` with others starts (and leaves) it idle, with nothing waiting."""

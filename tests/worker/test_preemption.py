@@ -8,7 +8,6 @@ preempts at its first look (``tests/worker/test_preemption_look.py`` covers the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,6 @@ from tests.worker.jobs_support import (
     cancel,
     job_row,
     private_redis_url,
-    settled_stack,
-    start_ready_worker,
     submit,
     worker_env,
 )
@@ -40,19 +37,6 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
     return worker_env(tmp_path_factory.mktemp("preemption-stack"), tiny_model, ECHO4O_BROKER_URL=url,
                       ECHO4O_BATCH_MAX_SIZE="4", ECHO4O_BATCH_WAIT_MS="50", ECHO4O_PREEMPT_AFTER_S="0",
                       ECHO4O_PREVIEW_EVERY="0")
-
-
-@pytest.fixture(scope="module")
-def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    worker = start_ready_worker(stack_env)
-    yield worker
-    worker.stop()
-
-
-@pytest.fixture
-def stack(stack_env: dict[str, str], module_worker: WorkerProcess,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def _pixels(data_dir: Path, job) -> list[np.ndarray]:  # noqa: ANN001

@@ -5,7 +5,6 @@ part of a batch; two workers never run the same job."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from tests.worker.jobs_support import (
     cancel,
     job_row,
     private_redis_url,
-    settled_stack,
     start_ready_worker,
     submit,
     worker_env,
@@ -34,19 +32,6 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
     url = private_redis_url(offset=11)
     return worker_env(tmp_path_factory.mktemp("batching-stack"), tiny_model, ECHO4O_BROKER_URL=url,
                       ECHO4O_BATCH_MAX_SIZE="4", ECHO4O_BATCH_WAIT_MS="50")
-
-
-@pytest.fixture(scope="module")
-def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    worker = start_ready_worker(stack_env)
-    yield worker
-    worker.stop()
-
-
-@pytest.fixture
-def stack(stack_env: dict[str, str], module_worker: WorkerProcess,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def _requests(data_dir: Path) -> list[tuple[str, dict]]:

@@ -5,7 +5,6 @@ waiting, and leaves it so (``settle_jobs``), whatever order the tests run in."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,6 @@ from tests.worker.jobs_support import (
     cancel,
     job_row,
     private_redis_url,
-    settled_stack,
-    start_ready_worker,
     submit,
     submit_raw,
     worker_env,
@@ -38,21 +35,6 @@ def _heartbeat(worker_id: str):
 def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, str]:
     url = private_redis_url(offset=7)
     return worker_env(tmp_path_factory.mktemp("redis-stack"), tiny_model, ECHO4O_BROKER_URL=url)
-
-
-@pytest.fixture(scope="module")
-def module_worker(stack_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    worker = start_ready_worker(stack_env)
-    yield worker
-    worker.stop()
-
-
-@pytest.fixture
-def stack(
-    stack_env: dict[str, str], module_worker: WorkerProcess, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, str]]:
-    """The module's settings, with its worker idle and no job queued or running before and after the test."""
-    yield from settled_stack(monkeypatch, stack_env, module_worker)
 
 
 def test_generate_succeeds_with_png_params_progress_and_timings(stack, module_worker: WorkerProcess) -> None:
