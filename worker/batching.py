@@ -143,8 +143,7 @@ def run_batch(job: Any, claim: Claim, payload: Any, companions: list[Member], ru
 
     settings = get_settings()
     members = [Member(claim, payload, None, job.parent_id, t_received, job.priority), *companions]
-    preemption = (Preemption.of_run(runtime, version, max(m.priority for m in members), claim)
-                  if preemptible else None)
+    preemption = Preemption.of_run(runtime, version, max(m.priority for m in members), claim, preemptible)
     batch = {"id": uuid.uuid4().hex[:12], "size": len(members)}
     deadline = time.monotonic() + settings.job_timeout_s
     statuses: dict[str, str] = {}

@@ -127,6 +127,14 @@ def fail_job(job_id: str, code: str, message: str, claim: Claim | None = None) -
     return "failed"
 
 
+def fail_crashed(job_id: str, exc: BaseException, claim: Claim | None = None) -> str:
+    """Fail the job of a handler that raised ``exc`` (a bug: handlers end their jobs themselves) as
+    ``worker_error``, so that no client waits forever; fenced by ``claim`` when the run made one."""
+    return fail_job(job_id, "worker_error",
+                    f"the worker hit an unexpected error running this job ({type(exc).__name__}: {exc}); "
+                    "submit it again, and report the worker's log if it recurs", claim)
+
+
 def payload_problem(kind: str, params: dict[str, Any]) -> tuple[Any, str | None]:
     """``(payload, None)`` for valid stored params, or ``(None, message)`` naming each bad field (the worker's
     re-validation of what the gateway accepted)."""

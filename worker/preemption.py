@@ -40,7 +40,7 @@ from echo4o.db import crud
 from echo4o.jobs import IMAGE_KINDS, PAUSED_STAGE
 from echo4o.logging import get_logger
 from echo4o.settings import get_settings
-from worker.outcomes import Claim, claim_job, fail_job, job_version, open_job, payload_problem
+from worker.outcomes import Claim, claim_job, fail_crashed, job_version, open_job, payload_problem
 
 log = get_logger(__name__)
 
@@ -68,12 +68,17 @@ class Preemption:
         self._lock = threading.Lock()
         self._due: str | None = None
         self._first_seen: dict[str, float] = {}
+        #: Whether each queued job looked at can run on this run's weights (a queued job's params do not change:
+        #: each is parsed once, not at every look).
+        self._eligible: dict[str, bool] = {}
         self._followed: list[tuple[Any, dict[str, Any]]] = []
 
     @classmethod
-    def of_run(cls, runtime: Any, version: str, priority: int, claim: Claim) -> Preemption | None:
-        """The preemption of a new run; None when ``preemption`` is off."""
-        return cls(runtime, version, priority, claim) if get_settings().preemption else None
+    def of_run(cls, runtime: Any, version: str, priority: int, claim: Claim,
+               preemptible: bool = True) -> Preemption | None:
+        """The preemption of a new run; None when the run is not ``preemptible`` (it preempts one itself) or
+        ``preemption`` is off."""
+        return cls(runtime, version, priority, claim) if preemptible and get_settings().preemption else None
 
     def follow(self, reporter: Any, last: dict[str, Any]) -> None:
         """Show ``reporter``'s job as paused while a preempting job runs (``last``: its step and total so far)."""
@@ -82,7 +87,7 @@ class Preemption:
     # ------------------------------------------------------------------ the reporter's thread
     def look(self, session: Session) -> None:
         """Read the queued jobs that outrank the run; mark the first one seen queued for ``after_s`` as due."""
-        if self.wanted.is_set() or getattr(self.runtime, "shutting_down", False):
+        if self.wanted.is_set() or self.runtime.shutting_down:
             return
         rows = crud.queued_jobs_of_kinds(session=session, kinds=IMAGE_KINDS, exclude=set(), limit=LOOK_LIMIT,
                                          above=self.priority)
@@ -90,8 +95,7 @@ class Preemption:
         seen: dict[str, float] = {}
         due = None
         for row in rows:
-            payload, problem = payload_problem(row.kind, row.params)
-            if problem is not None or job_version(payload, row.model_version, self.runtime) != self.version:
+            if not self._can_run(row):
                 continue  # fails on its own when its turn comes / needs other weights: waits for the run's end
             seen[row.id] = first = self._first_seen.get(row.id, now)
             if due is None and now - first >= self.after_s:
@@ -101,6 +105,15 @@ class Preemption:
             if due is not None:
                 self._due = due
                 self.wanted.set()
+
+    def _can_run(self, row: Any) -> bool:
+        """Whether queued job ``row`` has valid params and this run's model version."""
+        eligible = self._eligible.get(row.id)
+        if eligible is None:
+            payload, problem = payload_problem(row.kind, row.params)
+            eligible = self._eligible[row.id] = (
+                problem is None and job_version(payload, row.model_version, self.runtime) == self.version)
+        return eligible
 
     # ------------------------------------------------------------------ the sampling thread
     def run_waiting(self) -> None:
@@ -132,8 +145,8 @@ class Preemption:
 
 def run_preempting(job_id: str, runtime: Any, version: str, *, paused: str) -> str:
     """Run queued job ``job_id`` inside the paused run of job ``paused`` on model ``version`` (resident); returns
-    its final status. Its
-    failure of any kind is its own: a bug fails it as ``worker_error``, and the paused run goes on."""
+    its final status. Its failure of any kind is its own: a bug fails it as ``worker_error``, and the paused run
+    goes on."""
     from worker import tasks
 
     t_received = time.perf_counter()
@@ -142,9 +155,7 @@ def run_preempting(job_id: str, runtime: Any, version: str, *, paused: str) -> s
         opened = open_job(job_id)
         if opened.outcome is not None:
             return opened.outcome
-        job, payload = opened.job, opened.payload
-        if job_version(payload, job.model_version, runtime) != version:
-            return job.status  # not this run's weights (changed since the look): it waits for its turn
+        job, payload = opened.job, opened.payload  # of this run's version: the look read it
         claim = claim_job(job_id, runtime)
         if not isinstance(claim, Claim):
             return claim  # taken by another worker meanwhile, cancelled or finished
@@ -154,7 +165,4 @@ def run_preempting(job_id: str, runtime: Any, version: str, *, paused: str) -> s
         return tasks.run_claimed(job, payload, claim, version, runtime, t_received, preemptible=False)
     except Exception as exc:  # noqa: BLE001 - a bug: this job fails, the paused run goes on
         log.exception("preempting job crashed", extra={"job_id": job_id})
-        return fail_job(job_id, "worker_error",
-                        f"the worker hit an unexpected error running this job ({type(exc).__name__}: {exc}); "
-                        "submit it again, and report the worker's log if it recurs",
-                        claim if isinstance(claim, Claim) else None)
+        return fail_crashed(job_id, exc, claim if isinstance(claim, Claim) else None)

@@ -28,7 +28,16 @@ from echo4o.settings import get_settings
 from worker.batching import gather_companions, run_batch
 from worker.celery_app import TASK_IMAGE, TASK_TRAIN
 from worker.evaluation.job import execute_benchmark_job, image_job_succeeded
-from worker.outcomes import Claim, claim_job, fail_job, free_device_memory, job_version, open_job, read_job
+from worker.outcomes import (
+    Claim,
+    claim_job,
+    fail_crashed,
+    fail_job,
+    free_device_memory,
+    job_version,
+    open_job,
+    read_job,
+)
 from worker.preemption import Preemption
 from worker.progress import ProgressReporter
 from worker.training.job import execute_finetune_job
@@ -82,10 +91,7 @@ def execute_job(job_id: str, *, redelivered: bool = False) -> str:
         log.exception("job handler crashed", extra={"job_id": job_id, "kind": job.kind})
         runtime = current_runtime()
         claim = runtime.claim if runtime is not None else None
-        return fail_job(job_id, "worker_error",
-                        f"the worker hit an unexpected error running this job ({type(exc).__name__}: {exc}); "
-                        "submit it again, and report the worker's log if it recurs",
-                        claim if claim is not None and claim.job_id == job_id else None)
+        return fail_crashed(job_id, exc, claim if claim is not None and claim.job_id == job_id else None)
     finally:
         runtime = current_runtime()
         if runtime is not None:
@@ -147,7 +153,7 @@ def run_claimed(job: Job, payload: Any, claim: Claim, version: str, runtime: Any
     companions = gather_companions(job, payload, version, claim, runtime)  # worker/batching.py; [] when off
     if companions:
         return run_batch(job, claim, payload, companions, runtime, t_received, version, preemptible=preemptible)
-    preemption = Preemption.of_run(runtime, version, job.priority, claim) if preemptible else None
+    preemption = Preemption.of_run(runtime, version, job.priority, claim, preemptible)
     status = _run(claim, payload, runtime, t_received, preemption)
     if status == "succeeded" and job.parent_id is not None:
         image_job_succeeded(job.parent_id)  # a benchmark run's count of images made, live
