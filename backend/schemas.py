@@ -84,8 +84,9 @@ class JobResult(BaseModel):
     seed: int | None = None
     timings: dict[str, Any] = Field(default_factory=dict)
     details: dict[str, Any] | None = Field(None, description=(
-        "The rest of the worker's result, for jobs that make no images: a fine-tuning run's version, path, "
-        "final_loss, steps, tensorboard dir, skipped_rows and losses ([step, loss] points)."))
+        "The rest of the worker's result: an image job's batch ({id, size}, when it was sampled with others) and "
+        "pauses ([{job_id, s}], when jobs of a higher priority ran while it waited); a fine-tuning run's version, "
+        "path, final_loss, steps, tensorboard dir, skipped_rows and losses ([step, loss] points)."))
 
 
 class JobError(BaseModel):

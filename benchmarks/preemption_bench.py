@@ -64,6 +64,12 @@ def _at(job: dict[str, Any], key: str) -> float:
     return datetime.fromisoformat(job[key]).timestamp()
 
 
+def _paused_by(job: dict[str, Any]) -> list[str]:
+    """The jobs that paused ``job`` (its result's ``details.paused``)."""
+    details = (job.get("result") or {}).get("details") or {}
+    return [pause["job_id"] for pause in details.get("paused", [])]
+
+
 def scenario(client: httpx.Client, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """One round on one stack: the figures of the user's job and of the background."""
     from echo4o.jobs import BENCHMARK_IMAGE_PRIORITY, DEFAULT_PRIORITY
@@ -84,7 +90,7 @@ def scenario(client: httpx.Client, args: argparse.Namespace, seed: int) -> dict[
     return {"user_e2e_s": answered, "user_queue_s": user["result"]["timings"]["queue_wait_s"],
             "user_sampling_s": user["result"]["timings"]["sampling_s"],
             "ended_before_user": float(sum(end <= started for end in ends)),
-            "paused_by_user": float(sum(user["id"] in json.dumps(job["result"] or {}) for job in done)),
+            "paused_by_user": float(sum(user["id"] in _paused_by(job) for job in done)),
             "background_makespan_s": max(ends) - t0}
 
 
