@@ -47,6 +47,13 @@ def _run(fn, *args):
         return pool.submit(lambda: asyncio.run(fn(*args))).result()
 
 
+def _events_of(follow, kind: str, params: dict) -> list[dict]:
+    """Every event of a new running job of ``kind`` while the async ``follow(settings, url, job_id)`` moves it."""
+    settings = get_settings()
+    job_id = _running_job(settings.database_url, kind, params)
+    return _run(follow, settings, settings.database_url, job_id)
+
+
 class _Follower:
     """One job's event stream read while the test moves the job: its events are kept in order."""
 
@@ -86,10 +93,7 @@ async def _follow(settings, url: str, job_id: str) -> list[dict]:
 
 
 def test_a_new_stage_counts_from_one_and_success_replays_nothing():
-    settings = get_settings()
-    url = settings.database_url
-    job_id = _running_job(url, "benchmark", {})
-    events = _run(_follow, settings, url, job_id)
+    events = _events_of(_follow, "benchmark", {})
     progress = [json.loads(e["data"]) for e in events if e["event"] == "progress"]
     assert [(p["stage"], p["step"], p["total"]) for p in progress] == [
         ("generate", 1, 3), ("generate", 2, 3), ("generate", 3, 3), ("judge", 1, 4), ("judge", 2, 4)]
@@ -108,10 +112,7 @@ async def _follow_image_job(settings, url: str, job_id: str) -> list[dict]:
 
 
 def test_a_stage_that_goes_on_counting_repeats_no_step():
-    settings = get_settings()
-    url = settings.database_url
-    job_id = _running_job(url, "generate", {"prompt": "p"})
-    events = _run(_follow_image_job, settings, url, job_id)
+    events = _events_of(_follow_image_job, "generate", {"prompt": "p"})
     steps = [json.loads(e["data"])["step"] for e in events if e["event"] == "progress"]
     assert steps == [1, 2, 3, 4] and events[-1]["event"] == "done"
 
@@ -145,10 +146,7 @@ async def _follow_paused_job(settings, url: str, job_id: str) -> list[dict]:
 
 
 def test_a_pause_is_one_event_and_the_steps_go_on_in_order():
-    settings = get_settings()
-    url = settings.database_url
-    job_id = _running_job(url, "generate", {"prompt": "p"})
-    events = _run(_follow_paused_job, settings, url, job_id)
+    events = _events_of(_follow_paused_job, "generate", {"prompt": "p"})
     names = [e["event"] for e in events]
     assert names == ["progress", "progress", "paused", "progress", "progress", "progress", "done"]
     assert json.loads(events[2]["data"]) == {"step": 2, "total": 5, "preempted_by": "urgent-job"}
